@@ -1,0 +1,1 @@
+"""cluster layer (see DESIGN.md §1)."""

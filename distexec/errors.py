@@ -1,0 +1,230 @@
+"""The exception hierarchy of distexec.
+
+Owns every exception type that distexec raises on purpose. Imports nothing from distexec, so
+every other layer may import it. Each docstring says who raises the exception and when.
+
+Two families, in the h11 spirit: errors the *caller* caused (bad arguments get the standard
+``ValueError``/``TypeError``), and errors the *cluster* or a *peer* caused (everything below).
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+
+__all__ = [
+    "DistexecError",
+    "DistributedError",
+    "RemoteException",
+    "CapturedException",
+    "RemoteDeserializationError",
+    "ProcessExitedException",
+    "CompositeException",
+    "LaunchWorkerError",
+    "AuthenticationError",
+    "ProtocolError",
+    "MessageTooLarge",
+    "ChannelClosedError",
+    "InvalidStateError",
+]
+
+
+class DistexecError(Exception):
+    """Base class of every exception distexec raises about the cluster itself."""
+
+
+class DistributedError(DistexecError, RuntimeError):
+    """A cluster operation that cannot be done, e.g. a worker adding processes.
+
+    Julia: ``ErrorException``. Raised with the same message texts as DistributedNext.
+    """
+
+
+class InvalidStateError(DistexecError):
+    """An operation on an object in a state that does not allow it. Julia: ``InvalidStateException``."""
+
+    def __init__(self, message: str, state: str):
+        super().__init__(message)
+        self.state = state
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.state))
+
+
+class ChannelClosedError(InvalidStateError):
+    """``put``/``take``/``fetch``/``wait`` on a closed channel (local or remote).
+
+    Raised by :class:`~distexec.Channel` and, wrapped in a :class:`RemoteException` when the
+    owner is another process, by :class:`~distexec.RemoteChannel`.
+    """
+
+    def __init__(self, message: str = "Channel is closed.", state: str = "closed"):
+        super().__init__(message, state)
+
+
+class CapturedException:
+    """An exception caught on some process, with its traceback as frames and as text.
+
+    Attributes:
+        ex: the original exception (its ``__traceback__`` holds the remote frames when they
+            could be rebuilt), or a :class:`RemoteDeserializationError` standing in for an
+            exception that could not be rebuilt on this process.
+        traceback_text: the formatted remote traceback, always available.
+        type_name: qualified name of the original exception's type.
+
+    Julia: ``CapturedException``.
+    """
+
+    def __init__(self, ex: BaseException, traceback_text: str = "", type_name: str | None = None):
+        self.ex = ex
+        self.traceback_text = traceback_text
+        self.type_name = type_name or _qualname(type(ex))
+
+    def __repr__(self) -> str:
+        return f"CapturedException({self.type_name}: {_safe_str(self.ex)})"
+
+    def __str__(self) -> str:
+        return self.traceback_text or f"{self.type_name}: {_safe_str(self.ex)}"
+
+
+class RemoteException(DistexecError):
+    """A call failed on process ``pid``; ``captured`` holds the original exception.
+
+    Raised by the Julia-style layer (``fetch``, ``remotecall_fetch``, ``remotecall_wait``,
+    channel operations on a remote owner) when user code raised on the process that ran it. The
+    original exception is ``.captured.ex`` (also ``.ex``), chained as ``__cause__`` so a printed
+    traceback shows the remote frames. Julia: ``RemoteException``.
+    """
+
+    def __init__(self, pid: int, captured: CapturedException):
+        super().__init__(pid, captured)
+        self.pid = pid
+        self.captured = captured
+        self.__cause__ = captured.ex if isinstance(captured.ex, BaseException) else None
+
+    @property
+    def ex(self) -> BaseException:
+        return self.captured.ex
+
+    def __str__(self) -> str:
+        text = self.captured.traceback_text.rstrip()
+        head = f"On worker {self.pid}:"
+        if not text:
+            return f"{head} {self.captured.type_name}: {_safe_str(self.captured.ex)}"
+        return f"{head}\n{text}"
+
+    def __reduce__(self):
+        return (type(self), (self.pid, self.captured))
+
+
+class RemoteDeserializationError(DistexecError):
+    """Stands in for a remote exception that could not be rebuilt on this process.
+
+    Its type may not exist here, or its pickled form may be broken. Carries the original type's
+    qualified name and message, the remote traceback text, and the local unpickling error as
+    ``__cause__``.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback_text: str = "", pid: int | None = None):
+        where = f" from worker {pid}" if pid is not None else ""
+        super().__init__(
+            f"Error deserializing a remote exception{where}: remote exception of type "
+            f"{type_name}: {message}"
+        )
+        self.type_name = type_name
+        self.message = message
+        self.traceback_text = traceback_text
+        self.pid = pid
+
+    def __reduce__(self):
+        return (type(self), (self.type_name, self.message, self.traceback_text, self.pid))
+
+
+class ProcessExitedException(DistexecError):
+    """The worker a call needed has exited (crashed, was killed, or was removed).
+
+    Raised, unwrapped, by every call to a worker that is gone and to every caller that was
+    waiting on a worker when it died. ``exitcode`` and ``signal`` are filled in when the master
+    launched the process itself and could observe its exit. Julia: ``ProcessExitedException``.
+    """
+
+    def __init__(self, worker_id: int = -1, exitcode: int | None = None, signal: int | None = None):
+        super().__init__(worker_id, exitcode, signal)
+        self.worker_id = worker_id
+        self.exitcode = exitcode
+        self.signal = signal
+
+    def __str__(self) -> str:
+        text = f"Worker {self.worker_id} has exited"
+        if self.signal is not None:
+            text += f" (terminated by {_signal_name(self.signal)}(-{self.signal}))"
+            if self.signal == _signal.SIGKILL:
+                text += "; the system may have run out of memory (OOM killer)"
+        elif self.exitcode is not None:
+            text += f" (exit code {self.exitcode})"
+        return text + "."
+
+    def __reduce__(self):
+        return (type(self), (self.worker_id, self.exitcode, self.signal))
+
+
+class CompositeException(DistexecError, ExceptionGroup):
+    """Several failures from one aggregate operation (``everywhere``, ``sync``, batched ``pmap``).
+
+    An :class:`ExceptionGroup`, so ``except*`` works; ``.exceptions`` lists the failures.
+    Julia: ``CompositeException``.
+    """
+
+    def __new__(cls, exceptions, message: str = "multiple errors"):
+        return super().__new__(cls, message, list(exceptions))
+
+    def __init__(self, exceptions, message: str = "multiple errors"):
+        super().__init__(message, list(exceptions))
+
+    def derive(self, excs):
+        return CompositeException(excs, self.message)
+
+    def __reduce__(self):
+        return (type(self), (list(self.exceptions), self.message))
+
+
+class LaunchWorkerError(DistexecError, RuntimeError):
+    """A worker process could not be started or did not report its address.
+
+    Raised by ``addprocs`` (through the cluster manager) with one of Julia's three messages.
+    """
+
+
+class AuthenticationError(DistexecError):
+    """A peer failed the cookie challenge, or rejected ours.
+
+    Raised on the initiating side of a connection whose handshake failed; the accepting side
+    logs it and closes the connection.
+    """
+
+
+class ProtocolError(DistexecError):
+    """A peer sent bytes that break the wire protocol (bad magic, version, length or type)."""
+
+
+class MessageTooLarge(ProtocolError):
+    """A message is larger than the configured ``max_message_size``; nothing was sent."""
+
+
+def _qualname(tp: type) -> str:
+    module = getattr(tp, "__module__", None)
+    name = getattr(tp, "__qualname__", getattr(tp, "__name__", repr(tp)))
+    return name if module in (None, "builtins") else f"{module}.{name}"
+
+
+def _safe_str(ex: object) -> str:
+    try:
+        return str(ex)
+    except Exception:  # a broken __str__ must not hide the failure being reported
+        return f"<unprintable {type(ex).__name__}>"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -1,0 +1,277 @@
+"""The ClusterContext: all mutable state of one process's membership in one cluster.
+
+Owns the registry of peers (worker records and their connections), the owned-reference table,
+the table of reply waiters, the counters, the callback and status registries and the threads
+that serve the cluster. Every other module reaches this state through a context, never through
+globals: the only module-level state is the lazily created default context. Julia: the
+``ClusterContext`` of DistributedNext 1.3.
+
+May import ``distexec.errors``, ``distexec.protocol``, ``distexec.transport`` and the sibling
+runtime modules it names.
+
+    user thread ──► ctx.send(pid, ...) ──► connection_for(pid) ──► Connection.send
+                                              └─ no link yet ──► ctx.connector (cluster layer)
+    reader thread ──► dispatch.on_frame(ctx, conn, frame) ──► inline handler or CallRunner
+    reader thread closes ──► ctx.peer_lost(pid) ──► fail waiters, clientsets, callbacks
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import itertools
+import logging
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from ..errors import DistributedError, ProcessExitedException
+from ..protocol.frames import RRID, Flag, Kind, NULL_RRID
+from ..protocol import serialization
+from ..transport.connection import Connection
+
+log = logging.getLogger("distexec")
+
+
+class WorkerState(enum.Enum):
+    """Life of a peer record. Julia: ``WorkerState``."""
+
+    CREATED = "created"            # known, not connected (lazy peer or being set up)
+    CONNECTED = "connected"
+    TERMINATING = "terminating"    # rmprocs asked it to exit
+    TERMINATED = "terminated"      # gone after rmprocs
+    EXTERMINATED = "exterminated"  # gone without being asked
+
+
+DEAD_STATES = (WorkerState.TERMINATED, WorkerState.EXTERMINATED)
+
+
+@dataclass(eq=False)
+class WorkerRecord:
+    """What this process knows about one peer."""
+
+    pid: int
+    state: WorkerState = WorkerState.CREATED
+    conn: Connection | None = None
+    connect_at: tuple[str, int] | None = None   # where other processes reach it
+    config: Any = None                          # the WorkerConfig (master only)
+    manager: Any = None                         # the ClusterManager that launched it (master)
+    os_pid: int | None = None
+    cpu_threads: int | None = None
+    exitcode: int | None = None
+    signal: int | None = None
+    connecting: Any = None                      # a concurrent.futures.Future while a lazy connect runs
+    userdata: dict = field(default_factory=dict)
+
+
+class Connector(Protocol):
+    """How the runtime gets a link to a peer it has no connection to (cluster layer)."""
+
+    def connect_peer(self, ctx: "ClusterContext", record: WorkerRecord) -> Connection: ...
+
+
+class Waiter(Protocol):
+    """A local party waiting for a RESULT or DONE message (a reply slot or a Future)."""
+
+    waitingfor: int
+
+    def deliver(self, value: Any, is_error: bool) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
+_current: contextvars.ContextVar["ClusterContext | None"] = contextvars.ContextVar(
+    "distexec_context", default=None)
+_default: "ClusterContext | None" = None
+_default_lock = threading.Lock()
+
+
+def current_context() -> "ClusterContext":
+    """The context of the running call, else the process's default context (created lazily)."""
+    ctx = _current.get()
+    if ctx is not None:
+        return ctx
+    return default_context()
+
+
+def default_context() -> "ClusterContext":
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = ClusterContext()
+    return _default
+
+
+def use_context(ctx: "ClusterContext"):
+    """Make ``ctx`` current in this thread (call threads and reader threads do this)."""
+    return _current.set(ctx)
+
+
+class ClusterContext:
+    """All state of this process's part in a cluster. Julia: ``ClusterContext``."""
+
+    def __init__(self) -> None:
+        from .runner import CallRunner
+        from .gc import GcQueue
+
+        self.myid = 1
+        self.role = "master"
+        self.cookie = None                   # a ClusterSecret once multi-process mode starts
+        self.topology = "all_to_all"
+        self.lazy: bool | None = None
+        self.lock = threading.RLock()        # guards the registries below
+        self.changed = threading.Condition(self.lock)   # notified on every peer state change
+        self.worker_lock = threading.RLock()  # one addprocs/rmprocs at a time (master)
+        self.peers: dict[int, WorkerRecord] = {}
+        self.deleted: dict[int, WorkerRecord] = {}
+        self.refs: dict[RRID, Any] = {}      # owned values: RRID -> RemoteValue
+        self.refs_lock = threading.RLock()
+        self.client_refs: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.waiters: dict[RRID, Waiter] = {}
+        self._ref_ids = itertools.count(1)
+        self._pids = itertools.count(2)
+        self._round_robin = itertools.count(0)
+        self.runner = CallRunner(self)
+        self.gc = GcQueue(self)
+        self.connector: Connector | None = None
+        self.listener = None
+        self.callbacks: dict[str, dict[str, Callable]] = {
+            "starting": {}, "started": {}, "exiting": {}, "exited": {}}
+        self.statuses: dict[int, Any] = {}
+        self.exiting_pid: int | None = None
+        self.default_pool = None
+        self.local_launched: set[int] = set()
+        self.handlers: dict[Kind, Callable] = {}  # extra inline handlers (cluster layer: JOIN, IDENTIFY)
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<ClusterContext myid={self.myid} role={self.role} peers={sorted(self.peers)}>"
+
+    # -- ids ---------------------------------------------------------------------------------
+    def next_rrid(self) -> RRID:
+        return RRID(self.myid, next(self._ref_ids))
+
+    def next_pid(self) -> int:
+        return next(self._pids)
+
+    def next_round_robin(self) -> int:
+        return next(self._round_robin)
+
+    # -- membership views --------------------------------------------------------------------
+    def live_pids(self) -> list[int]:
+        """Sorted pids of this process and its peers that count as members. Julia: ``procs()``."""
+        with self.lock:
+            counted_states = (WorkerState.CONNECTED,)
+            if self.role == "worker" and (self.lazy or self.topology != "all_to_all"):
+                counted_states = (WorkerState.CONNECTED, WorkerState.CREATED)
+            pids = [p for p, r in self.peers.items() if r.state in counted_states]
+        return sorted(set(pids) | {self.myid})
+
+    def record(self, pid: int) -> WorkerRecord | None:
+        with self.lock:
+            return self.peers.get(pid)
+
+    def register(self, record: WorkerRecord) -> None:
+        with self.lock:
+            if record.pid in self.deleted:
+                raise DistributedError(f"worker id {record.pid} was removed and is never reused")
+            self.peers[record.pid] = record
+            self.changed.notify_all()
+
+    def set_state(self, record: WorkerRecord, state: WorkerState) -> None:
+        with self.lock:
+            record.state = state
+            self.changed.notify_all()
+
+    # -- sending -----------------------------------------------------------------------------
+    def connection_for(self, pid: int) -> Connection:
+        """The connection to ``pid``, opening it if the topology allows. Raises if gone."""
+        with self.lock:
+            dead = self.deleted.get(pid)
+            if dead is not None:
+                raise ProcessExitedException(pid, dead.exitcode, dead.signal)
+            record = self.peers.get(pid)
+            if record is None and self.role == "master":
+                raise DistributedError(f"no process with id {pid} exists")
+            if record is None:
+                record = WorkerRecord(pid)
+                self.peers[pid] = record
+            conn = record.conn
+        if conn is not None:
+            return conn
+        if self.connector is None:
+            raise DistributedError(f"no connection to process {pid}")
+        return self.connector.connect_peer(self, record)
+
+    def send(self, pid: int, kind: Kind, obj: Any = None, *, flags: Flag = Flag.NONE,
+             response: RRID = NULL_RRID, notify: RRID = NULL_RRID, payload: bytes | None = None,
+             buffers=()) -> None:
+        """Pickle ``obj`` for ``pid`` and send it; pickling errors raise before anything is sent."""
+        conn = self.connection_for(pid)
+        if payload is None:
+            payload, buffers = serialization.dumps(obj, pid)
+        try:
+            conn.send(kind, payload, buffers, flags=flags, response=response, notify=notify)
+        except OSError:
+            self.raise_if_gone(pid)
+            raise
+        self.gc.flush_soon(pid)
+
+    def raise_if_gone(self, pid: int) -> None:
+        """Raise ProcessExitedException if ``pid`` is (or is becoming) deregistered."""
+        with self.lock:
+            dead = self.deleted.get(pid)
+            record = self.peers.get(pid)
+            if dead is None and record is not None and record.conn is not None and record.conn.closed:
+                dead = record
+        if dead is not None:
+            raise ProcessExitedException(pid, dead.exitcode, dead.signal)
+
+    # -- waiters -----------------------------------------------------------------------------
+    def add_waiter(self, rrid: RRID, waiter: Waiter) -> None:
+        with self.lock:
+            if waiter.waitingfor in self.deleted:
+                dead = self.deleted[waiter.waitingfor]
+                raise ProcessExitedException(dead.pid, dead.exitcode, dead.signal)
+            self.waiters[rrid] = waiter
+
+    def pop_waiter(self, rrid: RRID) -> Waiter | None:
+        with self.lock:
+            return self.waiters.pop(rrid, None)
+
+    # -- losing a peer -----------------------------------------------------------------------
+    def peer_lost(self, record: WorkerRecord) -> bool:
+        """Deregister ``record``: fail everyone waiting on it. Returns False if already done."""
+        with self.lock:
+            if record.pid in self.deleted or self.peers.get(record.pid) is not record:
+                return False
+            terminating = record.state == WorkerState.TERMINATING
+            record.state = WorkerState.TERMINATED if terminating else WorkerState.EXTERMINATED
+            del self.peers[record.pid]
+            self.deleted[record.pid] = record
+            waiting = [(r, w) for r, w in self.waiters.items() if w.waitingfor == record.pid]
+            for rrid, _ in waiting:
+                del self.waiters[rrid]
+            self.changed.notify_all()
+        exc_args = (record.pid, record.exitcode, record.signal)
+        for _, waiter in waiting:
+            waiter.fail(ProcessExitedException(*exc_args))
+        from .refs import forget_client, fail_futures_owned_by
+        forget_client(self, record.pid)
+        fail_futures_owned_by(self, record.pid, ProcessExitedException(*exc_args))
+        return True
+
+    # -- shutting down -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Close every connection and stop the helper threads (atexit, tests)."""
+        self.closed = True
+        with self.lock:
+            conns = [r.conn for r in self.peers.values() if r.conn is not None]
+        for conn in conns:
+            conn.close()
+        if self.listener is not None:
+            self.listener.close()
+        self.gc.stop()
+        self.runner.stop()

@@ -1,0 +1,171 @@
+"""Running incoming calls: an elastic pool of reusable threads, preferring the main thread.
+
+Owns the threads that execute user code on a process, and interrupting them. Imports
+``distexec.errors`` and the standard library only.
+
+    reader thread ──► CallRunner.submit(task)
+                        ├─ main thread idle (workers) ──► runs there (SIGINT interrupts it)
+                        ├─ an idle pool thread ───────► runs there
+                        └─ none idle ─────────────────► a new thread (no upper bound)
+
+There is deliberately no upper bound: a call may block for as long as it likes (a ``take``
+on a channel whose producer needs another call on this process, a nested call back to its
+caller), and a bounded pool would deadlock exactly where Julia's one-task-per-request does not.
+Idle pool threads exit after ``IDLE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections import deque
+from typing import Callable
+
+log = logging.getLogger("distexec")
+
+IDLE_SECONDS = 30.0
+
+
+class _PoolThread:
+    """One reusable thread; waits for a task, runs it, returns itself to the idle list."""
+
+    def __init__(self, runner: "CallRunner"):
+        self.runner = runner
+        self.task: Callable[[], None] | None = None
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="distexec-call", daemon=True)
+
+    def _loop(self) -> None:
+        runner = self.runner
+        while True:
+            task, self.task = self.task, None
+            if task is not None:
+                runner._run(task)
+            if not runner._park(self):
+                return
+
+
+class CallRunner:
+    """Runs tasks (zero-argument callables) on reusable threads; see the module docstring."""
+
+    def __init__(self, ctx) -> None:
+        self._ctx = ctx
+        self._lock = threading.Lock()
+        self._idle: list[_PoolThread] = []
+        self._main_queue: deque | None = None
+        self._main_wake = threading.Condition(self._lock)
+        self._main_idle = False
+        self._main_ident: int | None = None
+        self._in_user_code: set[int] = set()
+        self._stopped = False
+
+    # -- submitting --------------------------------------------------------------------------
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._lock:
+            if self._main_idle:
+                self._main_idle = False
+                self._main_queue.append(task)
+                self._main_wake.notify()
+                return
+            pooled = self._idle.pop() if self._idle else None
+            if pooled is not None:
+                pooled.task = task
+                pooled.wake.set()
+                return
+        pooled = _PoolThread(self)
+        pooled.task = task
+        pooled.thread.start()
+
+    def _park(self, pooled: _PoolThread) -> bool:
+        """Wait idle for the next task; False means the thread should end."""
+        with self._lock:
+            if self._stopped:
+                return False
+            pooled.wake.clear()
+            self._idle.append(pooled)
+        if pooled.wake.wait(IDLE_SECONDS):
+            return pooled.task is not None
+        with self._lock:
+            if pooled in self._idle:
+                self._idle.remove(pooled)
+                return False
+        pooled.wake.wait()  # a submitter picked us just as we timed out
+        return pooled.task is not None
+
+    # -- the main thread (workers) -----------------------------------------------------------
+    def serve_main_thread(self, should_stop: Callable[[], bool]) -> None:
+        """Run tasks on the calling (main) thread until ``should_stop()``; used by workers."""
+        with self._lock:
+            self._main_queue = deque()
+            self._main_ident = threading.get_ident()
+        while not should_stop():
+            try:
+                task = self._next_main_task(should_stop)
+                if task is not None:
+                    self._run(task)
+            except KeyboardInterrupt:
+                continue  # an interrupt that arrived between tasks: nothing to cancel
+
+    def _next_main_task(self, should_stop) -> Callable[[], None] | None:
+        with self._lock:
+            if not self._main_queue:
+                self._main_idle = True
+                self._main_wake.wait(0.5)
+                if not self._main_queue:
+                    return None
+            self._main_idle = False
+            return self._main_queue.popleft()
+
+    # -- running and interrupting ------------------------------------------------------------
+    def _run(self, task: Callable[[], None]) -> None:
+        from .context import use_context
+
+        use_context(self._ctx)
+        try:
+            task()
+        except BaseException:  # tasks report their own errors; this is a last resort
+            log.exception("unhandled error in a distexec call thread")
+
+    def user_code(self):
+        """Context manager marking the current thread as running interruptible user code."""
+        return _UserCode(self)
+
+    def interrupt(self) -> bool:
+        """Interrupt the calls running user code; returns True if the main thread is one of them.
+
+        Called from the SIGINT handler on the main thread: the handler itself raises
+        ``KeyboardInterrupt`` when this returns True; other threads get it asynchronously.
+        """
+        with self._lock:
+            busy = set(self._in_user_code)
+        main_busy = self._main_ident in busy
+        for ident in busy - {self._main_ident}:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
+                                                       ctypes.py_object(KeyboardInterrupt))
+        return main_busy
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            idle, self._idle = self._idle, []
+            self._main_wake.notify_all()
+        for pooled in idle:
+            pooled.wake.set()
+
+
+class _UserCode:
+    __slots__ = ("runner", "ident")
+
+    def __init__(self, runner: CallRunner):
+        self.runner = runner
+        self.ident = threading.get_ident()
+
+    def __enter__(self):
+        with self.runner._lock:
+            self.runner._in_user_code.add(self.ident)
+
+    def __exit__(self, *exc):
+        with self.runner._lock:
+            self.runner._in_user_code.discard(self.ident)
+        return False

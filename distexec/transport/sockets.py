@@ -1,0 +1,210 @@
+"""Listening, accepting and connecting: every new socket passes the handshake first.
+
+Owns the pre-authentication phase of every connection. Imports ``distexec.errors`` and
+``distexec.protocol``.
+
+    accept thread ──► (pre-auth cap) ──► handshake thread per socket, with a deadline
+                                          ├─ fails ──► log (rate-limited), close
+                                          └─ passes ──► on_authenticated(sock)
+    connect() ──► TCP connect ──► client handshake ──► authenticated socket (or raise)
+
+Before the peer has authenticated, exactly ``REPLY_SIZE`` bytes are read from it and nothing
+is unpickled; the accept loop only accepts, so a stalled or hostile peer never blocks others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Callable
+
+from ..errors import AuthenticationError, ProtocolError
+from ..protocol import handshake
+
+log = logging.getLogger("distexec.transport")
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+MAX_PREAUTH_CONNECTIONS = 128
+
+
+def parse_bind_to(spec: str | None, default_host: str = "127.0.0.1") -> tuple[str, int | None, bool]:
+    """Parse ``ADDR``, ``ADDR:PORT`` (fixed) or ``ADDR:[PORT]`` (hint).
+
+    Returns (host, port or None, port_is_hint). Julia: ``--bind-to``.
+    """
+    if not spec:
+        return default_host, None, True
+    host, sep, port = spec.rpartition(":")
+    if not sep or (host.startswith("[") and not host.endswith("]") and "]" not in port):
+        return spec.strip("[]") if spec.startswith("[") else spec, None, True
+    hint = port.startswith("[")
+    if hint:
+        if not port.endswith("]"):
+            raise ValueError("Malformed bind port string, please see the addprocs documentation "
+                             f"for the formatting rules: {spec}")
+        port = port[1:-1]
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"invalid port in bind address {spec!r}")
+    return host.strip("[]") or default_host, int(port), hint
+
+
+def bind_listener(host: str, port: int | None, hint: bool) -> socket.socket:
+    """Bind a listening socket; with a hint, scan upward (wrapping) from it for a free port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port is None:
+        port = 0  # the kernel picks a free port: no scan, no collisions between workers
+    candidates = [port] if (not hint or port == 0) else _hint_ports(port)
+    last_error: OSError | None = None
+    for candidate in candidates:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.bind((host, candidate))
+            sock.listen(128)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+    raise OSError(f"no ports available to bind on {host}") from last_error
+
+
+def _hint_ports(start: int):
+    for offset in range(0, 65536 - 1024):
+        yield 1024 + (start - 1024 + offset) % (65536 - 1024)
+
+
+class Listener:
+    """Accepts connections and authenticates each on its own thread before handing it on."""
+
+    def __init__(self, sock: socket.socket, secret: bytes,
+                 on_authenticated: Callable[[socket.socket, int], None], *,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_preauth: int = MAX_PREAUTH_CONNECTIONS):
+        self.sock = sock
+        self._secret = secret
+        self._on_authenticated = on_authenticated
+        self._handshake_timeout = handshake_timeout
+        self._max_preauth = max_preauth
+        self._preauth = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._last_warning = 0.0
+        self._thread = threading.Thread(target=self._accept_loop, name="distexec-accept", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _addr = self.sock.accept()
+            except OSError:
+                if self._closed:
+                    return
+                continue  # e.g. ECONNABORTED from a scanner: keep serving
+            with self._lock:
+                admitted = self._preauth < self._max_preauth
+                if admitted:
+                    self._preauth += 1
+            if not admitted:
+                conn.close()
+                continue
+            threading.Thread(target=self._authenticate, args=(conn,), daemon=True,
+                             name="distexec-handshake").start()
+
+    def _authenticate(self, conn: socket.socket) -> None:
+        try:
+            peer_version = serve_handshake(conn, self._secret, self._handshake_timeout)
+        except (AuthenticationError, ProtocolError) as exc:
+            self._warn(f"rejected connection: {exc}")
+            conn.close()
+            return
+        except (OSError, EOFError) as exc:
+            log.debug("connection dropped during handshake: %r", exc)
+            conn.close()
+            return
+        finally:
+            with self._lock:
+                self._preauth -= 1
+        self._on_authenticated(conn, peer_version)
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= 1.0:  # rate-limited: a scanner must not flood the log
+            self._last_warning = now
+            log.warning("Process %d - %s", os.getpid(), message)
+        else:
+            log.debug(message)
+
+
+def serve_handshake(conn: socket.socket, secret: bytes, timeout: float) -> int:
+    """Run the acceptor's side of the handshake; returns the peer's protocol version."""
+    deadline = time.monotonic() + timeout
+    server = handshake.ServerHandshake(secret)
+    _send_before(conn, server.hello(), deadline)
+    verdict = server.receive_reply(_recv_exact_before(conn, handshake.REPLY_SIZE, deadline))
+    _send_before(conn, verdict, deadline)
+    if server.error is not None:
+        raise server.error
+    conn.settimeout(None)
+    return server.peer_version
+
+
+def connect(host: str, port: int, secret: bytes, timeout: float) -> socket.socket:
+    """Open a TCP connection and authenticate as the initiator; returns the socket."""
+    deadline = time.monotonic() + timeout
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        client = handshake.ClientHandshake(secret)
+        reply = client.receive_hello(_recv_exact_before(sock, handshake.HELLO_SIZE, deadline))
+        _send_before(sock, reply, deadline)
+        client.receive_verdict(_recv_exact_before(sock, handshake.VERDICT_SIZE, deadline))
+    except EOFError:
+        sock.close()
+        raise AuthenticationError(f"{host}:{port} closed the connection during the handshake "
+                                  "(wrong cluster cookie or not a distexec worker?)") from None
+    except BaseException as exc:
+        sock.close()
+        if isinstance(exc, (AuthenticationError, ProtocolError)):
+            exc.args = (f"{host}:{port}: {exc.args[0] if exc.args else exc}",)
+        raise
+    sock.settimeout(None)
+    return sock
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("handshake deadline passed")
+    return left
+
+
+def _send_before(sock: socket.socket, data: bytes, deadline: float) -> None:
+    sock.settimeout(_remaining(deadline))
+    sock.sendall(data)
+
+
+def _recv_exact_before(sock: socket.socket, n: int, deadline: float) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        sock.settimeout(_remaining(deadline))
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("connection closed during the handshake")
+        data += chunk
+    return bytes(data)
