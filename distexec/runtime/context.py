@@ -144,6 +144,10 @@ class ClusterContext:
         self.default_pool = None
         self.local_launched: set[int] = set()
         self.handlers: dict[Kind, Callable] = {}  # extra inline handlers (cluster layer: JOIN, IDENTIFY)
+        self.multi = False                  # multi-process mode started (cookie, exit hook)
+        self.launcher_jobs = None            # the long-lived launcher thread's queue (master)
+        self.worker_address: tuple[str, int] | None = None   # where this worker listens
+        self.joined = threading.Event()      # set when this worker has received its JOIN
         self.closed = False
 
     def __repr__(self) -> str:

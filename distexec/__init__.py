@@ -1,0 +1,34 @@
+"""distexec: Julia's distributed computing model (DistributedNext.jl) for Python.
+
+A master process adds worker processes and calls functions on them by id; results stay where
+they were computed until fetched; channels work from any process. See ``docs/`` and the
+README. Julia-style functions live in :mod:`distexec.api` and are re-exported here.
+"""
+
+from .api import *  # noqa: F401,F403
+from .api import __all__ as _api_all
+from .cluster.local import LocalManager
+from .cluster.manager import ClusterManager, WorkerConfig, default_addprocs_params
+from .cluster.worker import init_worker, start_worker
+from .errors import (AuthenticationError, CapturedException, ChannelClosedError,
+                     CompositeException, DistexecError, DistributedError, InvalidStateError,
+                     LaunchWorkerError, MessageTooLarge, ProcessExitedException, ProtocolError,
+                     RemoteDeserializationError, RemoteException)
+from .protocol.frames import RRID
+from .protocol.serialization import current_destination
+from .runtime.channel import Channel
+from .runtime.context import ClusterContext, WorkerState
+from .runtime.refs import Future, RemoteChannel, channel_from_id, remoteref_id
+
+__version__ = "0.1.0"
+
+__all__ = [
+    *_api_all,
+    "LocalManager", "ClusterManager", "WorkerConfig", "default_addprocs_params",
+    "init_worker", "start_worker", "RRID", "current_destination", "Channel",
+    "ClusterContext", "WorkerState", "Future", "RemoteChannel", "channel_from_id", "remoteref_id",
+    "DistexecError", "DistributedError", "RemoteException", "CapturedException",
+    "RemoteDeserializationError", "ProcessExitedException", "CompositeException",
+    "LaunchWorkerError", "AuthenticationError", "ProtocolError", "MessageTooLarge",
+    "ChannelClosedError", "InvalidStateError",
+]

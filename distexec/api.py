@@ -1,0 +1,320 @@
+"""The Julia-style functions, bound to the process's default cluster context.
+
+Owns nothing but the binding: each function resolves the current ``ClusterContext`` and calls
+the layer that does the work (execnet's style: the module-level API is a thin binding to one
+default object). Imports every layer below it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as _cf
+import socket as _socket
+import sys
+from typing import Any, Callable, Iterable
+
+from .cluster import callbacks as _callbacks
+from .cluster import membership as _membership
+from .cluster.local import LocalManager
+from .cluster.manager import ClusterManager
+from .errors import CompositeException
+from .protocol import secret as _secret
+from .runtime import calls as _calls
+from .runtime.channel import Channel
+from .runtime.context import current_context
+from .runtime.refs import Future, RemoteChannel
+
+__all__ = [
+    "addprocs", "rmprocs", "procs", "workers", "other_procs", "other_workers", "nprocs",
+    "nworkers", "myid", "myrole", "interrupt", "getstatus", "setstatus", "cluster_cookie",
+    "remotecall", "remotecall_fetch", "remotecall_wait", "remote_do", "remotecall_eval",
+    "fetch", "put", "take", "isready", "wait", "close", "worker_id_from_socket",
+    "add_worker_starting_callback", "add_worker_started_callback",
+    "add_worker_exiting_callback", "add_worker_exited_callback",
+    "remove_worker_starting_callback", "remove_worker_started_callback",
+    "remove_worker_exiting_callback", "remove_worker_exited_callback",
+]
+
+
+# -- membership ------------------------------------------------------------------------------
+def addprocs(n_or_machines_or_manager=None, /, **params) -> list[int]:
+    """Add workers; returns their pids, sorted.
+
+    ``addprocs(4)`` starts 4 local workers (``restrict=False`` binds them beyond loopback);
+    ``addprocs(manager)`` launches through any :class:`ClusterManager`. Keywords are checked
+    against ``default_addprocs_params`` for the integer form. Julia: ``addprocs``.
+    """
+    target = n_or_machines_or_manager
+    if isinstance(target, ClusterManager):
+        manager = target
+    elif target is None or isinstance(target, int):
+        restrict = params.pop("restrict", True)
+        manager = LocalManager(_default_count() if target is None else target, restrict)
+        _check_keywords(manager, params)
+    elif isinstance(target, (list, tuple)):
+        raise NotImplementedError("addprocs(machines) needs SSHManager, which is not built yet")
+    else:
+        raise TypeError("addprocs takes a number of workers, a list of machines or a "
+                        f"ClusterManager, not {type(target).__name__}")
+    return _membership.addprocs(current_context(), manager, params)
+
+
+def _default_count() -> int:
+    import os
+    return os.cpu_count() or 1
+
+
+def _check_keywords(manager: ClusterManager, params: dict) -> None:
+    allowed = manager.default_addprocs_params()
+    for name in params:
+        if name not in allowed:
+            raise ValueError(f"Invalid keyword argument {name}")
+
+
+def rmprocs(*pids, waitfor: float | None = None, callback_timeout: float = 10.0):
+    """Remove workers (pids as arguments or one iterable). Julia: ``rmprocs``.
+
+    Returns a ``concurrent.futures.Future``: already finished, or still running when
+    ``waitfor=0``. A finite ``waitfor`` raises if the workers are not gone in time.
+    """
+    return _membership.rmprocs(current_context(), pids, waitfor, callback_timeout)
+
+
+def interrupt(*pids) -> None:
+    """Interrupt the calls running on ``pids`` (default: all workers). Julia: ``interrupt``."""
+    _membership.interrupt(current_context(), pids)
+
+
+def myid() -> int:
+    """This process's pid: 1 on the master. Julia: ``myid()``."""
+    return current_context().myid
+
+
+def myrole() -> str:
+    """``"master"`` or ``"worker"``."""
+    return current_context().role
+
+
+def procs(pid: int | None = None) -> list[int]:
+    """All pids (with 1); with ``pid``, those on the same host as ``pid``. Julia: ``procs``."""
+    ctx = current_context()
+    if pid is None:
+        return ctx.live_pids()
+    if ctx.role != "master":
+        return remotecall_fetch(procs, 1, pid)
+    return _same_host(ctx, pid)
+
+
+def _same_host(ctx, pid: int) -> list[int]:
+    record = ctx.record(pid)
+    if pid != 1 and record is None:
+        raise KeyError(pid)
+    live = ctx.live_pids()
+    if pid == 1 or pid in ctx.local_launched:
+        return [p for p in live if p == 1 or p in ctx.local_launched]
+    host = record.connect_at[0] if record.connect_at else None
+    return [p for p in live if p != 1 and (ctx.record(p).connect_at or (None,))[0] == host]
+
+
+def other_procs(pid: int | None = None) -> list[int]:
+    me = myid()
+    return [p for p in procs(pid) if p != me]
+
+
+def workers() -> list[int]:
+    """Worker pids; ``[1]`` when there are none (the master does the work). Julia: ``workers()``."""
+    all_pids = procs()
+    if len(all_pids) == 1:
+        return all_pids
+    return [p for p in all_pids if p != 1]
+
+
+def other_workers() -> list[int]:
+    me = myid()
+    return [p for p in workers() if p != me]
+
+
+def nprocs() -> int:
+    return len(procs())
+
+
+def nworkers() -> int:
+    """Number of workers; 1 when there are none. Julia: ``nworkers()``."""
+    n = nprocs()
+    return 1 if n == 1 else n - 1
+
+
+def cluster_cookie(cookie: str | None = None) -> str:
+    """The cluster's cookie, created on first use; with ``cookie``, set it. Julia: same name.
+
+    A chosen cookie must be 16 to 256 printable ASCII characters (distexec refuses weak
+    cookies rather than padding them as Julia does).
+    """
+    ctx = current_context()
+    if cookie is not None:
+        ctx.cookie = _secret.validate(cookie)
+    _membership.init_multi(ctx)
+    return ctx.cookie
+
+
+def getstatus(pid: int | None = None):
+    """The status set for worker ``pid`` (default: this process), or None. Julia: ``getstatus``."""
+    ctx = current_context()
+    pid = ctx.myid if pid is None else pid
+    if ctx.myid != 1:
+        return remotecall_fetch(getstatus, 1, pid)
+    return _callbacks.get_status(ctx, pid)
+
+
+def setstatus(x, pid: int | None = None):
+    """Store ``x`` as the status of worker ``pid`` (kept on the master); returns ``x``."""
+    ctx = current_context()
+    pid = ctx.myid if pid is None else pid
+    if ctx.myid != 1:
+        return remotecall_fetch(setstatus, 1, x, pid)
+    _callbacks.set_status(ctx, pid, x)
+    return x
+
+
+def _callback_pair(kind: str):
+    def add(fn: Callable, key=None):
+        return _callbacks.add_callback(current_context(), kind, fn, key)
+
+    def remove(key) -> None:
+        _callbacks.remove_callback(current_context(), kind, key)
+
+    add.__name__, remove.__name__ = f"add_worker_{kind}_callback", f"remove_worker_{kind}_callback"
+    add.__doc__ = f"Register ``fn`` to run when workers are {kind}; returns its key."
+    remove.__doc__ = f"Unregister the worker-{kind} callback ``key`` (no error if absent)."
+    return add, remove
+
+
+add_worker_starting_callback, remove_worker_starting_callback = _callback_pair("starting")
+add_worker_started_callback, remove_worker_started_callback = _callback_pair("started")
+add_worker_exiting_callback, remove_worker_exiting_callback = _callback_pair("exiting")
+add_worker_exited_callback, remove_worker_exited_callback = _callback_pair("exited")
+
+
+# -- calls -----------------------------------------------------------------------------------
+def _check_target(target) -> int:
+    if isinstance(target, bool) or not isinstance(target, int):
+        raise TypeError(f"a call's target must be a worker id (int), not {type(target).__name__}")
+    return target
+
+
+def remotecall(fn: Callable, target, /, *args, **kwargs) -> Future:
+    """Run ``fn(*args, **kwargs)`` on ``target`` and return a Future at once. Julia: same name."""
+    return _calls.remotecall(current_context(), fn, _check_target(target), args, kwargs)
+
+
+def remotecall_fetch(fn: Callable, target, /, *args, **kwargs) -> Any:
+    """Run ``fn`` on ``target`` and return its value (raises RemoteException). Julia: same name."""
+    return _calls.remotecall_fetch(current_context(), fn, _check_target(target), args, kwargs)
+
+
+def remotecall_wait(fn: Callable, target, /, *args, **kwargs) -> Future:
+    """Run ``fn`` on ``target``, wait for it, return the Future. Julia: same name."""
+    return _calls.remotecall_wait(current_context(), fn, _check_target(target), args, kwargs)
+
+
+def remote_do(fn: Callable, target, /, *args, **kwargs) -> None:
+    """Run ``fn`` on ``target`` without waiting; errors print there. Julia: same name."""
+    _calls.remote_do(current_context(), fn, _check_target(target), args, kwargs)
+
+
+def remotecall_eval(code, procs, *, module: str = "__main__"):
+    """Evaluate ``code`` (source text or a callable) in ``module`` on ``procs``.
+
+    With one pid, returns the value (errors as RemoteException). With several, runs them
+    concurrently and returns None; failures are collected in a CompositeException.
+    Julia: ``remotecall_eval``.
+    """
+    if isinstance(procs, int):
+        return remotecall_fetch(_evaluate, procs, code, module)
+    ctx = current_context()
+    futures, errors = [], []
+    for pid in procs:
+        try:
+            futures.append(_calls.remotecall(ctx, _evaluate, pid, (code, module), {}))
+        except Exception as exc:
+            errors.append(exc)
+    for fut in futures:
+        try:
+            fut.wait()
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise CompositeException(errors)
+    return None
+
+
+def _evaluate(code, module: str):
+    if callable(code):
+        return code()
+    namespace = sys.modules[module].__dict__ if module in sys.modules else _new_module(module)
+    try:
+        compiled = compile(code, "<remotecall_eval>", "eval")
+    except SyntaxError:
+        exec(compile(code, "<remotecall_eval>", "exec"), namespace)
+        return None
+    return eval(compiled, namespace)
+
+
+def _new_module(name: str) -> dict:
+    import types
+    module = sys.modules[name] = types.ModuleType(name)
+    return module.__dict__
+
+
+# -- generic operations on references and channels --------------------------------------------
+def fetch(x, timeout: float | None = None):
+    """The value of a Future/RemoteChannel; any other object is returned as is. Julia: ``fetch``."""
+    method = getattr(x, "fetch", None)
+    if method is None or not isinstance(x, (Future, RemoteChannel, Channel)):
+        if isinstance(x, _cf.Future):
+            return x.result(timeout)
+        return x
+    return method(timeout=timeout)
+
+
+def put(ref, value):
+    """``put!``: set a Future once, or append to a channel. Returns ``ref``."""
+    ref.put(value)
+    return ref
+
+
+def take(ref):
+    """``take!``: remove and return the first value of a channel."""
+    return ref.take()
+
+
+def isready(x) -> bool:
+    return x.isready()
+
+
+def wait(x, timeout: float | None = None):
+    """Block until ``x`` has a value (Future, channel) and return ``x``. Julia: ``wait``."""
+    if isinstance(x, (Future, RemoteChannel, Channel)):
+        x.wait(timeout=timeout)
+        return x
+    if hasattr(x, "result"):
+        x.result(timeout)
+        return x
+    return x.wait(timeout)
+
+
+def close(ref) -> None:
+    ref.close()
+
+
+def worker_id_from_socket(s) -> int:
+    """The pid of the peer connected through ``s`` (a socket or connection); -1 if unknown."""
+    ctx = current_context()
+    with ctx.lock:
+        for pid, record in ctx.peers.items():
+            conn = record.conn
+            if conn is not None and (conn is s or conn.sock is s):
+                return pid
+    if not isinstance(s, _socket.socket) and not hasattr(s, "sock"):
+        return ctx.myid
+    return -1
+

@@ -1,0 +1,130 @@
+"""LocalManager: workers as child processes on this machine.
+
+Owns starting ``python -m distexec worker`` processes and signalling them (interrupt, the
+exit escalation). Imports the other cluster modules, ``distexec.runtime`` and below.
+Julia: ``LocalManager``.
+
+Each worker gets the cookie on stdin (never argv or environ), the master's ``sys.path`` and
+working directory, its own session (a terminal Ctrl-C reaches only the master), and three
+ways to die with the master: the master connection's EOF, its stdin's EOF, and
+``PR_SET_PDEATHSIG``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from .manager import ClusterManager, WorkerConfig, default_addprocs_params
+
+log = logging.getLogger("distexec")
+
+_BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class LocalManager(ClusterManager):
+    """Launches ``n`` workers on this host, bound to 127.0.0.1 unless ``restrict=False``."""
+
+    def __init__(self, n: int, restrict: bool = True):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"number of workers must be a non-negative int, got {n!r}")
+        self.n = n
+        self.restrict = restrict
+
+    def __repr__(self) -> str:
+        return "LocalManager()"
+
+    def launch(self, params, launched, launch_ntfy) -> None:
+        bind_to = "127.0.0.1" if self.restrict else params.get("bind_to", "0.0.0.0")
+        for _ in range(self.n):
+            process = self._start(params, bind_to)
+            config = WorkerConfig(io=process.stdout, process=process,
+                                  enable_threaded_blas=params["enable_threaded_blas"],
+                                  environ={"exit_timeout": params["exit_timeout"]})
+            with launch_ntfy:
+                launched.append(config)
+                launch_ntfy.notify()
+
+    def _start(self, params: dict, bind_to: str) -> subprocess.Popen:
+        exeflags = params["exeflags"]
+        exeflags = [exeflags] if isinstance(exeflags, str) else list(exeflags)
+        cmd = [str(params["exename"]), *exeflags, "-m", "distexec", "worker",
+               "--bind-to", bind_to, "--parent-pid", str(os.getpid()), "--die-with-stdin"]
+        process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, cwd=params["dir"],
+                                   env=worker_environment(params), start_new_session=True)
+        from ..runtime.context import current_context
+        process.stdin.write(str(current_context().cookie).encode() + b"\n")
+        process.stdin.flush()  # stays open: its EOF tells the worker the master is gone
+        return process
+
+    def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
+        if op == "interrupt" and config.process is not None and config.process.poll() is None:
+            os.kill(config.process.pid, signal.SIGINT)
+
+    def kill(self, pid: int, config: WorkerConfig) -> None:
+        process = config.process
+        if process is None:
+            return super().kill(pid, config)
+        if config.os_pid is None:  # never joined: nothing to ask politely
+            _terminate_now(process)
+            return
+        super().kill(pid, config)
+        timeout = float((config.environ or {}).get("exit_timeout", 15.0))
+        threading.Thread(target=_escalate, args=(pid, process, timeout), daemon=True,
+                         name=f"distexec-kill-{pid}").start()
+
+    def default_addprocs_params(self) -> dict:
+        return default_addprocs_params()
+
+
+def worker_environment(params: dict) -> dict:
+    """The master's environment, its current ``sys.path``, BLAS threads off, then ``env``."""
+    env = dict(os.environ)
+    path = [p if p else os.getcwd() for p in sys.path]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+    env["PYTHONUNBUFFERED"] = "1"
+    if not params.get("enable_threaded_blas"):
+        for name in _BLAS_THREAD_VARS:
+            env.setdefault(name, "1")
+    user_env = params.get("env") or {}
+    for key, value in (user_env.items() if isinstance(user_env, dict) else user_env):
+        env[str(key)] = str(value)
+    return env
+
+
+def _terminate_now(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    _close_pipes(process)
+
+
+def _close_pipes(process: subprocess.Popen) -> None:
+    for stream in (process.stdin, process.stdout):
+        try:
+            if stream is not None:
+                stream.close()
+        except OSError:
+            pass
+
+
+def _escalate(pid: int, process: subprocess.Popen, timeout: float) -> None:
+    """Julia's ladder after the exit request: wait, SIGTERM, wait, SIGKILL; log each step."""
+    try:
+        process.wait(timeout)
+        return
+    except subprocess.TimeoutExpired:
+        log.warning("Failed to gracefully kill worker %d, sending SIGTERM", pid)
+    process.terminate()
+    try:
+        process.wait(timeout)
+        return
+    except subprocess.TimeoutExpired:
+        log.warning("Worker %d ignored SIGTERM, sending SIGKILL", pid)
+    process.kill()
+    process.wait()

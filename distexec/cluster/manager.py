@@ -1,0 +1,126 @@
+"""The cluster-manager interface: how workers are launched, reached, interrupted and killed.
+
+Owns ``ClusterManager`` (the abstract base users subclass for new launch mechanisms),
+``WorkerConfig`` (what a manager learns about each launched worker) and the default TCP
+``connect``/``kill``. Imports ``distexec.errors``, ``distexec.protocol``,
+``distexec.transport`` and ``distexec.runtime``. Julia: ``ClusterManager``, ``WorkerConfig``.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ..runtime.context import current_context
+from ..transport import sockets
+from .launch import read_worker_host_port, worker_timeout
+
+
+@dataclass
+class WorkerConfig:
+    """What a manager knows about one launched worker (every field optional).
+
+    ``launch`` fills in how to reach the worker (``io`` to read its address from, or
+    ``host``/``port``) and whatever it needs later (``process``, ``userdata``); ``connect``
+    fills in ``host``, ``port``, ``bind_addr`` and ``connect_at``; the master fills in
+    ``os_pid`` once the worker has joined. Julia: ``WorkerConfig``.
+    """
+
+    io: Any = None
+    host: str | None = None
+    port: int | None = None
+    count: Any = None
+    exename: Any = None
+    exeflags: Any = None
+    userdata: Any = None
+    tunnel: bool | None = None
+    multiplex: bool | None = None
+    forward: str | None = None
+    bind_addr: str | None = None
+    sshflags: Any = None
+    max_parallel: int | None = None
+    connect_at: tuple[str, int] | None = None
+    process: Any = None
+    os_pid: int | None = None
+    environ: dict | None = None
+    ident: Any = None
+    connect_idents: Any = None
+    enable_threaded_blas: bool | None = None
+
+
+def default_addprocs_params(manager: "ClusterManager | None" = None) -> dict:
+    """Keyword defaults of ``addprocs`` (for ``manager`` when given). Julia: same name."""
+    if manager is not None:
+        return manager.default_addprocs_params()
+    return {
+        "topology": "all_to_all",
+        "dir": os.getcwd(),
+        "exename": sys.executable,
+        "exeflags": [],
+        "env": {},
+        "enable_threaded_blas": False,
+        "lazy": True,
+        "callback_warning_interval": 10.0,
+        "exit_timeout": 15.0,
+    }
+
+
+class ClusterManager(abc.ABC):
+    """Base class of launch mechanisms (local processes, SSH, Slurm, your own).
+
+    Subclasses implement ``launch`` and ``manage``; ``connect`` and ``kill`` have TCP
+    defaults that suit any worker started with ``distexec worker``. Julia: ``ClusterManager``.
+    """
+
+    @abc.abstractmethod
+    def launch(self, params: dict, launched: list[WorkerConfig],
+               launch_ntfy: threading.Condition) -> None:
+        """Start workers; append a WorkerConfig per worker and notify ``launch_ntfy``.
+
+        Return once every requested worker has been launched; exceptions propagate out of
+        ``addprocs`` after the workers already appended have been set up.
+        """
+
+    @abc.abstractmethod
+    def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
+        """Hear about worker ``pid``: op is "register", "deregister", "interrupt" or "finalize"."""
+
+    def kill(self, pid: int, config: WorkerConfig) -> None:
+        """Make worker ``pid`` exit. Default: ask it to exit over its connection."""
+        from ..runtime.calls import remote_do
+        from .worker import exit_worker
+        try:
+            remote_do(current_context(), exit_worker, pid, (), {})
+        except Exception:  # already gone or unreachable: nothing to ask
+            pass
+
+    def connect(self, pid: int, config: WorkerConfig):
+        """Open an authenticated connection to worker ``pid``; returns ``(reader, writer)``.
+
+        Default: TCP to ``config.connect_at`` (worker-to-worker), else to the address the
+        worker printed on ``config.io``, else to ``config.host``/``config.port``.
+        """
+        ctx = current_context()
+        if config.connect_at is not None:
+            host, port = config.connect_at
+        else:
+            if config.io is not None:
+                bind_addr, port = read_worker_host_port(config.io, config)
+                host = bind_addr if config.host is None or config.tunnel else bind_addr
+            else:
+                host, port = config.host or config.bind_addr, config.port
+            config.host, config.port = host, port
+            config.bind_addr = config.bind_addr or host
+            config.connect_at = (config.bind_addr, port)
+        sock = sockets.connect(host, int(port), ctx.cookie.key, worker_timeout())
+        return sock, sock
+
+    def default_addprocs_params(self) -> dict:
+        return default_addprocs_params()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

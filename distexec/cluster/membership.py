@@ -1,0 +1,438 @@
+"""Adding and removing workers (master side), and what happens when a peer is lost.
+
+Owns ``addprocs``/``rmprocs``/``interrupt``, the join of each new worker, multi-process mode
+(cookie, exit hook), and the reaction to a closed connection on any process. Imports the
+other cluster modules, ``distexec.runtime`` and below. Julia: ``addprocs``,
+``create_worker``, ``rmprocs``, ``deregister_worker``.
+
+    addprocs ──► starting callbacks ──► manager.launch (launcher thread) ──► WorkerConfigs
+             ──► per config, a set-up thread: connect, JOIN, wait RESULT(cpus, os pid)
+             ──► tell older workers about the new ones ──► started callbacks ──► new pids
+    connection closed ──► master: record exit status, deregister, exited callbacks
+                          worker: the master's link ──► exit; another worker's ──► deregister
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures as cf
+import logging
+import queue
+import subprocess
+import sys
+import threading
+import time
+import weakref
+
+from ..errors import CompositeException, DistributedError
+from ..protocol import secret as secret_mod
+from ..protocol import serialization
+from ..protocol.frames import Kind
+from ..runtime import dispatch
+from ..runtime.calls import ReplySlot, remote_do
+from ..runtime.context import ClusterContext, WorkerRecord, WorkerState, DEAD_STATES
+from ..transport.connection import Connection
+from . import callbacks, peers
+from .launch import worker_timeout
+from .manager import WorkerConfig, default_addprocs_params
+
+log = logging.getLogger("distexec")
+
+TOPOLOGIES = ("all_to_all", "master_worker", "custom")
+
+
+# --------------------------------------------------------------------------------------------
+# multi-process mode
+# --------------------------------------------------------------------------------------------
+def init_multi(ctx: ClusterContext) -> None:
+    """First use of the cluster on the master: cookie, handlers, exit hook. Julia: ``init_multi``."""
+    with ctx.lock:
+        if ctx.multi or ctx.role != "master":
+            return
+        ctx.multi = True
+        if ctx.cookie is None:
+            ctx.cookie = secret_mod.generate()
+        ctx.connector = peers.PeerConnector()
+    install_handlers(ctx)
+    atexit.register(_shutdown_at_exit, weakref.ref(ctx))
+
+
+def install_handlers(ctx: ClusterContext) -> None:
+    ctx.handlers[Kind.IDENTIFY] = peers.on_identify
+
+
+def require_master(ctx: ClusterContext) -> None:
+    if ctx.myid != 1:
+        raise DistributedError("Only process 1 can add and remove workers")
+
+
+def _shutdown_at_exit(ctx_ref) -> None:
+    ctx = ctx_ref()
+    if ctx is None or ctx.role != "master":
+        return
+    pids = [p for p in ctx.live_pids() if p != 1]
+    if pids:
+        try:
+            rmprocs(ctx, pids, waitfor=5.0)
+        except Exception:
+            log.warning("Forcibly interrupting busy workers")
+            for pid in pids:
+                _force_kill(ctx, pid)
+    ctx.close()
+
+
+def _force_kill(ctx: ClusterContext, pid: int) -> None:
+    record = ctx.record(pid) or ctx.deleted.get(pid)
+    process = getattr(getattr(record, "config", None), "process", None)
+    if process is not None and process.poll() is None:
+        process.kill()
+
+
+# --------------------------------------------------------------------------------------------
+# addprocs
+# --------------------------------------------------------------------------------------------
+def addprocs(ctx: ClusterContext, manager, params: dict) -> list[int]:
+    """Launch workers with ``manager`` and join them; returns the new pids, sorted."""
+    init_multi(ctx)
+    require_master(ctx)
+    params = {**default_addprocs_params(manager), **params}
+    errors = callbacks.run_callbacks(ctx, "starting", [(manager, params)],
+                                     warning_interval=params["callback_warning_interval"])
+    if errors:
+        raise errors[0]
+    with ctx.worker_lock:
+        _set_topology(ctx, params)
+        new_pids, failures = _launch_and_join(ctx, manager, params)
+        _announce_new_workers(ctx, new_pids)
+    errors = callbacks.run_callbacks(ctx, "started", [(p,) for p in new_pids],
+                                     warning_interval=params["callback_warning_interval"])
+    failures.extend(errors)
+    if failures:
+        raise failures[0] if len(failures) == 1 else CompositeException(failures)
+    return sorted(new_pids)
+
+
+def _set_topology(ctx: ClusterContext, params: dict) -> None:
+    topology = str(params["topology"])
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"topology must be one of {TOPOLOGIES}, got {topology!r}")
+    has_workers = len(ctx.live_pids()) > 1
+    if has_workers and topology != ctx.topology:
+        raise DistributedError(f"Workers with Topology {ctx.topology} already exist. "
+                               f"Requested Topology {topology} cannot be set.")
+    lazy = bool(params["lazy"]) if topology == "all_to_all" else False
+    if has_workers and ctx.lazy is not None and lazy != ctx.lazy:
+        raise ValueError(f"Active workers with lazy={ctx.lazy}. Cannot set lazy={lazy}")
+    ctx.topology, ctx.lazy = topology, lazy
+    params["lazy"] = lazy
+
+
+def _launch_and_join(ctx: ClusterContext, manager, params: dict):
+    launched: list[WorkerConfig] = []
+    notify = threading.Condition()
+    launch_done = run_on_launcher(ctx, lambda: manager.launch(params, launched, notify))
+    setups: list[cf.Future] = []
+    while True:
+        with notify:
+            if not launched:
+                if launch_done.done():
+                    break
+                notify.wait(0.1)
+            configs, launched[:] = list(launched), []
+        for config in configs:
+            setups.append(_start_setup(ctx, manager, config, params))
+    new_pids, failures = [], []
+    for setup in setups:
+        try:
+            new_pids.append(setup.result())
+        except BaseException as exc:
+            failures.append(exc)
+    if launch_done.exception() is not None:
+        failures.append(launch_done.exception())
+    return new_pids, failures
+
+
+def _start_setup(ctx, manager, config, params) -> cf.Future:
+    future: cf.Future = cf.Future()
+
+    def run():
+        try:
+            future.set_result(create_worker(ctx, manager, config, params))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="distexec-setup").start()
+    return future
+
+
+def run_on_launcher(ctx: ClusterContext, fn) -> cf.Future:
+    """Run ``fn`` on the context's long-lived launcher thread.
+
+    Processes forked there keep ``PR_SET_PDEATHSIG`` meaningful: Linux delivers it when the
+    forking *thread* exits, so the thread must live as long as the cluster.
+    """
+    with ctx.lock:
+        jobs = ctx.launcher_jobs
+        if jobs is None:
+            jobs = ctx.launcher_jobs = queue.SimpleQueue()
+            threading.Thread(target=_launcher_loop, args=(jobs,), daemon=True,
+                             name="distexec-launcher").start()
+    future: cf.Future = cf.Future()
+    jobs.put((fn, future))
+    return future
+
+
+def _launcher_loop(jobs: queue.SimpleQueue) -> None:
+    while True:
+        fn, future = jobs.get()
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+
+def create_worker(ctx: ClusterContext, manager, config: WorkerConfig, params: dict) -> int:
+    """Connect to one launched worker and make it join. Julia: ``create_worker``."""
+    pid = ctx.next_pid()
+    try:
+        reader, _writer = manager.connect(pid, config)
+    except BaseException:
+        _discard(ctx, manager, pid, config)
+        raise
+    record = WorkerRecord(pid, WorkerState.CREATED, config=config, manager=manager,
+                          connect_at=config.connect_at)
+    conn = Connection(reader, on_frame=lambda c, f: dispatch.on_frame(ctx, c, f),
+                      on_close=lambda c, e: on_connection_closed(ctx, c, e), name=f"worker-{pid}")
+    conn.peer_pid = pid
+    record.conn = conn
+    ctx.register(record)
+    relay = (config.userdata or {}).get("relay") if isinstance(config.userdata, dict) else None
+    if relay is not None:
+        relay.pid = pid
+    conn.start()
+    try:
+        cpus, os_pid = _join(ctx, record, params)
+    except BaseException:
+        conn.close()
+        _discard(ctx, manager, pid, config)
+        raise
+    config.os_pid = record.os_pid = os_pid
+    record.cpu_threads = cpus
+    config.environ = {**(config.environ or {}), "cpu_threads": cpus}
+    if getattr(manager, "is_local", type(manager).__name__ == "LocalManager"):
+        ctx.local_launched.add(pid)
+    ctx.set_state(record, WorkerState.CONNECTED)
+    if ctx.default_pool is not None:
+        ctx.default_pool.push(pid)
+    return pid
+
+
+def _join(ctx: ClusterContext, record: WorkerRecord, params: dict):
+    peer_list = []
+    if ctx.topology == "all_to_all":
+        with ctx.lock:
+            peer_list = [(p, r.connect_at) for p, r in ctx.peers.items()
+                         if 1 < p < record.pid and r.connect_at is not None
+                         and r.state not in DEAD_STATES]
+    slot, notify = ReplySlot(record.pid), ctx.next_rrid()
+    ctx.add_waiter(notify, slot)
+    payload, _ = serialization.dumps((record.pid, peer_list, ctx.topology, ctx.lazy), record.pid)
+    record.conn.send(Kind.JOIN, payload, notify=notify)
+    threading.Thread(target=_manage_quietly, args=(record, "register"), daemon=True).start()
+    timeout = worker_timeout()
+    if not slot._event.wait(timeout):
+        ctx.pop_waiter(notify)
+        raise DistributedError(f"worker {record.pid} did not connect within {timeout} seconds")
+    return slot.wait()
+
+
+def _manage_quietly(record: WorkerRecord, op: str) -> None:
+    try:
+        record.manager.manage(record.pid, record.config, op)
+    except Exception:
+        log.exception("error in %r.manage(%d, %s)", record.manager, record.pid, op)
+
+
+def _discard(ctx: ClusterContext, manager, pid: int, config) -> None:
+    with ctx.lock:
+        record = ctx.peers.pop(pid, None)
+        ctx.deleted[pid] = record or WorkerRecord(pid, WorkerState.EXTERMINATED)
+    try:
+        manager.kill(pid, config)
+    except Exception:
+        log.exception("could not kill worker %d after a failed start", pid)
+
+
+def _announce_new_workers(ctx: ClusterContext, new_pids: list[int]) -> None:
+    """Tell every worker about every worker (Julia: ``set_valid_processes``)."""
+    if not new_pids or ctx.topology == "master_worker":
+        return
+    with ctx.lock:
+        everyone = [(p, r.connect_at) for p, r in ctx.peers.items()
+                    if r.state == WorkerState.CONNECTED and r.connect_at is not None]
+    for pid, _ in everyone:
+        try:
+            remote_do(ctx, peers.learn_peers, pid, (everyone,), {})
+        except Exception:  # a worker that just died is handled by its own close
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# losing a connection
+# --------------------------------------------------------------------------------------------
+def on_connection_closed(ctx: ClusterContext, conn: Connection, error) -> None:
+    pid = conn.peer_pid
+    if pid is None:
+        if error is not None:
+            log.warning("Process(%d) - Unknown remote, closing connection: %r", ctx.myid, error)
+        return
+    if ctx.role == "worker" and pid == 1:
+        from .worker import lost_master
+        lost_master(ctx)
+        return
+    record = ctx.record(pid)
+    if record is None or record.conn is not conn:
+        return
+    _observe_exit(record)
+    unexpected = record.state != WorkerState.TERMINATING
+    if not ctx.peer_lost(record):
+        return
+    if ctx.role == "master":
+        _after_worker_gone(ctx, record, unexpected)
+
+
+def _observe_exit(record: WorkerRecord) -> None:
+    """Fill in the exit status of a worker we launched ourselves (a short wait at most)."""
+    process = getattr(record.config, "process", None)
+    if not isinstance(process, subprocess.Popen):
+        return
+    try:
+        code = process.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        return
+    if code < 0:
+        record.signal = -code
+    else:
+        record.exitcode = code
+
+
+def _after_worker_gone(ctx: ClusterContext, record: WorkerRecord, unexpected: bool) -> None:
+    if unexpected and not ctx.closed:
+        print(f"Worker {record.pid} terminated.", file=sys.stderr, flush=True)
+    threading.Thread(target=_cleanup_worker, args=(ctx, record), daemon=True,
+                     name=f"distexec-exited-{record.pid}").start()
+
+
+def _cleanup_worker(ctx: ClusterContext, record: WorkerRecord) -> None:
+    if record.manager is not None:
+        _manage_quietly(record, "deregister")
+    if ctx.lazy or ctx.topology != "all_to_all":
+        for pid in [p for p in ctx.live_pids() if p != 1]:
+            try:
+                remote_do(ctx, peers.deregister_peer, pid, (record.pid,), {})
+            except Exception:
+                pass
+    state = record.state.value
+    with ctx.lock:
+        ctx.exiting_pid = record.pid
+    try:
+        for error in callbacks.run_callbacks(ctx, "exited", [(record.pid, state)]):
+            log.error("Error when running worker-exited callback: %r", error)
+    finally:
+        with ctx.lock:
+            ctx.exiting_pid = None
+            ctx.statuses.pop(record.pid, None)
+    _release_process(record)
+
+
+def _release_process(record: WorkerRecord) -> None:
+    process = getattr(record.config, "process", None)
+    if isinstance(process, subprocess.Popen):
+        if process.stdin is not None:
+            try:
+                process.stdin.close()
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------------------------
+# rmprocs and interrupt
+# --------------------------------------------------------------------------------------------
+def rmprocs(ctx: ClusterContext, pids, waitfor: float | None = None,
+            callback_timeout: float = 10.0) -> cf.Future:
+    """Remove workers; returns a finished handle, or a running one when ``waitfor == 0``."""
+    require_master(ctx)
+    pids = _flatten(pids)
+    if waitfor == 0:
+        handle: cf.Future = cf.Future()
+
+        def background():
+            try:
+                handle.set_result(_remove(ctx, pids, None, callback_timeout))
+            except BaseException as exc:
+                handle.set_exception(exc)
+
+        threading.Thread(target=background, daemon=True, name="distexec-rmprocs").start()
+        return handle
+    done: cf.Future = cf.Future()
+    done.set_result(_remove(ctx, pids, waitfor, callback_timeout))
+    return done
+
+
+def _flatten(pids) -> list[int]:
+    out: list[int] = []
+    for p in pids:
+        if isinstance(p, int):
+            out.append(p)
+        else:
+            out.extend(int(x) for x in p)
+    return out
+
+
+def _remove(ctx: ClusterContext, pids: list[int], waitfor, callback_timeout) -> None:
+    with ctx.worker_lock:
+        targets = []
+        for pid in pids:
+            if pid == 1:
+                log.warning("rmprocs: process 1 not removed")
+            elif ctx.record(pid) is not None:
+                targets.append(pid)
+        callbacks.run_callbacks(ctx, "exiting", [(p,) for p in targets], timeout=callback_timeout)
+        for pid in targets:
+            record = ctx.record(pid)
+            if record is None:
+                continue
+            ctx.set_state(record, WorkerState.TERMINATING)
+            record.manager.kill(pid, record.config)
+        _wait_gone(ctx, targets, waitfor)
+
+
+def _wait_gone(ctx: ClusterContext, pids: list[int], waitfor) -> None:
+    deadline = None if waitfor is None else time.monotonic() + waitfor
+    with ctx.lock:
+        while True:
+            alive = [p for p in pids if p in ctx.peers]
+            if not alive:
+                return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise DistributedError(f"rmprocs: pids {alive} not terminated after {waitfor} seconds.")
+            ctx.changed.wait(left)
+
+
+def interrupt(ctx: ClusterContext, pids) -> None:
+    """Interrupt the calls running on ``pids`` (all workers if empty). Julia: ``interrupt``."""
+    if ctx.myid != 1:
+        raise DistributedError("interrupt can only be called on process 1")
+    pids = _flatten(pids) or [p for p in ctx.live_pids() if p != 1]
+    records = []
+    for pid in pids:
+        record = ctx.record(pid)
+        if record is None:
+            raise KeyError(f"no worker with id {pid}")
+        records.append(record)
+    threads = [threading.Thread(target=_manage_quietly, args=(r, "interrupt")) for r in records]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

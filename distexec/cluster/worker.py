@@ -1,0 +1,199 @@
+"""The worker side: ``start_worker``, joining a cluster, and serving until the master leaves.
+
+Owns a worker process's life: reading the cookie, listening, printing the address line,
+accepting the master's JOIN and peers' IDENTIFY, the startup deadline, the lifelines to the
+master, interrupts (SIGINT) and exit. Imports the other cluster modules, ``distexec.runtime``
+and below. Julia: ``start_worker``, ``init_worker``, ``handle_msg(::JoinPGRPMsg)``.
+
+    stdin (cookie) ──► listen ──► print distexec_worker:PORT#ADDR ──► main thread runs calls
+    master connects ──► handshake ──► JOIN(pid, peers, topology, lazy) ──► RESULT(cpus, os pid)
+    master connection EOF / stdin EOF / parent death ──► exit
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+
+from ..errors import ProtocolError
+from ..protocol import secret as secret_mod
+from ..protocol import serialization
+from ..protocol.frames import Flag, Kind
+from ..runtime import dispatch
+from ..runtime.context import ClusterContext, WorkerRecord, WorkerState, default_context
+from ..transport import sockets
+from ..transport.connection import Connection
+from .launch import worker_timeout
+
+log = logging.getLogger("distexec")
+
+EXIT_MASTER_LOST = 1
+EXIT_STDIN_CLOSED = 70
+
+
+def init_worker(cookie: str, manager=None, ctx: ClusterContext | None = None) -> ClusterContext:
+    """Make this process a worker of the cluster whose cookie is ``cookie``. Julia: same name."""
+    from .membership import install_handlers
+    from .peers import PeerConnector
+
+    ctx = ctx or default_context()
+    with ctx.lock:
+        if ctx.peers or ctx.refs:
+            raise RuntimeError("init_worker: this process already takes part in a cluster")
+        ctx.role = "worker"
+        ctx.myid = 0  # unknown until the master's JOIN
+        ctx.cookie = secret_mod.ClusterSecret(cookie.strip())
+        ctx.connector = PeerConnector(manager)
+    install_handlers(ctx)
+    ctx.handlers[Kind.JOIN] = _on_join
+    return ctx
+
+
+def start_worker(out=None, cookie: str | None = None, *, close_stdin: bool = True,
+                 stderr_to_stdout: bool = True, bind_to: str | None = None,
+                 die_with_stdin: bool = False, parent_pid: int | None = None) -> None:
+    """Run this process as a worker until the master goes away (never returns normally).
+
+    Reads the cookie from the first line of stdin unless given, listens on ``bind_to``
+    (``ADDR``, ``ADDR:PORT`` or ``ADDR:[PORT_HINT]``; default 127.0.0.1), prints
+    ``distexec_worker:PORT#ADDR`` to ``out`` and serves calls. Julia: ``start_worker``.
+    """
+    out = out or sys.stdout
+    if cookie is None:
+        cookie = sys.stdin.buffer.readline().decode("ascii", "replace").strip()
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
+    if stderr_to_stdout:
+        os.dup2(out.fileno() if hasattr(out, "fileno") else 1, 2)
+    if close_stdin:
+        _detach_stdin(die_with_stdin)
+    ctx = init_worker(cookie)
+    host, port, hint = sockets.parse_bind_to(bind_to)
+    listener = sockets.Listener(sockets.bind_listener(host, port, hint), ctx.cookie.key,
+                                lambda sock, _v: _accept(ctx, sock))
+    ctx.listener = listener
+    listener.start()
+    host, port = listener.address
+    ctx.worker_address = (host, port)
+    _install_sigint(ctx)
+    threading.Thread(target=_master_watchdog, args=(ctx.joined,), daemon=True,
+                     name="distexec-watchdog").start()
+    out.write(f"distexec_worker:{port}#{host}\n")
+    out.flush()
+    ctx.runner.serve_main_thread(lambda: ctx.closed)
+    _exit(0)
+
+
+def _accept(ctx: ClusterContext, sock) -> None:
+    conn = Connection(sock, on_frame=lambda c, f: dispatch.on_frame(ctx, c, f),
+                      on_close=lambda c, e: _on_close(ctx, c, e), name="incoming")
+    conn.start()
+
+
+def _on_close(ctx: ClusterContext, conn: Connection, error) -> None:
+    from .membership import on_connection_closed
+    on_connection_closed(ctx, conn, error)
+
+
+def _on_join(ctx: ClusterContext, conn: Connection, frame) -> None:
+    """The master's JOIN: learn our pid and peers, connect eagerly if asked, then reply."""
+    if ctx.myid != 0 or conn.peer_pid is not None:
+        raise ProtocolError("a second JOIN message: only the master joins a worker, once")
+    pid, peers, topology, lazy = pickle.loads(frame.payload)
+    ctx.myid = pid
+    ctx.topology, ctx.lazy = topology, lazy
+    conn.peer_pid = 1
+    conn.name = "master"
+    ctx.register(WorkerRecord(1, WorkerState.CONNECTED, conn))
+    ctx.joined.set()
+    threading.Thread(target=_finish_join, args=(ctx, conn, peers, frame.header.notify),
+                     daemon=True, name="distexec-join").start()
+
+
+def _finish_join(ctx: ClusterContext, conn: Connection, peers, notify) -> None:
+    from .peers import register_peers
+    try:
+        register_peers(ctx, peers, eager=not ctx.lazy and ctx.topology == "all_to_all")
+        reply = (os.cpu_count() or 1, os.getpid())
+        flags = Flag.NONE
+    except Exception as exc:
+        reply, flags = exc, Flag.ERROR
+    payload, buffers = serialization.dumps(reply, 1)
+    conn.send(Kind.RESULT, payload, buffers, response=notify, flags=flags)
+
+
+def exit_worker(code: int = 0) -> None:
+    """Leave now (what the master's ``rmprocs`` asks for). Julia: ``exit()`` via ``remote_do``."""
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def lost_master(ctx: ClusterContext) -> None:
+    """Workers never outlive their master connection (Julia: ``exit(1)`` on losing pid 1)."""
+    _exit(EXIT_MASTER_LOST)
+
+
+def _master_watchdog(joined: threading.Event) -> None:
+    timeout = worker_timeout()
+    if not joined.wait(timeout):
+        print(f"Master process (id 1) could not connect within {timeout} seconds.\nexiting.",
+              file=sys.stderr, flush=True)
+        _exit(1)
+
+
+def _detach_stdin(die_with_stdin: bool) -> None:
+    """Give user code an empty stdin; optionally keep the real one as a lifeline."""
+    saved = os.dup(0)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdin = open(0, closefd=False)
+    if die_with_stdin:
+        threading.Thread(target=_stdin_lifeline, args=(saved,), daemon=True,
+                         name="distexec-lifeline").start()
+    else:
+        os.close(saved)
+
+
+def _stdin_lifeline(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, 4096):
+                break
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+    _exit(EXIT_STDIN_CLOSED)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when the master dies, even while C code holds the GIL."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the master died before we could ask
+        _exit(EXIT_MASTER_LOST)
+
+
+def _install_sigint(ctx: ClusterContext) -> None:
+    def on_sigint(signum, frame):
+        if ctx.runner.interrupt():
+            raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, on_sigint)
