@@ -128,3 +128,41 @@ def no_leaked_threads():
             f"test leaked {len(leaked)} non-daemon thread(s):\n  " + "\n  ".join(names),
             pytrace=False,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Clusters. The master's cluster is per process (one default context), so fixtures add workers
+# to it and remove exactly the ones they added.
+# --------------------------------------------------------------------------------------------
+def _remove_workers(pids) -> None:
+    import distexec
+
+    alive = [p for p in pids if p in distexec.procs()]
+    if alive:
+        distexec.rmprocs(alive, waitfor=20)
+
+
+@pytest.fixture(scope="module")
+def shared_workers():
+    """Two workers shared by a test module (for tests that do not kill or remove them)."""
+    import distexec
+
+    pids = distexec.addprocs(2)
+    yield pids
+    _remove_workers(pids)
+
+
+@pytest.fixture
+def add_workers():
+    """Factory: ``add_workers(n, **params)`` adds workers that are removed after the test."""
+    import distexec
+
+    added: list[int] = []
+
+    def add(n: int = 2, **params) -> list[int]:
+        pids = distexec.addprocs(n, **params)
+        added.extend(pids)
+        return pids
+
+    yield add
+    _remove_workers(added)
