@@ -142,6 +142,8 @@ class ClusterContext:
         self.statuses: dict[int, Any] = {}
         self.exiting_pid: int | None = None
         self.default_pool = None
+        self.pools = None                    # WeakValueDictionary of this process's WorkerPools
+        self.on_peer_lost: list[Callable[["ClusterContext", int], None]] = []
         self.local_launched: set[int] = set()
         self.handlers: dict[Kind, Callable] = {}  # extra inline handlers (cluster layer: JOIN, IDENTIFY)
         self.multi = False                  # multi-process mode started (cookie, exit hook)
@@ -265,6 +267,11 @@ class ClusterContext:
         from .refs import forget_client, fail_futures_owned_by
         forget_client(self, record.pid)
         fail_futures_owned_by(self, record.pid, ProcessExitedException(*exc_args))
+        for listener in list(self.on_peer_lost):
+            try:
+                listener(self, record.pid)
+            except Exception:
+                log.exception("error in a peer-lost listener")
         return True
 
     # -- shutting down -----------------------------------------------------------------------

@@ -1,0 +1,329 @@
+"""Parallel maps: ``pmap`` with batching, error handlers and retries; ``distributed_for``.
+
+Owns how a map is split, sent through a pool, retried and put back in input order, and the
+``@distributed`` loop. Imports ``distexec.pools``, ``distexec.runtime`` and below.
+Julia: ``pmap``, ``retry``, ``ExponentialBackOff``, ``batchsplit``, ``@distributed``,
+``splitrange``.
+
+    pmap(fn, xs) ──► wrap fn: on_error (runs on the worker) ─► through the pool ─► retry
+                 ──► nworkers(pool) feeder threads pull items, call, store by index
+                 ──► results in input order (the first unhandled error stops the map)
+    batch_size > 1 ──► consecutive items per call; failed items re-processed on the caller
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+from .errors import CompositeException, ProcessExitedException, RemoteException
+from .pools import AbstractWorkerPool, CachingPool, pool_remotecall_fetch
+from .runtime.context import current_context
+
+__all__ = ["pmap", "ExponentialBackOff", "BatchProcessingError", "splitrange", "batchsplit",
+           "retry"]
+
+
+class ExponentialBackOff:
+    """``n`` delays growing by ``factor`` (± ``jitter``), capped at ``max_delay``. Julia: same name."""
+
+    def __init__(self, n: int = 1, first_delay: float = 0.05, max_delay: float = 10.0,
+                 factor: float = 5.0, jitter: float = 0.1):
+        if n < 0 or first_delay < 0 or max_delay < 0 or factor <= 0 or jitter < 0:
+            raise ValueError("ExponentialBackOff needs n >= 0, delays >= 0, factor > 0, jitter >= 0")
+        self.n, self.first_delay, self.max_delay = n, first_delay, max_delay
+        self.factor, self.jitter = factor, jitter
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[float]:
+        delay = self.first_delay
+        for _ in range(self.n):
+            yield min(delay, self.max_delay)
+            delay *= self.factor * (1 + self.jitter * (2 * random.random() - 1))
+
+    def __repr__(self) -> str:
+        return (f"ExponentialBackOff(n={self.n}, first_delay={self.first_delay}, "
+                f"max_delay={self.max_delay}, factor={self.factor}, jitter={self.jitter})")
+
+
+class BatchProcessingError(Exception):
+    """One element of a batch failed: ``data`` is its arguments, ``ex`` the error."""
+
+    def __init__(self, data, ex: BaseException):
+        super().__init__(data, ex)
+        self.data, self.ex = data, ex
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """One level of ``RemoteException`` off, as pmap's retry logic sees errors."""
+    return exc.captured.ex if isinstance(exc, RemoteException) else exc
+
+
+def retry(fn: Callable, delays: Iterable[float] = (), check: Callable | None = None) -> Callable:
+    """``fn`` retried after each of ``delays`` while ``check(state, exc)`` allows. Julia: ``retry``.
+
+    ``check`` returns a bool or ``(new_state, bool)``; after the delays run out, one last
+    attempt is made whose error propagates.
+    """
+    def retrying(*args, **kwargs):
+        state = None
+        for delay in delays:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if check is not None:
+                    verdict = check(state, exc)
+                    if isinstance(verdict, tuple):
+                        state, verdict = verdict
+                    if not verdict:
+                        raise
+            time.sleep(delay)
+        return fn(*args, **kwargs)
+    return retrying
+
+
+def _with_on_error(fn: Callable, on_error: Callable) -> Callable:
+    def guarded(*args):
+        try:
+            return fn(*args)
+        except Exception as exc:
+            return on_error(exc)
+    return guarded
+
+
+def _unwrapping(fn: Callable) -> Callable:
+    def call(*args):
+        try:
+            return fn(*args)
+        except RemoteException as exc:
+            raise unwrap(exc) from None
+    return call
+
+
+def pmap(fn: Callable, *iterables, pool: AbstractWorkerPool | None = None,
+         distributed: bool = True, batch_size: int | str = 1, on_error: Callable | None = None,
+         retry_delays: Iterable[float] = (), retry_check: Callable | None = None,
+         progress: bool = False) -> list:
+    """Map ``fn`` over ``iterables`` (zipped) on the pool's workers; results in input order.
+
+    Julia: ``pmap``. ``on_error(exc)`` turns a failure into that element's result (on the
+    worker, or on the caller for worker deaths and batch failures); ``retry_delays`` retries
+    failed elements (with ``retry_check(state, exc)`` deciding), possibly on other workers.
+    """
+    if iterables and isinstance(iterables[0], AbstractWorkerPool):
+        pool, iterables = iterables[0], iterables[1:]
+    if not iterables:
+        raise TypeError("pmap needs at least one iterable")
+    items: Iterable[tuple] = zip(*iterables)
+    own_pool = pool is None
+    pool = CachingPool(_workers()) if own_pool else pool
+    if not _has_other_workers(pool):
+        distributed = False
+    retry_delays = list(retry_delays)
+    if not distributed:
+        batch_size = 1
+    if batch_size == "auto":
+        items = list(items)
+        batch_size = max(1, min(100, len(items) // (3 * max(1, pool.nworkers()))))
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+    bar = _progress_bar(progress, iterables)
+    try:
+        if batch_size == 1:
+            return _map_each(fn, items, pool, distributed, on_error, retry_delays, retry_check, bar)
+        return _map_batches(fn, items, pool, batch_size, on_error, retry_delays, retry_check, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+        if own_pool:
+            pool.clear()  # the workers drop the functions this map shipped
+
+
+def _workers() -> list[int]:
+    pids = [p for p in current_context().live_pids() if p != 1]
+    return pids or [1]
+
+
+def _has_other_workers(pool: AbstractWorkerPool) -> bool:
+    members = pool.workers()
+    me = current_context().myid
+    return bool(members) and members != [me]
+
+
+def _map_each(fn, items, pool, distributed, on_error, retry_delays, retry_check, bar) -> list:
+    call = fn if on_error is None else _with_on_error(fn, on_error)
+    if distributed:
+        remote_call = call
+        call = lambda *args: pool_remotecall_fetch(remote_call, pool, args, {})  # noqa: E731
+        if on_error is not None:
+            call = _local_on_error_for_deaths(call, on_error)
+    if retry_delays:
+        call = retry(_unwrapping(call), retry_delays, retry_check)
+    ntasks = pool.nworkers() if distributed else 1
+    tick = None if bar is None else (lambda _args: bar.update(1))
+    return _ordered_async_map(lambda args: call(*args), items, ntasks, tick)
+
+
+def _local_on_error_for_deaths(call: Callable, on_error: Callable) -> Callable:
+    """A worker death never reaches the worker-side handler: give it to ``on_error`` here."""
+    def guarded(*args):
+        try:
+            return call(*args)
+        except ProcessExitedException as exc:
+            return on_error(exc)
+    return guarded
+
+
+def _ordered_async_map(call: Callable, items: Iterable, ntasks: int,
+                       tick: Callable | None = None) -> list:
+    """Run ``call`` over ``items`` with ``ntasks`` threads; results in input order.
+
+    The first error stops every thread from starting new items and is raised. ``tick(item)``
+    runs after each item (progress bars).
+    """
+    source = iter(enumerate(items))
+    lock = threading.Lock()
+    results: dict[int, Any] = {}
+    failure: list[BaseException] = []
+
+    def feed():
+        while True:
+            with lock:
+                if failure:
+                    return
+                try:
+                    index, item = next(source)
+                except StopIteration:
+                    return
+                except BaseException as exc:  # the input iterator itself failed
+                    failure.append(exc)
+                    return
+            try:
+                value = call(item)
+            except BaseException as exc:
+                with lock:
+                    failure.append(exc)
+                return
+            results[index] = value
+            if tick is not None:
+                tick(item)
+
+    threads = [threading.Thread(target=feed, daemon=True, name="distexec-pmap")
+               for _ in range(max(1, ntasks) - 1)]
+    for t in threads:
+        t.start()
+    feed()  # the calling thread feeds too (and so stays interruptible by Ctrl-C)
+    for t in threads:
+        t.join()
+    if failure:
+        raise failure[0]
+    return [results[i] for i in range(len(results))]
+
+
+# -- batches ---------------------------------------------------------------------------------
+def _run_batch(fn: Callable, batch: list, handle_errors: bool) -> list:
+    """On the worker: apply ``fn`` to each element; failures become BatchProcessingError."""
+    out = []
+    for args in batch:
+        try:
+            out.append(fn(*args))
+        except Exception as exc:
+            if not handle_errors:
+                raise
+            out.append(BatchProcessingError(args, exc))
+    return out
+
+
+def _map_batches(fn, items, pool, batch_size, on_error, retry_delays, retry_check, bar) -> list:
+    handle_errors = on_error is not None or bool(retry_delays)
+    batches = _chunks(items, batch_size)
+
+    def run(batch):
+        try:
+            return pool_remotecall_fetch(_run_batch, pool, (fn, batch, handle_errors), {})
+        except Exception as exc:
+            if not handle_errors:
+                raise
+            return [BatchProcessingError(args, exc) for args in batch]
+
+    tick = None if bar is None else (lambda batch: bar.update(len(batch)))
+    results = list(itertools.chain.from_iterable(
+        _ordered_async_map(run, batches, pool.nworkers(), tick)))
+    failed = [i for i, r in enumerate(results) if isinstance(r, BatchProcessingError)]
+    if failed:
+        _reprocess(fn, results, failed, pool, on_error, retry_delays, retry_check)
+    return results
+
+
+def _reprocess(fn, results, failed, pool, on_error, retry_delays, retry_check) -> None:
+    """Julia's batch error handling: retry the failed elements, else on_error, else raise."""
+    errors = [results[i].ex for i in failed]
+    # Julia calls retry_check(state, ex) with the delays' iterator state, which Python lacks.
+    retry_all = bool(retry_delays) and (
+        retry_check is None or all(retry_check(None, unwrap(e))[1] for e in errors))
+    if retry_all:
+        failed_args = [results[i].data for i in failed]
+        again = pmap(fn, *zip(*failed_args), pool=pool, batch_size=1, on_error=on_error,
+                     retry_delays=retry_delays[1:], retry_check=retry_check)
+    elif on_error is not None:
+        again = [on_error(e) for e in errors]
+    else:
+        raise CompositeException(errors)
+    for i, value in zip(failed, again):
+        results[i] = value
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _progress_bar(progress: bool, iterables):
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    total = None
+    try:
+        total = min(len(it) for it in iterables)
+    except TypeError:
+        pass
+    return tqdm(total=total)
+
+
+# -- splitting -------------------------------------------------------------------------------
+def splitrange(first: int, last: int, np: int) -> list[range]:
+    """Split the inclusive range ``first..last`` into at most ``np`` contiguous chunks.
+
+    Julia: ``splitrange``; e.g. ``splitrange(1, 11, 3) == [range(1, 5), range(5, 9), range(9, 12)]``.
+    """
+    if np < 1:
+        raise ValueError("np must be >= 1")
+    length = last - first + 1
+    each, extras = divmod(length, np)
+    nchunks = np if each > 0 else extras
+    chunks, lo = [], first
+    for i in range(nchunks):
+        hi = lo + each + (1 if i < extras else 0)
+        chunks.append(range(lo, hi))
+        lo = hi
+    return chunks
+
+
+def batchsplit(items: Iterable, min_batch_count: int = 1, max_batch_size: int = 100) -> list[list]:
+    """Partition ``items`` into batches. Julia: ``batchsplit``."""
+    if min_batch_count < 1 or max_batch_size < 1:
+        raise ValueError("min_batch_count and max_batch_size must be >= 1")
+    items = list(items)
+    batches = list(_chunks(items, max_batch_size))
+    if len(batches) < min_batch_count:
+        batches = list(_chunks(items, max(1, len(items) // min_batch_count)))
+    return batches
