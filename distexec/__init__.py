@@ -14,6 +14,10 @@ from .errors import (AuthenticationError, CapturedException, ChannelClosedError,
                      CompositeException, DistexecError, DistributedError, InvalidStateError,
                      LaunchWorkerError, MessageTooLarge, ProcessExitedException, ProtocolError,
                      RemoteDeserializationError, RemoteException)
+from .executor import BrokenExecutor, DistributedExecutor
+from .pmap import BatchProcessingError, ExponentialBackOff, pmap, splitrange
+from .pools import (AbstractWorkerPool, CachingPool, WorkerPool, default_worker_pool,
+                    set_default_worker_pool)
 from .protocol.frames import RRID
 from .protocol.serialization import current_destination
 from .runtime.channel import Channel
@@ -24,6 +28,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     *_api_all,
+    "DistributedExecutor", "BrokenExecutor", "pmap", "ExponentialBackOff", "BatchProcessingError",
+    "splitrange", "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool",
+    "set_default_worker_pool",
     "LocalManager", "ClusterManager", "WorkerConfig", "default_addprocs_params",
     "init_worker", "start_worker", "RRID", "current_destination", "Channel",
     "ClusterContext", "WorkerState", "Future", "RemoteChannel", "channel_from_id", "remoteref_id",
