@@ -13,6 +13,8 @@ Julia: ``pmap``, ``retry``, ``ExponentialBackOff``, ``batchsplit``, ``@distribut
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import functools
 import itertools
 import random
 import threading
@@ -24,7 +26,7 @@ from .pools import AbstractWorkerPool, CachingPool, pool_remotecall_fetch
 from .runtime.context import current_context
 
 __all__ = ["pmap", "ExponentialBackOff", "BatchProcessingError", "splitrange", "batchsplit",
-           "retry"]
+           "retry", "distributed_for"]
 
 
 class ExponentialBackOff:
@@ -327,3 +329,53 @@ def batchsplit(items: Iterable, min_batch_count: int = 1, max_batch_size: int = 
     if len(batches) < min_batch_count:
         batches = list(_chunks(items, max(1, len(items) // min_batch_count)))
     return batches
+
+
+# -- @distributed ----------------------------------------------------------------------------
+def _run_chunk(body: Callable, seq, lo: int, hi: int, reducer: Callable | None):
+    """On a worker: fold ``body`` over ``seq[lo:hi]`` with ``reducer`` (or just run it)."""
+    if reducer is None:
+        for i in range(lo, hi):
+            body(seq[i])
+        return None
+    acc = body(seq[lo])
+    for i in range(lo + 1, hi):
+        acc = reducer(acc, body(seq[i]))
+    return acc
+
+
+def distributed_for(body: Callable, iterable, reducer: Callable | None = None):
+    """Run ``body(x)`` for each ``x`` of ``iterable``, split in contiguous chunks over workers.
+
+    With ``reducer``, blocks and returns ``reducer``-folded results in iteration order.
+    Without, returns at once a handle (a ``concurrent.futures.Future``) that completes when
+    every chunk ran; inside ``with sync():`` the block waits for it. Julia: ``@distributed``.
+    """
+    from .runtime import calls, sync as sync_mod
+    seq = iterable if hasattr(iterable, "__getitem__") and hasattr(iterable, "__len__") \
+        else list(iterable)
+    ctx = current_context()
+    pids = _workers()
+    chunks = splitrange(0, len(seq) - 1, len(pids)) if len(seq) else []
+    if reducer is not None:
+        futures = [calls.remotecall(ctx, _run_chunk, pid, (body, seq, c.start, c.stop, reducer), {})
+                   for pid, c in zip(pids, chunks)]
+        if not futures:
+            raise ValueError("distributed_for with a reducer needs a non-empty iterable")
+        return functools.reduce(reducer, (f.fetch() for f in futures))
+    handle: cf.Future = cf.Future()
+
+    def run_all():
+        errors = []
+        futures = [calls.remotecall(ctx, _run_chunk, pids[i % len(pids)],
+                                    (body, seq, c.start, c.stop, None), {})
+                   for i, c in enumerate(chunks)]
+        for f in futures:
+            try:
+                f.wait()
+            except Exception as exc:
+                errors.append(exc)
+        handle.set_exception(CompositeException(errors)) if errors else handle.set_result(None)
+
+    threading.Thread(target=run_all, daemon=True, name="distexec-distributed-for").start()
+    return sync_mod.register(handle)

@@ -23,7 +23,7 @@ from .errors import DistributedError, RemoteException
 from .protocol import serialization
 from .runtime import calls
 from .runtime.context import ClusterContext, current_context
-from .runtime.refs import RemoteChannel, channel_from_id
+from .runtime.refs import RemoteChannel
 
 __all__ = ["AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool",
            "set_default_worker_pool", "pool_remotecall", "pool_remotecall_fetch",
@@ -281,17 +281,13 @@ class CachingPool(WorkerPool):
 
 
 def _call_cached(chan: RemoteChannel, fn, *args, **kwargs):
-    """On the worker: store ``fn`` on first use, else take it from the local channel."""
-    store = channel_from_id(chan.rrid) if chan.where == current_context().myid else None
+    """On the worker (the channel's owner): store ``fn`` on first use, else read it back."""
     if fn is not None:
-        if store is None:
-            chan.put(fn)
-        else:
-            store.put(fn)
+        chan.put(fn)
+    elif not chan.isready():
+        raise DistributedError("CachingPool: the cached function is missing on this worker")
     else:
-        if not (chan.isready() if store is None else store.isready()):
-            raise DistributedError("CachingPool: the cached function is missing on this worker")
-        fn = chan.fetch() if store is None else store.fetch()
+        fn = chan.fetch()
     return fn(*args, **kwargs)
 
 

@@ -1,0 +1,52 @@
+"""``with sync():`` — wait for everything spawned inside the block. Julia: ``@sync``.
+
+Owns the collection of handles (Futures, ``concurrent.futures`` futures) started in the
+dynamic scope of a ``sync`` block. Imports ``distexec.errors`` only.
+
+Julia's ``@sync`` collects tasks started *lexically* inside it; Python has no macros, so
+distexec collects what ``spawnat``, ``spawn`` and ``distributed_for`` start while the block is
+active in the current thread (a ``contextvars`` scope).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+from ..errors import CompositeException
+
+_active: contextvars.ContextVar[list | None] = contextvars.ContextVar("distexec_sync", default=None)
+
+
+def register(handle):
+    """Add ``handle`` to the innermost active ``sync`` block, if any; returns ``handle``."""
+    pending = _active.get()
+    if pending is not None:
+        pending.append(handle)
+    return handle
+
+
+@contextlib.contextmanager
+def sync():
+    """Wait, on exit, for every handle spawned inside; failures raise a CompositeException."""
+    pending: list = []
+    token = _active.set(pending)
+    try:
+        yield pending
+    finally:
+        _active.reset(token)
+    errors = []
+    for handle in pending:
+        try:
+            _wait(handle)
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise CompositeException(errors)
+
+
+def _wait(handle) -> None:
+    if hasattr(handle, "fetch") and hasattr(handle, "where"):
+        handle.wait()  # a remote Future: wait for the value, don't fetch it
+    else:
+        handle.result()
