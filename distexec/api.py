@@ -16,7 +16,7 @@ from .cluster import callbacks as _callbacks
 from .cluster import membership as _membership
 from .cluster.local import LocalManager
 from .cluster.manager import ClusterManager
-from .errors import CompositeException
+from .errors import CompositeException, RemoteException
 from .protocol import secret as _secret
 from .runtime import calls as _calls
 from .runtime.channel import Channel
@@ -161,7 +161,7 @@ def getstatus(pid: int | None = None):
     ctx = current_context()
     pid = ctx.myid if pid is None else pid
     if ctx.myid != 1:
-        return remotecall_fetch(getstatus, 1, pid)
+        return _ask_master(getstatus, pid)
     return _callbacks.get_status(ctx, pid)
 
 
@@ -170,9 +170,19 @@ def setstatus(x, pid: int | None = None):
     ctx = current_context()
     pid = ctx.myid if pid is None else pid
     if ctx.myid != 1:
-        return remotecall_fetch(setstatus, 1, x, pid)
+        return _ask_master(setstatus, x, pid)
     _callbacks.set_status(ctx, pid, x)
     return x
+
+
+def _ask_master(fn: Callable, *args):
+    """Run a master-only function there; its ValueError stays a ValueError on this worker."""
+    try:
+        return remotecall_fetch(fn, 1, *args)
+    except RemoteException as exc:
+        if isinstance(exc.captured.ex, ValueError):
+            raise ValueError(str(exc.captured.ex)) from exc
+        raise
 
 
 def _callback_pair(kind: str):

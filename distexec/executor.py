@@ -9,6 +9,8 @@ Owns task queueing, load balancing over workers, the executor futures and their 
     worker dies ──► only its in-flight futures fail (ProcessExitedException); the queue
                     goes on to the other workers
     shutdown ──► (cancel queued) ──► wait ──► remove the workers this executor launched
+    interpreter exit ──► no new futures; wait for every executor's queued and running work
+                         (before the cluster's own atexit hook removes the workers)
 """
 
 from __future__ import annotations
@@ -39,6 +41,29 @@ log = logging.getLogger("concurrent.futures")
 
 MAX_IN_FLIGHT = 2  # per worker: one running, one on its way, so a worker never waits for work
 
+_interpreter_exiting = False
+_live_executors: "weakref.WeakSet[DistributedExecutor]" = weakref.WeakSet()
+
+
+def _python_exit() -> None:
+    """At interpreter exit, like CPython's executors: refuse new work, finish the submitted work.
+
+    Registered with ``threading._register_atexit`` (as ``concurrent.futures`` does), so it runs
+    before every ``atexit`` hook: before the cluster's hook removes the workers, and before a
+    user's hook that might still call ``submit``.
+    """
+    global _interpreter_exiting
+    _interpreter_exiting = True
+    for executor in list(_live_executors):
+        executor._wait_idle()
+
+
+try:
+    threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+except AttributeError:  # not CPython: the plain hook still runs before the cluster's
+    import atexit
+    atexit.register(_python_exit)
+
 
 class _RemoteTraceback(Exception):
     """Carries the remote traceback text as the ``__cause__`` of a re-raised exception."""
@@ -66,6 +91,22 @@ def original_exception(remote: RemoteException) -> BaseException:
         if note not in getattr(ex, "__notes__", ()):
             ex.add_note(note)
     return ex
+
+
+class _ExecutorFuture(cf.Future):
+    """The executor's future: a stdlib Future that raises falsey exceptions too.
+
+    Python < 3.14 tests the exception's truth in ``result()`` (gh-132063), so an exception
+    whose ``__bool__`` or ``__len__`` says False made ``result()`` return None.
+    """
+
+    def _Future__get_result(self):  # the name-mangled private method result() calls
+        if self._exception is not None:
+            try:
+                raise self._exception
+            finally:
+                self = None  # break the cycle through the exception's traceback
+        return self._result
 
 
 class _Task:
@@ -123,9 +164,11 @@ class DistributedExecutor(cf.Executor):
         self._initialized = initializer is None
         self._initializing = False
         self._owned: list[int] = []
+        self._release_lock = threading.Lock()
         self.pool = pool if pool is not None else self._launch(max_workers, manager,
                                                                addprocs_params)
         self._ctx.on_peer_lost.append(_lost_listener(self))
+        _live_executors.add(self)
 
     def _launch(self, max_workers, manager, params) -> WorkerPool:
         if manager is None:
@@ -149,7 +192,9 @@ class DistributedExecutor(cf.Executor):
                 raise BrokenExecutor(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future: cf.Future = cf.Future()
+            if _interpreter_exiting:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            future: cf.Future = _ExecutorFuture()
             self._queue.append(_Task(future, fn, args, kwargs))
             start_init = not self._initialized and not self._initializing
             self._initializing = self._initializing or start_init
@@ -299,10 +344,13 @@ class DistributedExecutor(cf.Executor):
                 self._idle.wait()
 
     def _release_workers(self) -> None:
-        owned, self._owned = self._owned, []
-        alive = [p for p in owned if p in self._ctx.live_pids()]
-        if alive:
-            membership.rmprocs(self._ctx, alive, waitfor=None)
+        # Under a lock: a shutdown(wait=True) that follows a shutdown(wait=False) still
+        # running must return only once the workers are gone.
+        with self._release_lock:
+            owned, self._owned = self._owned, []
+            alive = [p for p in owned if p in self._ctx.live_pids()]
+            if alive:
+                membership.rmprocs(self._ctx, alive, waitfor=None)
 
     def _finish_in_background(self) -> None:
         self._wait_idle()

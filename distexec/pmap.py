@@ -19,7 +19,8 @@ import itertools
 import random
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from .errors import CompositeException, ProcessExitedException, RemoteException
 from .pools import AbstractWorkerPool, CachingPool, pool_remotecall_fetch
@@ -30,12 +31,16 @@ __all__ = ["pmap", "ExponentialBackOff", "BatchProcessingError", "splitrange", "
 
 
 class ExponentialBackOff:
-    """``n`` delays growing by ``factor`` (± ``jitter``), capped at ``max_delay``. Julia: same name."""
+    """``n`` delays growing by ``factor`` (± ``jitter``), capped at ``max_delay``.
+
+    Julia: ``ExponentialBackOff``.
+    """
 
     def __init__(self, n: int = 1, first_delay: float = 0.05, max_delay: float = 10.0,
                  factor: float = 5.0, jitter: float = 0.1):
         if n < 0 or first_delay < 0 or max_delay < 0 or factor <= 0 or jitter < 0:
-            raise ValueError("ExponentialBackOff needs n >= 0, delays >= 0, factor > 0, jitter >= 0")
+            raise ValueError(
+                "ExponentialBackOff needs n >= 0, delays >= 0, factor > 0, jitter >= 0")
         self.n, self.first_delay, self.max_delay = n, first_delay, max_delay
         self.factor, self.jitter = factor, jitter
 
@@ -121,7 +126,7 @@ def pmap(fn: Callable, *iterables, pool: AbstractWorkerPool | None = None,
         pool, iterables = iterables[0], iterables[1:]
     if not iterables:
         raise TypeError("pmap needs at least one iterable")
-    items: Iterable[tuple] = zip(*iterables)
+    items: Iterable[tuple] = zip(*iterables, strict=False)  # the shortest wins
     own_pool = pool is None
     pool = CachingPool(_workers()) if own_pool else pool
     if not _has_other_workers(pool):
@@ -162,10 +167,11 @@ def _map_each(fn, items, pool, distributed, on_error, retry_delays, retry_check,
     if distributed:
         remote_call = call
         call = lambda *args: pool_remotecall_fetch(remote_call, pool, args, {})  # noqa: E731
-        if on_error is not None:
-            call = _local_on_error_for_deaths(call, on_error)
     if retry_delays:
         call = retry(_unwrapping(call), retry_delays, retry_check)
+    if distributed and on_error is not None:
+        # outside the retries: a death is retried first, like any failure (Julia)
+        call = _local_on_error_for_deaths(call, on_error)
     ntasks = pool.nworkers() if distributed else 1
     tick = None if bar is None else (lambda _args: bar.update(1))
     return _ordered_async_map(lambda args: call(*args), items, ntasks, tick)
@@ -228,7 +234,7 @@ def _ordered_async_map(call: Callable, items: Iterable, ntasks: int,
 
 
 # -- batches ---------------------------------------------------------------------------------
-def _run_batch(fn: Callable, batch: list, handle_errors: bool) -> list:
+def _run_batch(fn: Callable, handle_errors: bool, batch: list) -> list:
     """On the worker: apply ``fn`` to each element; failures become BatchProcessingError."""
     out = []
     for args in batch:
@@ -244,10 +250,12 @@ def _run_batch(fn: Callable, batch: list, handle_errors: bool) -> list:
 def _map_batches(fn, items, pool, batch_size, on_error, retry_delays, retry_check, bar) -> list:
     handle_errors = on_error is not None or bool(retry_delays)
     batches = _chunks(items, batch_size)
+    # one function object for every batch, so a CachingPool ships ``fn`` once per worker
+    run_batch = functools.partial(_run_batch, fn, handle_errors)
 
     def run(batch):
         try:
-            return pool_remotecall_fetch(_run_batch, pool, (fn, batch, handle_errors), {})
+            return pool_remotecall_fetch(run_batch, pool, (batch,), {})
         except Exception as exc:
             if not handle_errors:
                 raise
@@ -267,17 +275,22 @@ def _reprocess(fn, results, failed, pool, on_error, retry_delays, retry_check) -
     errors = [results[i].ex for i in failed]
     # Julia calls retry_check(state, ex) with the delays' iterator state, which Python lacks.
     retry_all = bool(retry_delays) and (
-        retry_check is None or all(retry_check(None, unwrap(e))[1] for e in errors))
+        retry_check is None or all(_verdict(retry_check(None, unwrap(e))) for e in errors))
     if retry_all:
         failed_args = [results[i].data for i in failed]
-        again = pmap(fn, *zip(*failed_args), pool=pool, batch_size=1, on_error=on_error,
-                     retry_delays=retry_delays[1:], retry_check=retry_check)
+        again = pmap(fn, *zip(*failed_args, strict=True), pool=pool, batch_size=1,
+                     on_error=on_error, retry_delays=retry_delays[1:], retry_check=retry_check)
     elif on_error is not None:
         again = [on_error(e) for e in errors]
     else:
         raise CompositeException(errors)
-    for i, value in zip(failed, again):
+    for i, value in zip(failed, again, strict=True):
         results[i] = value
+
+
+def _verdict(check_result) -> bool:
+    """A retry_check result, ``(state, bool)`` or a bare bool (as ``retry`` accepts)."""
+    return check_result[1] if isinstance(check_result, tuple) else check_result
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -305,7 +318,8 @@ def _progress_bar(progress: bool, iterables):
 def splitrange(first: int, last: int, np: int) -> list[range]:
     """Split the inclusive range ``first..last`` into at most ``np`` contiguous chunks.
 
-    Julia: ``splitrange``; e.g. ``splitrange(1, 11, 3) == [range(1, 5), range(5, 9), range(9, 12)]``.
+    Julia: ``splitrange``; e.g. ``splitrange(1, 11, 3)`` is
+    ``[range(1, 5), range(5, 9), range(9, 12)]``.
     """
     if np < 1:
         raise ValueError("np must be >= 1")
@@ -351,15 +365,17 @@ def distributed_for(body: Callable, iterable, reducer: Callable | None = None):
     Without, returns at once a handle (a ``concurrent.futures.Future``) that completes when
     every chunk ran; inside ``with sync():`` the block waits for it. Julia: ``@distributed``.
     """
-    from .runtime import calls, sync as sync_mod
+    from .runtime import calls
+    from .runtime import sync as sync_mod
     seq = iterable if hasattr(iterable, "__getitem__") and hasattr(iterable, "__len__") \
         else list(iterable)
     ctx = current_context()
     pids = _workers()
     chunks = splitrange(0, len(seq) - 1, len(pids)) if len(seq) else []
     if reducer is not None:
-        futures = [calls.remotecall(ctx, _run_chunk, pid, (body, seq, c.start, c.stop, reducer), {})
-                   for pid, c in zip(pids, chunks)]
+        futures = [calls.remotecall(ctx, _run_chunk, pid, (body, seq, c.start, c.stop, reducer),
+                                    {})
+                   for pid, c in zip(pids, chunks, strict=False)]  # chunks <= workers
         if not futures:
             raise ValueError("distributed_for with a reducer needs a non-empty iterable")
         return functools.reduce(reducer, (f.fetch() for f in futures))

@@ -17,7 +17,8 @@ import itertools
 import threading
 import weakref
 from collections import deque
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .errors import DistributedError, RemoteException
 from .protocol import serialization
@@ -101,11 +102,18 @@ class WorkerPool(AbstractWorkerPool):
             self._free.append(pid)
             self._cond.notify_all()
 
+    def push_if_new(self, pid: int) -> None:
+        """``push(pid)`` unless it is a member already (a second push would free it twice)."""
+        with self._cond:
+            if pid not in self._members:
+                self.push(pid)
+
     def put(self, pid: int) -> int:
         with self._cond:
             if pid in self._members:
                 self._free.append(pid)
-                self._cond.notify()
+                # all: a waiter woken alone (``wait`` does not take) would leave a taker asleep
+                self._cond.notify_all()
         return pid
 
     def take(self) -> int:
@@ -251,7 +259,7 @@ class CachingPool(WorkerPool):
     def __reduce__(self):
         raise DistributedError("CachingPool objects are not serializable.")
 
-    def clear(self) -> "CachingPool":
+    def clear(self) -> CachingPool:
         """Forget every cached function (the workers free them). Julia: ``clear!``."""
         with self._cache_lock:
             entries, self._cache = list(self._cache.values()), {}
@@ -312,7 +320,7 @@ def default_worker_pool() -> AbstractWorkerPool:
             ctx.default_pool = pool
         for pid in ctx.live_pids():
             if pid != 1:
-                pool.push(pid)
+                pool.push_if_new(pid)  # one that joined meanwhile was pushed already
         return pool
     with ctx.lock:
         ctx.default_pool = ctx.default_pool or pool
@@ -369,8 +377,29 @@ def pool_remotecall(fn: Callable, pool: AbstractWorkerPool, args: tuple, kwargs:
     except BaseException:
         pool.put(pid)
         raise
-    future.add_done_callback(lambda _f: pool.put(pid))
+    ctx = current_context()
+    future.add_done_callback(lambda _f: _put_back(ctx, pool, pid))
     return future
+
+
+def _put_back(ctx: ClusterContext, pool: AbstractWorkerPool, pid: int) -> None:
+    """Return ``pid`` from a Future's done callback, which may run on a connection's reader.
+
+    A local WorkerPool's ``put`` only takes a lock. Any other pool's may block: a proxy's is a
+    call to the pool's owner, which on the reader thread would stall that connection and
+    deadlock when the owner is the peer that thread reads (its reply could never be read).
+    Those run on a call thread instead.
+    """
+    if isinstance(pool, WorkerPool):
+        pool.put(pid)
+        return
+
+    def put():
+        try:
+            pool.put(pid)
+        except Exception:  # the owner is gone: so is the pool (Julia ignores this too)
+            pass
+    ctx.runner.submit(put)
 
 
 def pool_remote_do(fn: Callable, pool: AbstractWorkerPool, args: tuple, kwargs: dict) -> None:

@@ -12,6 +12,7 @@ import inspect
 import logging
 import threading
 import time
+import uuid
 from typing import Callable
 
 from ..runtime.context import ClusterContext
@@ -35,7 +36,8 @@ def add_callback(ctx: ClusterContext, kind: str, fn: Callable, key=None) -> str:
                         f"argument types: {described}") from None
     except ValueError:
         pass  # builtins without a signature: trust the caller
-    key = key if key is not None else f"{getattr(fn, '__qualname__', 'callback')}-{id(fn):x}"
+    if key is None:  # unique per registration, like Julia's gensym: fn may be added twice
+        key = f"{getattr(fn, '__qualname__', 'callback')}-{uuid.uuid4().hex[:12]}"
     with ctx.lock:
         registry = ctx.callbacks[kind]
         if key in registry:
@@ -50,8 +52,10 @@ def remove_callback(ctx: ClusterContext, kind: str, key) -> None:
 
 
 def run_callbacks(ctx: ClusterContext, kind: str, argsets, *, timeout: float | None = None,
-                  warning_interval: float = 10.0) -> list[BaseException]:
-    """Run every ``kind`` callback once per argument tuple, concurrently; returns the errors.
+                  warning_interval: float = 10.0) -> list[tuple[str, BaseException]]:
+    """Run every ``kind`` callback once per argument tuple, concurrently.
+
+    Returns the errors as ``(key, exception)`` pairs.
 
     With ``timeout``, stops waiting after that many seconds (logging which are still running).
     """
@@ -79,7 +83,7 @@ def _start(fn: Callable, args: tuple) -> cf.Future:
     return future
 
 
-def _collect(kind, running, timeout, warning_interval) -> list[BaseException]:
+def _collect(kind, running, timeout, warning_interval) -> list[tuple[str, BaseException]]:
     deadline = None if timeout is None else time.monotonic() + timeout
     pending = set(running)
     while pending:
@@ -94,7 +98,26 @@ def _collect(kind, running, timeout, warning_interval) -> list[BaseException]:
             break
         if pending:
             log.warning("Waiting for these worker-%s callbacks to finish: %s", kind, keys)
-    return [f.exception() for f in running if f.done() and f.exception() is not None]
+    return [(key, f.exception()) for f, key in running.items()
+            if f.done() and f.exception() is not None]
+
+
+def run_exited_callbacks(ctx: ClusterContext, record) -> None:
+    """Run the exited callbacks of a deregistered worker, then forget its statuses.
+
+    ``getstatus(pid)`` keeps working for the dead pid while they run (Julia: the scoped
+    "currently exiting pid"); the mark is on the record, so workers exiting at the same
+    time do not hide each other's statuses. Errors are logged with the callback's key.
+    """
+    record.userdata["exiting"] = True
+    try:
+        for key, error in run_callbacks(ctx, "exited", [(record.pid, record.state.value)]):
+            log.error("Error when running worker-exited callback '%s'", key,
+                      exc_info=(type(error), error, error.__traceback__))
+    finally:
+        with ctx.lock:
+            record.userdata.pop("exiting", None)
+            ctx.statuses.pop(record.pid, None)
 
 
 def set_status(ctx: ClusterContext, pid: int, value) -> None:
@@ -105,7 +128,8 @@ def set_status(ctx: ClusterContext, pid: int, value) -> None:
 
 def get_status(ctx: ClusterContext, pid: int):
     with ctx.lock:
-        if pid != ctx.exiting_pid:
+        dead = ctx.deleted.get(pid)
+        if dead is None or not dead.userdata.get("exiting"):
             _check_exists(ctx, pid, "get")
         return ctx.statuses.get(pid)
 

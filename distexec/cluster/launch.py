@@ -42,15 +42,22 @@ class OutputRelay:
         self._thread.start()
 
     def _run(self) -> None:
-        for raw in iter(self.stream.readline, b""):
-            line = raw.decode(errors="replace").rstrip("\r\n")
-            if not self._found.is_set():
-                self.lines.put(line)
-                if ADDRESS_LINE.match(line):
-                    self._found.set()
-            else:
-                self._print(line)
-        self.lines.put(None)
+        try:
+            for raw in iter(self.stream.readline, b""):
+                self._handle(raw.decode(errors="replace").rstrip("\r\n"))
+        except (ValueError, OSError):  # someone closed the stream under us: that is its end
+            pass
+        finally:
+            self.lines.put(None)
+            _close_quietly(self.stream)  # the relay is the stream's only reader
+
+    def _handle(self, line: str) -> None:
+        if not self._found.is_set():
+            self.lines.put(line)
+            if ADDRESS_LINE.match(line):
+                self._found.set()
+        else:
+            self._print(line)
 
     def _print(self, line: str) -> None:
         out = self.out or sys.stdout
@@ -112,3 +119,10 @@ def _exit_detail(config) -> str:
     except Exception:
         return ""
     return f" (exit status {code})"
+
+
+def _close_quietly(stream) -> None:
+    try:
+        stream.close()
+    except (ValueError, OSError):
+        pass

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 
+from ..errors import LaunchWorkerError
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
 
 log = logging.getLogger("distexec")
@@ -54,9 +55,12 @@ class LocalManager(ClusterManager):
         exeflags = [exeflags] if isinstance(exeflags, str) else list(exeflags)
         cmd = [str(params["exename"]), *exeflags, "-m", "distexec", "worker",
                "--bind-to", bind_to, "--parent-pid", str(os.getpid()), "--die-with-stdin"]
-        process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, cwd=params["dir"],
-                                   env=worker_environment(params), start_new_session=True)
+        try:
+            process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, cwd=params["dir"],
+                                       env=worker_environment(params), start_new_session=True)
+        except OSError as exc:  # bad exename or dir: a launch failure like any other
+            raise LaunchWorkerError(f"Unable to start worker process {cmd[0]!r}: {exc}") from exc
         from ..runtime.context import current_context
         process.stdin.write(str(current_context().cookie).encode() + b"\n")
         process.stdin.flush()  # stays open: its EOF tells the worker the master is gone

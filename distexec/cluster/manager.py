@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import os
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass
@@ -90,9 +91,17 @@ class ClusterManager(abc.ABC):
         """Hear about worker ``pid``: op is "register", "deregister", "interrupt" or "finalize"."""
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
-        """Make worker ``pid`` exit. Default: ask it to exit over its connection."""
+        """Make worker ``pid`` exit. Default: ask it to exit over its connection.
+
+        A worker that never joined has no connection to ask over; if ``launch`` left its
+        process in ``config.process``, that process is killed instead, so a failed start
+        (no address printed, junk output, a failed join) leaves nothing running.
+        """
         from ..runtime.calls import remote_do
         from .worker import exit_worker
+        if config.os_pid is None and isinstance(config.process, subprocess.Popen):
+            _kill_unjoined(config.process)
+            return
         try:
             remote_do(current_context(), exit_worker, pid, (), {})
         except Exception:  # already gone or unreachable: nothing to ask
@@ -124,3 +133,18 @@ class ClusterManager(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _kill_unjoined(process: subprocess.Popen) -> None:
+    """Kill a launched process that never joined, and reap it.
+
+    Its stdout is left to the output relay reading it, which closes it at EOF.
+    """
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    if process.stdin is not None:
+        try:
+            process.stdin.close()
+        except OSError:
+            pass

@@ -29,7 +29,7 @@ from ..protocol import secret as secret_mod
 from ..protocol import serialization
 from ..protocol.frames import Kind
 from ..runtime import dispatch
-from ..runtime.calls import ReplySlot, remote_do
+from ..runtime.calls import ReplySlot, remotecall
 from ..runtime.context import ClusterContext, WorkerRecord, WorkerState, DEAD_STATES
 from ..transport.connection import Connection
 from . import callbacks, peers
@@ -99,14 +99,14 @@ def addprocs(ctx: ClusterContext, manager, params: dict) -> list[int]:
     errors = callbacks.run_callbacks(ctx, "starting", [(manager, params)],
                                      warning_interval=params["callback_warning_interval"])
     if errors:
-        raise errors[0]
+        raise errors[0][1]
     with ctx.worker_lock:
         _set_topology(ctx, params)
         new_pids, failures = _launch_and_join(ctx, manager, params)
         _announce_new_workers(ctx, new_pids)
     errors = callbacks.run_callbacks(ctx, "started", [(p,) for p in new_pids],
                                      warning_interval=params["callback_warning_interval"])
-    failures.extend(errors)
+    failures.extend(error for _key, error in errors)
     if failures:
         raise failures[0] if len(failures) == 1 else CompositeException(failures)
     return sorted(new_pids)
@@ -194,18 +194,19 @@ def _launcher_loop(jobs: queue.SimpleQueue) -> None:
 def create_worker(ctx: ClusterContext, manager, config: WorkerConfig, params: dict) -> int:
     """Connect to one launched worker and make it join. Julia: ``create_worker``."""
     pid = ctx.next_pid()
+    # Registered before connecting, as Julia does: a higher pid joining eagerly waits for it.
+    record = WorkerRecord(pid, WorkerState.CREATED, config=config, manager=manager)
+    ctx.register(record)
     try:
         reader, _writer = manager.connect(pid, config)
     except BaseException:
         _discard(ctx, manager, pid, config)
         raise
-    record = WorkerRecord(pid, WorkerState.CREATED, config=config, manager=manager,
-                          connect_at=config.connect_at)
+    record.connect_at = config.connect_at
     conn = Connection(reader, on_frame=lambda c, f: dispatch.on_frame(ctx, c, f),
                       on_close=lambda c, e: on_connection_closed(ctx, c, e), name=f"worker-{pid}")
     conn.peer_pid = pid
     record.conn = conn
-    ctx.register(record)
     relay = (config.userdata or {}).get("relay") if isinstance(config.userdata, dict) else None
     if relay is not None:
         relay.pid = pid
@@ -231,9 +232,12 @@ def _join(ctx: ClusterContext, record: WorkerRecord, params: dict):
     peer_list = []
     if ctx.topology == "all_to_all":
         with ctx.lock:
+            if not ctx.lazy:  # it connects to every lower pid now: they must have joined
+                _wait_lower_joined(ctx, record.pid)
             peer_list = [(p, r.connect_at) for p, r in ctx.peers.items()
                          if 1 < p < record.pid and r.connect_at is not None
                          and r.state not in DEAD_STATES]
+    record.userdata["knows"] = {p for p, _ in peer_list}
     slot, notify = ReplySlot(record.pid), ctx.next_rrid()
     ctx.add_waiter(notify, slot)
     payload, _ = serialization.dumps((record.pid, peer_list, ctx.topology, ctx.lazy), record.pid)
@@ -244,6 +248,17 @@ def _join(ctx: ClusterContext, record: WorkerRecord, params: dict):
         ctx.pop_waiter(notify)
         raise DistributedError(f"worker {record.pid} did not connect within {timeout} seconds")
     return slot.wait()
+
+
+def _wait_lower_joined(ctx: ClusterContext, pid: int) -> None:
+    """Wait (holding ``ctx.lock``) until no worker below ``pid`` is still being set up."""
+    timeout = worker_timeout()
+    deadline = time.monotonic() + timeout
+    while any(1 < p < pid and r.state == WorkerState.CREATED for p, r in ctx.peers.items()):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DistributedError(f"peer workers did not connect within {timeout} seconds")
+        ctx.changed.wait(left)
 
 
 def _manage_quietly(record: WorkerRecord, op: str) -> None:
@@ -257,6 +272,7 @@ def _discard(ctx: ClusterContext, manager, pid: int, config) -> None:
     with ctx.lock:
         record = ctx.peers.pop(pid, None)
         ctx.deleted[pid] = record or WorkerRecord(pid, WorkerState.EXTERMINATED)
+        ctx.changed.notify_all()  # a higher pid may be waiting for this one to join
     try:
         manager.kill(pid, config)
     except Exception:
@@ -264,17 +280,39 @@ def _discard(ctx: ClusterContext, manager, pid: int, config) -> None:
 
 
 def _announce_new_workers(ctx: ClusterContext, new_pids: list[int]) -> None:
-    """Tell every worker about every worker (Julia: ``set_valid_processes``)."""
-    if not new_pids or ctx.topology == "master_worker":
+    """Tell every worker about every worker (Julia: ``set_valid_processes``) and wait for it.
+
+    Waiting means that when ``addprocs`` returns each worker's ``procs()`` agrees with the
+    master's. Workers that already know everyone (from their JOIN) are left alone, so their
+    main thread stays free for the user's first call, where ``interrupt`` reaches it even
+    inside ``time.sleep``.
+    """
+    if not new_pids:
         return
     with ctx.lock:
-        everyone = [(p, r.connect_at) for p, r in ctx.peers.items()
-                    if r.state == WorkerState.CONNECTED and r.connect_at is not None]
-    for pid, _ in everyone:
+        records = [r for r in ctx.peers.values()
+                   if r.state == WorkerState.CONNECTED and r.connect_at is not None]
+    everyone = [(r.pid, r.connect_at) for r in records]
+    pids = {r.pid for r in records}
+    unaware = [r for r in records if not pids - {r.pid} <= r.userdata.get("knows", set())]
+    _call_everywhere(ctx, peers.learn_peers, [r.pid for r in unaware], (everyone,))
+    for record in unaware:
+        record.userdata["knows"] = pids
+
+
+def _call_everywhere(ctx: ClusterContext, fn, pids, args: tuple) -> None:
+    """Run ``fn(*args)`` on ``pids`` and wait (bounded) until each ran; errors are ignored.
+
+    A worker that dies meanwhile fails its Future, so only a hung worker costs the timeout.
+    """
+    futures = []
+    for pid in pids:
         try:
-            remote_do(ctx, peers.learn_peers, pid, (everyone,), {})
+            futures.append(remotecall(ctx, fn, pid, args, {}))
         except Exception:  # a worker that just died is handled by its own close
             pass
+    if futures:
+        cf.wait(futures, timeout=worker_timeout())
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +356,10 @@ def _observe_exit(record: WorkerRecord) -> None:
 
 def _after_worker_gone(ctx: ClusterContext, record: WorkerRecord, unexpected: bool) -> None:
     if unexpected and not ctx.closed:
-        print(f"Worker {record.pid} terminated.", file=sys.stderr, flush=True)
+        try:
+            print(f"Worker {record.pid} terminated.", file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr closed or swapped: the cleanup must still run
+            pass
     threading.Thread(target=_cleanup_worker, args=(ctx, record), daemon=True,
                      name=f"distexec-exited-{record.pid}").start()
 
@@ -326,22 +367,12 @@ def _after_worker_gone(ctx: ClusterContext, record: WorkerRecord, unexpected: bo
 def _cleanup_worker(ctx: ClusterContext, record: WorkerRecord) -> None:
     if record.manager is not None:
         _manage_quietly(record, "deregister")
-    if ctx.lazy or ctx.topology != "all_to_all":
-        for pid in [p for p in ctx.live_pids() if p != 1]:
-            try:
-                remote_do(ctx, peers.deregister_peer, pid, (record.pid,), {})
-            except Exception:
-                pass
-    state = record.state.value
-    with ctx.lock:
-        ctx.exiting_pid = record.pid
-    try:
-        for error in callbacks.run_callbacks(ctx, "exited", [(record.pid, state)]):
-            log.error("Error when running worker-exited callback: %r", error)
-    finally:
-        with ctx.lock:
-            ctx.exiting_pid = None
-            ctx.statuses.pop(record.pid, None)
+    # Also with eager links: a worker's own link to the dead one closes at its own pace, and
+    # rmprocs promises that the other workers' views agree with the master's when it returns.
+    _call_everywhere(ctx, peers.deregister_peer, [p for p in ctx.live_pids() if p != 1],
+                     (record.pid,))
+    _forgotten(record).set()
+    callbacks.run_exited_callbacks(ctx, record)
     _release_process(record)
 
 
@@ -391,7 +422,7 @@ def _flatten(pids) -> list[int]:
 
 def _remove(ctx: ClusterContext, pids: list[int], waitfor, callback_timeout) -> None:
     with ctx.worker_lock:
-        targets = []
+        targets, forgotten = [], []
         for pid in pids:
             if pid == 1:
                 log.warning("rmprocs: process 1 not removed")
@@ -402,13 +433,21 @@ def _remove(ctx: ClusterContext, pids: list[int], waitfor, callback_timeout) -> 
             record = ctx.record(pid)
             if record is None:
                 continue
+            forgotten.append(_forgotten(record))
             ctx.set_state(record, WorkerState.TERMINATING)
             record.manager.kill(pid, record.config)
-        _wait_gone(ctx, targets, waitfor)
+        deadline = None if waitfor is None else time.monotonic() + waitfor
+        _wait_gone(ctx, targets, deadline, waitfor)
+        for event in forgotten:  # the other workers' views agree with ours
+            event.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
 
 
-def _wait_gone(ctx: ClusterContext, pids: list[int], waitfor) -> None:
-    deadline = None if waitfor is None else time.monotonic() + waitfor
+def _forgotten(record: WorkerRecord) -> threading.Event:
+    """Set once the other workers were told that ``record``'s worker is gone."""
+    return record.userdata.setdefault("forgotten", threading.Event())
+
+
+def _wait_gone(ctx: ClusterContext, pids: list[int], deadline, waitfor) -> None:
     with ctx.lock:
         while True:
             alive = [p for p in pids if p in ctx.peers]
@@ -416,7 +455,8 @@ def _wait_gone(ctx: ClusterContext, pids: list[int], waitfor) -> None:
                 return
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise DistributedError(f"rmprocs: pids {alive} not terminated after {waitfor} seconds.")
+                raise DistributedError(f"rmprocs: pids {alive} not terminated after "
+                                       f"{waitfor} seconds.")
             ctx.changed.wait(left)
 
 

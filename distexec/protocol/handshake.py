@@ -4,7 +4,8 @@ Owns the byte layout and the checks of the three messages that open every connec
 any frame is exchanged, and the per-connection session key derived from them. Imports only
 ``distexec.errors`` and the standard library: no sockets, threads or clocks. The caller reads
 exactly ``HELLO_SIZE``, ``REPLY_SIZE`` or ``VERDICT_SIZE`` bytes (with its own deadline), hands
-them in, and writes out whatever bytes come back.
+them in, and writes out whatever bytes come back; the acceptor may first hand in the REPLY's
+opening bytes (``receive_magic``) to turn away a stranger before the rest arrives.
 
 Theory of operation::
 
@@ -210,6 +211,34 @@ class ServerHandshake(_Handshake):
     def hello(self) -> bytes:
         """Returns the HELLO to send first (the same bytes on every call)."""
         return _HELLO.pack(MAGIC, self.version, self._nonce)
+
+    def receive_magic(self, prefix: bytes) -> bytes | None:
+        """Checks the first bytes of the REPLY as they arrive, before the rest of it.
+
+        A peer that does not speak distexec (a scanner, an HTTP or TLS client, random bytes)
+        is then rejected at its first wrong byte instead of holding its connection open until
+        the handshake deadline while the acceptor waits for a full REPLY.
+
+        Args:
+            prefix: the REPLY bytes received so far, at most ``len(MAGIC)`` of them.
+
+        Returns:
+            None while ``prefix`` can still start a REPLY (read on); otherwise the reject
+            VERDICT to send, with :attr:`error` set as :meth:`receive_reply` would set it.
+
+        Raises:
+            InvalidStateError: a REPLY was already processed.
+            TypeError: ``prefix`` is not bytes-like.
+        """
+        if self.status is not None:
+            raise InvalidStateError("handshake already answered a REPLY", "finished")
+        if not isinstance(prefix, (bytes, bytearray, memoryview)):
+            raise TypeError(f"handshake REPLY must be bytes, not {type(prefix).__name__}")
+        if MAGIC.startswith(bytes(prefix[:len(MAGIC)])):
+            return None
+        self.status = Status.MALFORMED
+        self.error = ProtocolError("not a distexec peer (bad magic)")
+        return _VERDICT.pack(Status.MALFORMED, _NO_MAC)
 
     def receive_reply(self, data: bytes) -> bytes:
         """Checks the initiator's REPLY and returns the VERDICT to send back.

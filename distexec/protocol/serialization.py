@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import io
 import pickle
 from typing import Any
 
@@ -25,6 +26,8 @@ from . import tracebacks  # noqa: F401  (registers the CapturedException reducer
 
 #: Buffers smaller than this stay inside the pickle: a separate buffer costs more than a copy.
 OUT_OF_BAND_MIN = 64 * 1024
+#: Containers near a message's root longer than this are not searched for large bytearrays.
+_WALK_MAX_ITEMS = 64
 
 _destination: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "distexec_destination", default=None)
@@ -51,6 +54,67 @@ def receiving(context: Any, source_pid: int):
         _receiving.reset(token)
 
 
+class _OutOfBand:
+    """Pickles a large ``bytearray`` as an out-of-band buffer.
+
+    Pickle writes a bytearray in band (copied into the payload) and its C implementation never
+    consults a reducer for one, so the bytearrays a message carries directly are wrapped in this
+    before pickling. Objects whose own reducer hands out a ``PickleBuffer`` (NumPy arrays, ...)
+    need no help.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytearray):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return _bytearray_from_buffer, (pickle.PickleBuffer(self.data),)
+
+
+def _bytearray_from_buffer(buffer) -> bytearray:
+    # The receiver reads each out-of-band buffer into a fresh bytearray: use it as is.
+    return buffer if type(buffer) is bytearray else bytearray(buffer)
+
+
+def _wrap_large(obj: Any, memo: dict, depth: int) -> Any:
+    """``obj`` with the large bytearrays near its root wrapped in :class:`_OutOfBand`.
+
+    Looks at the root, the items of a small root tuple and their small tuple/dict items (so a
+    call's ``(fn, args, kwargs)`` and a result tuple are covered) and copies a container only
+    when something in it changed. ``memo`` keeps shared objects shared; a bytearray that is also
+    referenced deeper in the message is sent twice (once out of band, once in band).
+    """
+    tp = type(obj)
+    if tp is bytearray:
+        if len(obj) < OUT_OF_BAND_MIN:
+            return obj
+        if id(obj) not in memo:
+            memo[id(obj)] = _OutOfBand(obj)
+        return memo[id(obj)]
+    walk = (tp is tuple and depth > 0) or (tp is dict and depth == 1)
+    if not walk or len(obj) > _WALK_MAX_ITEMS:
+        return obj  # a long container costs more to walk than its bytearrays would save
+    if id(obj) in memo:
+        return memo[id(obj)]
+    items = obj.items() if tp is dict else enumerate(obj)
+    changed = None
+    for key, item in items:
+        if type(item) in _WALKED:  # the hot path (a small call) skips most items here
+            new = _wrap_large(item, memo, depth - 1)
+            if new is not item:
+                if changed is None:
+                    changed = dict(obj) if tp is dict else list(obj)
+                changed[key] = new
+    if changed is None:
+        return obj
+    memo[id(obj)] = changed if tp is dict else tuple(changed)
+    return memo[id(obj)]
+
+
+_WALKED = frozenset({bytearray, tuple, dict})
+
+
 def dumps(obj: Any, destination: int | None) -> tuple[bytes, list[memoryview]]:
     """Pickle ``obj`` for process ``destination``; returns (payload, out-of-band buffers).
 
@@ -67,7 +131,10 @@ def dumps(obj: Any, destination: int | None) -> tuple[bytes, list[memoryview]]:
 
     token = _destination.set(destination)
     try:
-        payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large_out_of_band)
+        with io.BytesIO() as file:
+            pickler = cloudpickle.Pickler(file, protocol=5, buffer_callback=keep_large_out_of_band)
+            pickler.dump(_wrap_large(obj, {}, 2))
+            payload = file.getvalue()
     finally:
         _destination.reset(token)
     return payload, buffers

@@ -80,12 +80,17 @@ def remotecall(ctx: ClusterContext, fn: Callable, pid: int, args: tuple, kwargs:
     if pid == ctx.myid:
         refs.lookup(ctx, rrid, refs._Cell)
         future = refs.Future._existing(ctx, pid, rrid)
-        ctx.runner.submit(lambda: refs.store_result(ctx, rrid, *invoke(ctx, fn, args, kwargs)))
+        ctx.runner.submit(lambda: _run_local_call(ctx, rrid, fn, args, kwargs))
         return future
     ctx.connection_for(pid)  # fail fast (unknown or dead pid) before making the Future
     future = refs.Future._existing(ctx, pid, rrid)
     ctx.send(pid, Kind.CALL, (fn, args, kwargs), response=rrid)
     return future
+
+
+def _run_local_call(ctx: ClusterContext, rrid: RRID, fn: Callable, args: tuple, kwargs: dict):
+    is_error, value = invoke(ctx, fn, args, kwargs)
+    refs.store_result(ctx, rrid, value, is_error)
 
 
 def remotecall_wait(ctx: ClusterContext, fn: Callable, pid: int, args: tuple, kwargs: dict):
@@ -103,6 +108,7 @@ def remotecall_wait(ctx: ClusterContext, fn: Callable, pid: int, args: tuple, kw
     except RemoteException as exc:
         future._mark_done(exc)
         raise
+    future._mark_done(None)  # no DONE message follows a CALL_WAIT: the reply says it is done
     return future
 
 

@@ -22,6 +22,7 @@ import enum
 import itertools
 import logging
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -45,6 +46,10 @@ class WorkerState(enum.Enum):
 
 
 DEAD_STATES = (WorkerState.TERMINATED, WorkerState.EXTERMINATED)
+
+DEREGISTER_WAIT = 2.0
+"""Seconds a caller that found a peer's connection closed waits for its deregistration (the
+master observes a local worker's exit status for up to a second first)."""
 
 
 @dataclass(eq=False)
@@ -226,14 +231,24 @@ class ClusterContext:
         self.gc.flush_soon(pid)
 
     def raise_if_gone(self, pid: int) -> None:
-        """Raise ProcessExitedException if ``pid`` is (or is becoming) deregistered."""
+        """Raise ProcessExitedException if ``pid`` is (or is becoming) deregistered.
+
+        A peer whose connection has just closed is deregistered by its reader thread a
+        moment later, once the exit code or signal is known; wait (briefly) for that, so the
+        exception says how the process died whichever thread noticed first.
+        """
+        deadline = time.monotonic() + DEREGISTER_WAIT
         with self.lock:
-            dead = self.deleted.get(pid)
-            record = self.peers.get(pid)
-            if dead is None and record is not None and record.conn is not None and record.conn.closed:
-                dead = record
-        if dead is not None:
-            raise ProcessExitedException(pid, dead.exitcode, dead.signal)
+            while (dead := self.deleted.get(pid)) is None:
+                record = self.peers.get(pid)
+                if record is None or record.conn is None or not record.conn.closed:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    dead = record
+                    break
+                self.changed.wait(left)
+        raise ProcessExitedException(pid, dead.exitcode, dead.signal)
 
     # -- waiters -----------------------------------------------------------------------------
     def add_waiter(self, rrid: RRID, waiter: Waiter) -> None:

@@ -21,11 +21,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import math
 import threading
+import time
 import weakref
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED
 from typing import Any, Callable
-
-import cloudpickle
 
 from ..errors import (ChannelClosedError, DistributedError, ProcessExitedException,
                       RemoteException)
@@ -36,7 +35,17 @@ from .channel import Channel
 from .context import ClusterContext, current_context
 
 _EMPTY = object()
-_TIMED_OUT = "__distexec_timed_out__"
+
+
+class _TimedOut:
+    """What an owner returns when a wait timed out: the holder raises TimeoutError itself.
+
+    A TimeoutError raised on the owner would reach a remote holder wrapped in a
+    RemoteException; a marker class (unlike a marker value) cannot collide with user data.
+    """
+
+
+_TIMED_OUT = _TimedOut()
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +177,19 @@ def _channel_factory(size):
 
 
 def _channel_op(rrid: RRID, size, op: str, args: tuple, timeout: float | None):
-    """Run one channel operation on the owner (called remotely or locally)."""
+    """Run one channel operation on the owner (called remotely or locally).
+
+    A timeout comes back as ``_TIMED_OUT`` so that every holder raises a plain TimeoutError.
+    """
+    try:
+        return _run_channel_op(rrid, size, op, args, timeout)
+    except TimeoutError:
+        if timeout is None:
+            raise  # not our deadline: a user channel's own error
+        return _TIMED_OUT
+
+
+def _run_channel_op(rrid: RRID, size, op: str, args: tuple, timeout: float | None):
     ctx = current_context()
     rv = lookup(ctx, rrid, _channel_factory(size))
     chan: Channel = rv.store
@@ -180,7 +201,7 @@ def _channel_op(rrid: RRID, size, op: str, args: tuple, timeout: float | None):
         return None
     if op == "take_remote":
         if rv.synctake is not None:
-            return _take_pickled(rv, chan, timeout)
+            return _take_pickled(rv, chan, timeout, taker=args[0])
         op = "take"
     if op in ("take", "fetch", "wait"):
         result = getattr(chan, op)(timeout=timeout)
@@ -193,15 +214,39 @@ def _channel_op(rrid: RRID, size, op: str, args: tuple, timeout: float | None):
 
 
 class _Pickled:
-    """A value pickled on the owner while the channel's synctake lock was held."""
+    """A value taken from an unbuffered channel, pickled on the owner for its remote taker.
 
-    def __init__(self, data: bytes):
-        self.data = data
+    Pickled for the taker (references inside it travel as references, not null ones), with
+    its out-of-band buffers copied: once the hand-over lock is released the putter may reuse
+    the memory.
+    """
+
+    def __init__(self, value: Any, taker: int):
+        self.payload, buffers = serialization.dumps(value, taker)
+        self.buffers = [bytearray(b) for b in buffers]  # bytearrays travel out of band again
+
+    def load(self, ctx: ClusterContext, owner: int) -> Any:
+        with serialization.receiving(ctx, owner):
+            return serialization.loads(self.payload, self.buffers)
 
 
-def _take_pickled(rv: RemoteValue, chan: Channel, timeout):
-    with rv.synctake:
-        return _Pickled(cloudpickle.dumps(chan.take(timeout=timeout)))
+def _take_pickled(rv: RemoteValue, chan: Channel, timeout, taker: int) -> _Pickled:
+    """Take for a remote taker of an unbuffered channel (Julia #29932).
+
+    The hand-over lock is held from the take until the value is pickled, so the owner-side
+    putter (which takes the lock after its value was taken) returns only then. It is never
+    held while waiting for a value: the next taker would then hold it while the previous
+    putter waits for it, and that putter's next value never comes.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        chan.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with rv.synctake:
+            try:
+                value = chan.take(timeout=0)
+            except TimeoutError:
+                continue  # another taker was first: wait for the next value
+            return _Pickled(value, taker)
 
 
 def _create_channel(rrid: RRID, factory: Callable[[], Any]) -> int | float:
@@ -253,6 +298,7 @@ class _RefBase:
         self.rrid = rrid
         self._ctx = ctx
         self._holds = [rrid != NULL_RRID]  # whether we still owe the owner a release
+        self._released = False
         ctx.client_refs[rrid] = self
         self._finalizer = weakref.finalize(self, _release, weakref.ref(ctx), where, rrid,
                                            self._holds)
@@ -266,8 +312,14 @@ class _RefBase:
         return self.rrid.id
 
     def release(self) -> None:
-        """Drop this process's hold on the remote value now (deterministic finalization)."""
+        """Drop this process's hold on the remote value now (deterministic finalization).
+
+        The reference is dead afterwards, as in Julia: anything that would need the owner
+        raises DistributedError (it would otherwise bring back an empty value that nobody
+        frees); a Future still answers from its cached value.
+        """
         self._finalizer()
+        self._released = True
 
     def _release_now(self) -> None:
         if self._holds[0]:
@@ -277,6 +329,8 @@ class _RefBase:
     def _check_live(self) -> None:
         if self.rrid == NULL_RRID:
             raise DistributedError("null reference: it was pickled outside the cluster")
+        if self._released:
+            raise DistributedError(f"{self!r} was released")
 
     def _owner_call(self, fn, *args):
         """Run ``fn(*args)`` on the owner and return its value; errors as RemoteException."""
@@ -286,7 +340,7 @@ class _RefBase:
     def _note_forwarding(self) -> bool:
         """Before pickling for another process: make sure the owner counts the receiver."""
         dest = serialization.current_destination()
-        if dest is None or self.rrid == NULL_RRID:
+        if dest is None or self.rrid == NULL_RRID or self._released:
             return False
         if dest != self.where:
             self._ctx.gc.send_now(self.where, gc.ADD, self.rrid, dest)
@@ -437,7 +491,7 @@ class Future(_RefBase, cf.Future):
             out = fn(self.rrid, timeout)
         else:
             out = self._owner_call(fn, self.rrid, timeout)
-        if isinstance(out, str) and out == _TIMED_OUT:
+        if isinstance(out, _TimedOut):
             raise TimeoutError(f"{self!r} not ready after {timeout} s")
         return out
 
@@ -448,7 +502,8 @@ class Future(_RefBase, cf.Future):
             return (_null_future, ())
         if cached is not _EMPTY:  # the value travels along: the owner need not count the receiver
             return (_rebuild_future, (self.where, self.rrid, True, cached))
-        self._note_forwarding()
+        if not self._note_forwarding():  # released: arrives as dead as it left
+            return (_null_future, ())
         return (_rebuild_future, (self.where, self.rrid))
 
 
@@ -458,7 +513,7 @@ def _null_future():
     cf.Future.__init__(fut)
     fut._cache = _EMPTY
     fut._lock = threading.Lock()
-    fut.where, fut.rrid, fut._ctx, fut._holds = 0, NULL_RRID, ctx, [False]
+    fut.where, fut.rrid, fut._ctx, fut._holds, fut._released = 0, NULL_RRID, ctx, [False], False
     fut._finalizer = weakref.finalize(fut, lambda: None)
     return fut
 
@@ -523,8 +578,11 @@ class RemoteChannel(_RefBase):
     def _op(self, op: str, *args, timeout: float | None = None):
         self._check_live()
         if op == "take" and self.where != self._ctx.myid:
-            op = "take_remote"
-        return self._on_owner(_channel_op, self.rrid, self.size, op, args, timeout)
+            op, args = "take_remote", (self._ctx.myid,)
+        out = self._on_owner(_channel_op, self.rrid, self.size, op, args, timeout)
+        if isinstance(out, _TimedOut):
+            raise TimeoutError(f"{self!r}: {op.split('_')[0]} timed out after {timeout} s")
+        return out
 
     def put(self, value: Any, timeout: float | None = None) -> "RemoteChannel":
         """Append a value, blocking while full. Julia: ``put!(::RemoteChannel, v)``."""
@@ -535,7 +593,7 @@ class RemoteChannel(_RefBase):
         """Remove and return the first value, blocking while empty. Julia: ``take!``."""
         value = self._op("take", timeout=timeout)
         if isinstance(value, _Pickled):
-            value = cloudpickle.loads(value.data)
+            value = value.load(self._ctx, self.where)
         if isinstance(value, RemoteException):
             raise value
         return value
@@ -564,6 +622,7 @@ class RemoteChannel(_RefBase):
         return True
 
     def __getitem__(self, index):
+        self._check_live()
         return self._on_owner(_channel_index, self.rrid, self.size, index)
 
     def __iter__(self):
@@ -591,6 +650,7 @@ def _channel_index(rrid: RRID, size, index):
 def _null_channel(size=1):
     ch = RemoteChannel.__new__(RemoteChannel)
     ch.where, ch.rrid, ch._ctx, ch._holds, ch.size = 0, NULL_RRID, current_context(), [False], size
+    ch._released = False
     ch._finalizer = weakref.finalize(ch, lambda: None)
     return ch
 
@@ -607,7 +667,10 @@ def _rebuild_channel(where: int, rrid: RRID, size):
     ch._register(ctx, where, rrid)
     ch.size = size
     if where == ctx.myid:
-        gc.add_client(ctx, rrid, ctx.myid)
+        # Make the channel now, as Julia's deserialize does (lookup_ref): channel_from_id on
+        # the owner then finds a channel that no operation has touched yet.
+        with ctx.refs_lock:
+            lookup(ctx, rrid, _channel_factory(size)).clientset.add(ctx.myid)
     return ch
 
 
@@ -624,3 +687,25 @@ def channel_from_id(rrid) -> Any:
     if rv is None or isinstance(rv.store, _Placeholder):
         raise DistributedError("Local instance of remote reference not found")
     return rv.store
+
+
+def owned_refs_count() -> int:
+    """How many values this process owns now (its reference table's size).
+
+    Lets tests and monitoring observe distributed GC from the outside, e.g.
+    ``remotecall_fetch(owned_refs_count, pid)``. Julia: ``length(PGRP.refs)``.
+    """
+    ctx = current_context()
+    with ctx.refs_lock:
+        return len(ctx.refs)
+
+
+def owned_clients(rrid) -> frozenset[int] | None:
+    """The pids holding the value ``rrid`` names on this process (its owner); None if not owned.
+
+    Julia: ``PGRP.refs[rrid].clientset``.
+    """
+    ctx = current_context()
+    with ctx.refs_lock:
+        rv = ctx.refs.get(RRID(*rrid))
+        return None if rv is None else frozenset(rv.clientset)

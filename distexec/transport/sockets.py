@@ -8,8 +8,9 @@ Owns the pre-authentication phase of every connection. Imports ``distexec.errors
                                           └─ passes ──► on_authenticated(sock)
     connect() ──► TCP connect ──► client handshake ──► authenticated socket (or raise)
 
-Before the peer has authenticated, exactly ``REPLY_SIZE`` bytes are read from it and nothing
-is unpickled; the accept loop only accepts, so a stalled or hostile peer never blocks others.
+Before the peer has authenticated, at most ``REPLY_SIZE`` bytes are read from it (fewer when
+its first bytes are not the magic: it is rejected there) and nothing is unpickled; the
+accept loop only accepts, so a stalled or hostile peer never blocks others.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ log = logging.getLogger("distexec.transport")
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 MAX_PREAUTH_CONNECTIONS = 128
+# The accept loop starts a thread per connection, far slower than a client can connect; with
+# a short backlog a burst (a port scan, many workers connecting at once) overflows it and the
+# kernel drops SYNs, which costs each dropped client a one-second retransmit.
+LISTEN_BACKLOG = 1024
 
 
 def parse_bind_to(spec: str | None, default_host: str = "127.0.0.1") -> tuple[str, int | None, bool]:
@@ -62,7 +67,7 @@ def bind_listener(host: str, port: int | None, hint: bool) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.bind((host, candidate))
-            sock.listen(128)
+            sock.listen(LISTEN_BACKLOG)
             return sock
         except OSError as exc:
             sock.close()
@@ -157,7 +162,10 @@ def serve_handshake(conn: socket.socket, secret: bytes, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     server = handshake.ServerHandshake(secret)
     _send_before(conn, server.hello(), deadline)
-    verdict = server.receive_reply(_recv_exact_before(conn, handshake.REPLY_SIZE, deadline))
+    prefix, verdict = _recv_magic_before(conn, server, deadline)
+    if verdict is None:
+        rest = _recv_exact_before(conn, handshake.REPLY_SIZE - len(prefix), deadline)
+        verdict = server.receive_reply(prefix + rest)
     _send_before(conn, verdict, deadline)
     if server.error is not None:
         raise server.error
@@ -197,6 +205,25 @@ def _remaining(deadline: float) -> float:
 def _send_before(sock: socket.socket, data: bytes, deadline: float) -> None:
     sock.settimeout(_remaining(deadline))
     sock.sendall(data)
+
+
+def _recv_magic_before(sock: socket.socket, server: handshake.ServerHandshake,
+                       deadline: float) -> tuple[bytes, bytes | None]:
+    """Read the REPLY's magic, checking each chunk, so a stranger is rejected at once.
+
+    Returns the bytes read and None, or a reject verdict as soon as they cannot be a REPLY.
+    """
+    data = b""
+    while len(data) < len(handshake.MAGIC):
+        sock.settimeout(_remaining(deadline))
+        chunk = sock.recv(len(handshake.MAGIC) - len(data))
+        if not chunk:
+            raise EOFError("connection closed during the handshake")
+        data += chunk
+        verdict = server.receive_magic(data)
+        if verdict is not None:
+            return data, verdict
+    return data, None
 
 
 def _recv_exact_before(sock: socket.socket, n: int, deadline: float) -> bytes:

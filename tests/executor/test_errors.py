@@ -1,0 +1,154 @@
+"""Errors raised by tasks, as ``future.result()`` re-raises them (API.md §1).
+
+The original exception type comes back, with the remote traceback as frames (so
+``traceback.extract_tb`` shows the remote function), as text in ``__cause__`` (which survives
+code that drops ``__traceback__``, as joblib does) and with a note naming the worker. An
+exception that cannot be rebuilt on the master arrives as ``RemoteException``; a falsey
+exception still raises; a task whose argument or result cannot be pickled fails alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import traceback
+
+import pytest
+
+from distexec import DistributedExecutor, RemoteException
+from tests.executor.helpers import Boom, raise_boom, square
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class NeedsTwoArgs(Exception):
+    """Pickles as ``NeedsTwoArgs(message)``: rebuilding it raises TypeError."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+
+class FalseyError(Exception):
+    def __bool__(self):
+        return False
+
+
+class EmptyError(Exception):
+    def __len__(self):
+        return 0
+
+
+def raise_needs_two_args():
+    raise NeedsTwoArgs("left", "right")
+
+
+def raise_falsey():
+    raise FalseyError("falsey")
+
+
+def raise_empty():
+    raise EmptyError("empty")
+
+
+def divide_in_helper(x):
+    return _inner_divide(x)
+
+
+def _inner_divide(x):
+    return x / 0
+
+
+@pytest.fixture(scope="module")
+def executor():
+    ex = DistributedExecutor(2)
+    yield ex
+    ex.shutdown(wait=True)
+
+
+def _raised(future: cf.Future) -> BaseException:
+    with pytest.raises(BaseException) as info:
+        future.result(timeout=10)
+    return info.value
+
+
+def test_the_original_exception_type_is_raised(executor):
+    exc = _raised(executor.submit(raise_boom, "it broke"))
+    assert type(exc) is Boom
+    assert exc.args == ("it broke",)
+    assert executor.submit(square, 3).result(timeout=10) == 9
+
+
+def test_remote_frames_are_part_of_the_traceback(executor):
+    exc = _raised(executor.submit(divide_in_helper, 1))
+    assert type(exc) is ZeroDivisionError
+    names = [frame.name for frame in traceback.extract_tb(exc.__traceback__)]
+    assert names[-2:] == ["divide_in_helper", "_inner_divide"]
+    assert names[0] == "_raised"  # the local frames lead to the remote ones
+
+
+def test_remote_traceback_text_is_the_cause_and_survives_a_dropped_traceback(executor):
+    exc = _raised(executor.submit(raise_boom, "with text"))
+    exc.__traceback__ = None  # what joblib does before re-raising
+    cause = str(exc.__cause__)
+    assert "raise_boom" in cause
+    assert "Boom: with text" in cause
+    assert "Traceback (most recent call last)" in cause
+    printed = "".join(traceback.format_exception(exc))
+    assert "raise_boom" in printed and "with text" in printed
+
+
+def test_a_note_names_the_worker(executor):
+    future = executor.submit(raise_boom, "where")
+    exc = _raised(future)
+    notes = getattr(exc, "__notes__", [])
+    assert any(f"worker {pid}" in note for note in notes for pid in executor.workers()), notes
+    # raising it again does not add the note twice
+    again = _raised(future)
+    assert again is exc and len(getattr(again, "__notes__", [])) == len(notes)
+
+
+def test_an_exception_that_cannot_be_rebuilt_arrives_as_remote_exception(executor):
+    exc = _raised(executor.submit(raise_needs_two_args))
+    assert isinstance(exc, RemoteException)
+    assert exc.pid in executor.workers()
+    text = str(exc)
+    assert "NeedsTwoArgs" in text and "left/right" in text and "raise_needs_two_args" in text
+    assert executor.submit(square, 4).result(timeout=10) == 16
+
+
+@pytest.mark.parametrize("fn, kind", [(raise_falsey, FalseyError), (raise_empty, EmptyError)])
+def test_a_falsey_exception_still_raises(executor, fn, kind):
+    future = executor.submit(fn)
+    with pytest.raises(kind):
+        future.result(timeout=10)
+    assert type(future.exception(timeout=10)) is kind
+    done, not_done = cf.wait([future, executor.submit(square, 1)],
+                             return_when=cf.FIRST_EXCEPTION, timeout=10)
+    assert future in done
+
+
+def test_an_unpicklable_argument_fails_only_its_task(executor):
+    future = executor.submit(square, threading.Lock())
+    with pytest.raises(TypeError, match="pickle"):
+        future.result(timeout=10)
+    assert executor.submit(square, 5).result(timeout=10) == 25
+
+
+def test_an_unpicklable_result_fails_only_its_task(executor):
+    future = executor.submit(threading.Lock)
+    exc = _raised(future)
+    assert "pickle" in str(exc)
+    assert "lock" in str(exc)
+    assert executor.submit(square, 6).result(timeout=10) == 36
+
+
+def test_map_raises_the_original_exception_at_its_item(executor):
+    results = executor.map(lambda x: 1 / (x - 2), range(5))
+    assert next(results) == -0.5
+    assert next(results) == -1.0
+    with pytest.raises(ZeroDivisionError) as info:
+        next(results)
+    assert "<lambda>" in [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+    # 3.11-3.14 semantics: iteration ends after an item raised
+    with pytest.raises(StopIteration):
+        next(results)

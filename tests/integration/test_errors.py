@@ -1,0 +1,319 @@
+"""How failures of remote calls reach the caller, between real processes.
+
+Each test checks what the caller observes (exception type, attributes, text) and, for the
+failures that could break a connection, that the same worker serves the next call.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+
+import pytest
+
+import distexec
+from distexec.errors import (
+    CapturedException,
+    DistexecError,
+    ProcessExitedException,
+    RemoteDeserializationError,
+    RemoteException,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+DEADLINE = 20.0
+
+
+class CustomError(Exception):
+    """An exception type both sides can import."""
+
+    def __init__(self, message, code):
+        super().__init__(message, code)
+        self.code = code
+
+    def __str__(self):
+        return f"{self.args[0]} (code {self.code})"
+
+
+class UnpicklableError(Exception):
+    """An exception carrying an attribute that cannot be pickled."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class TwoArgumentError(Exception):
+    """Pickles, but cannot be rebuilt: its ``args`` do not match its ``__init__``."""
+
+    def __init__(self, what, why):
+        super().__init__(f"{what} failed because {why}")
+
+
+def _refuse_to_unpickle():
+    raise RuntimeError("this object refuses to be unpickled")
+
+
+class FailsToUnpickle:
+    """Pickles fine; rebuilding it raises (on whichever process unpickles it)."""
+
+    def __reduce__(self):
+        return (_refuse_to_unpickle, ())
+
+
+class FailsToPickleHere:
+    """Refuses to be pickled in the process that created it."""
+
+    def __init__(self):
+        self.origin = os.getpid()
+
+    def __reduce__(self):
+        if os.getpid() == self.origin:
+            raise RuntimeError("refusing to be pickled here")
+        return (FailsToPickleHere, ())
+
+
+def raise_custom(message, code):
+    raise CustomError(message, code)
+
+
+def raise_unpicklable(message):
+    raise UnpicklableError(message)
+
+
+def raise_two_argument(what, why):
+    raise TwoArgumentError(what, why)
+
+
+def call_and_fail(pid, message):
+    """On one worker: call ``raise_custom`` on ``pid`` (a second level of remote failure)."""
+    return distexec.remotecall_fetch(raise_custom, pid, message, 3)
+
+
+def return_a_lock():
+    return threading.Lock()
+
+
+def return_fails_to_unpickle():
+    return FailsToUnpickle()
+
+
+def set_global(name, value):
+    globals()[name] = value
+
+
+def get_global(name):
+    return globals().get(name)
+
+
+def exit_with(code):
+    sys.exit(code)
+
+
+def worker_facts():
+    return distexec.myid(), os.getpid()
+
+
+def ignore(*args):
+    return "ran"
+
+
+# --------------------------------------------------------------------------------------------
+# What a RemoteException carries
+# --------------------------------------------------------------------------------------------
+def test_remote_exception_carries_the_original_exception(shared_workers):
+    pid = shared_workers[0]
+    with pytest.raises(RemoteException) as info:
+        distexec.remotecall_fetch(raise_custom, pid, "it broke", 42)
+    exc = info.value
+    assert exc.pid == pid
+    assert isinstance(exc.captured, CapturedException)
+    assert type(exc.captured.ex) is CustomError
+    assert exc.captured.ex.code == 42
+    assert exc.ex is exc.captured.ex
+    assert exc.__cause__ is exc.captured.ex
+    assert exc.captured.type_name == f"{CustomError.__module__}.CustomError"
+    text = exc.captured.traceback_text
+    assert "raise_custom" in text and "it broke (code 42)" in text
+    assert str(exc).startswith(f"On worker {pid}:")
+    assert "raise_custom" in str(exc) and "it broke (code 42)" in str(exc)
+
+
+def test_remote_frames_are_restored_as_a_traceback(shared_workers):
+    pid = shared_workers[1]
+    with pytest.raises(RemoteException) as info:
+        distexec.remotecall_fetch(raise_custom, pid, "frames", 1)
+    remote_tb = info.value.captured.ex.__traceback__
+    assert remote_tb is not None
+    names = [frame.name for frame in traceback.extract_tb(remote_tb)]
+    assert names[-1] == "raise_custom"
+    # Standard printing of the caller's exception shows the remote frames through __cause__.
+    printed = "".join(traceback.format_exception(info.value))
+    assert "raise_custom" in printed and "frames (code 1)" in printed
+
+
+def test_remote_exception_from_every_call_form(shared_workers):
+    pid = shared_workers[0]
+    future = distexec.remotecall(raise_custom, pid, "via future", 2)
+    with pytest.raises(RemoteException) as info:
+        future.fetch(timeout=DEADLINE)
+    assert info.value.pid == pid and type(info.value.captured.ex) is CustomError
+    assert isinstance(future.exception(timeout=DEADLINE), RemoteException)
+
+    with pytest.raises(RemoteException) as info:
+        distexec.remotecall_wait(raise_custom, pid, "via wait", 3)
+    assert info.value.pid == pid and info.value.captured.ex.code == 3
+
+
+def test_nested_failures_keep_both_levels(shared_workers):
+    a, b = shared_workers
+    with pytest.raises(RemoteException) as info:
+        distexec.remotecall_fetch(call_and_fail, a, b, "deep failure")
+    outer = info.value
+    assert outer.pid == a
+    inner = outer.captured.ex
+    assert isinstance(inner, RemoteException)
+    assert inner.pid == b
+    assert type(inner.captured.ex) is CustomError
+    assert "deep failure" in str(inner.captured.ex)
+    assert "call_and_fail" in outer.captured.traceback_text
+    assert "raise_custom" in inner.captured.traceback_text
+    assert f"On worker {b}:" in str(outer)
+
+
+def test_exception_class_defined_only_on_the_worker(shared_workers):
+    pid = shared_workers[0]
+    module = f"distexec_test_only_on_worker_{os.getpid()}"
+    distexec.remotecall_eval("class OnlyThere(Exception):\n    pass", pid, module=module)
+    raising = "def fail():\n    raise OnlyThere('defined over there')"
+    distexec.remotecall_eval(raising, pid, module=module)
+    with pytest.raises(RemoteException) as info:
+        distexec.remotecall_eval("fail()", pid, module=module)
+    assert module not in sys.modules  # the class really does not exist here
+    exc = info.value
+    assert exc.pid == pid
+    stand_in = exc.captured.ex
+    assert isinstance(stand_in, RemoteDeserializationError)
+    assert stand_in.type_name == f"{module}.OnlyThere"
+    assert stand_in.message == "defined over there"
+    assert "OnlyThere: defined over there" in stand_in.traceback_text
+    assert "in fail" in stand_in.traceback_text
+    assert f"{module}.OnlyThere" in str(stand_in) and "defined over there" in str(stand_in)
+    assert exc.captured.type_name == f"{module}.OnlyThere"
+    assert "defined over there" in str(exc)
+
+
+def test_exception_with_unpicklable_attributes_arrives_with_its_message(shared_workers):
+    pid = shared_workers[1]
+    with pytest.raises(RemoteException) as info:
+        distexec.remotecall_fetch(raise_unpicklable, pid, "cannot travel whole")
+    exc = info.value
+    assert exc.pid == pid
+    assert isinstance(exc.captured.ex, RemoteDeserializationError)
+    assert exc.captured.ex.message == "cannot travel whole"
+    assert exc.captured.ex.type_name == f"{UnpicklableError.__module__}.UnpicklableError"
+    assert "raise_unpicklable" in exc.captured.ex.traceback_text
+    assert "cannot travel whole" in str(exc)
+    assert distexec.remotecall_fetch(worker_facts, pid)[0] == pid
+
+
+def test_exception_that_cannot_be_rebuilt_arrives_with_its_message(shared_workers):
+    pid = shared_workers[0]
+    with pytest.raises(RemoteException) as info:
+        distexec.remotecall_fetch(raise_two_argument, pid, "the job", "of reasons")
+    stand_in = info.value.captured.ex
+    assert isinstance(stand_in, RemoteDeserializationError)
+    assert stand_in.type_name.endswith("TwoArgumentError")
+    assert stand_in.message == "the job failed because of reasons"
+    assert "raise_two_argument" in stand_in.traceback_text
+
+
+# --------------------------------------------------------------------------------------------
+# Pickling failures fail one call, never the connection
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("call", [distexec.remotecall, distexec.remotecall_fetch,
+                                  distexec.remotecall_wait, distexec.remote_do],
+                         ids=lambda f: f.__name__)
+def test_unpicklable_argument_raises_in_the_caller_and_sends_nothing(shared_workers, call):
+    pid = shared_workers[0]
+    name = f"not_sent_{call.__name__}_{os.getpid()}"
+    with pytest.raises(TypeError, match="cannot pickle"):
+        call(set_global, pid, name, threading.Lock())
+    with pytest.raises(RuntimeError, match="refusing to be pickled here"):
+        call(set_global, pid, name, FailsToPickleHere())
+    # The worker never saw the calls, and the connection is still in step.
+    assert distexec.remotecall_fetch(get_global, pid, name) is None
+    distexec.remotecall_fetch(set_global, pid, name, "sent")
+    assert distexec.remotecall_fetch(get_global, pid, name) == "sent"
+
+
+def test_unpicklable_result_fails_that_call_only(shared_workers):
+    pid = shared_workers[1]
+    with pytest.raises(RemoteException) as info:
+        distexec.remotecall_fetch(return_a_lock, pid)
+    assert info.value.pid == pid
+    assert "could not be sent" in str(info.value)
+    assert "lock" in str(info.value)
+    assert distexec.remotecall_fetch(worker_facts, pid)[0] == pid
+
+
+def test_unpicklable_result_of_a_future_fails_its_fetch_only(shared_workers):
+    pid = shared_workers[1]
+    future = distexec.remotecall(return_a_lock, pid)
+    with pytest.raises(RemoteException) as info:
+        future.fetch(timeout=DEADLINE)
+    assert "could not be sent" in str(info.value)
+    assert distexec.remotecall(worker_facts, pid).fetch(timeout=DEADLINE)[0] == pid
+
+
+def test_argument_that_fails_to_unpickle_on_the_worker(shared_workers):
+    pid = shared_workers[0]
+    with pytest.raises(RemoteException) as info:
+        distexec.remotecall_fetch(ignore, pid, FailsToUnpickle())
+    assert info.value.pid == pid
+    assert isinstance(info.value.captured.ex, RuntimeError)
+    assert "refuses to be unpickled" in str(info.value)
+
+    future = distexec.remotecall(ignore, pid, FailsToUnpickle())
+    with pytest.raises(RemoteException, match="refuses to be unpickled"):
+        future.fetch(timeout=DEADLINE)
+    with pytest.raises(RemoteException, match="refuses to be unpickled"):
+        distexec.remotecall_wait(ignore, pid, FailsToUnpickle())
+
+    assert distexec.remotecall_fetch(ignore, pid, "fine") == "ran"
+
+
+def test_result_that_fails_to_unpickle_on_the_caller(shared_workers):
+    pid = shared_workers[1]
+    with pytest.raises(RemoteException) as info:
+        distexec.remotecall_fetch(return_fails_to_unpickle, pid)
+    assert isinstance(info.value.captured.ex, RuntimeError)
+    assert "refuses to be unpickled" in str(info.value)
+    assert distexec.remotecall_fetch(ignore, pid) == "ran"
+
+
+# --------------------------------------------------------------------------------------------
+# Exceptions that would end a process end only the call
+# --------------------------------------------------------------------------------------------
+def test_system_exit_in_a_call_fails_the_call_and_the_worker_survives(shared_workers):
+    pid = shared_workers[0]
+    before = distexec.remotecall_fetch(worker_facts, pid)
+    with pytest.raises(RemoteException) as info:
+        distexec.remotecall_fetch(exit_with, pid, 3)
+    assert info.value.pid == pid
+    assert type(info.value.captured.ex) is SystemExit
+    assert info.value.captured.ex.code == 3
+    with pytest.raises(RemoteException) as info:
+        distexec.remotecall(exit_with, pid, 4).fetch(timeout=DEADLINE)
+    assert type(info.value.captured.ex) is SystemExit
+    assert distexec.remotecall_fetch(worker_facts, pid) == before
+    assert pid in distexec.workers()
+
+
+def test_process_exited_exception_is_not_a_remote_exception():
+    assert not issubclass(ProcessExitedException, RemoteException)
+    assert issubclass(ProcessExitedException, DistexecError)
+    assert issubclass(RemoteException, DistexecError)

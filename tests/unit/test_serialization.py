@@ -1,0 +1,221 @@
+"""Unit tests of ``distexec.protocol.serialization`` and of references pickled outside it.
+
+No processes, no sockets: ``dumps``/``loads`` are called directly, as the transport calls them.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+
+import pytest
+
+import distexec
+from distexec.errors import DistributedError
+from distexec.protocol import serialization
+from distexec.protocol.serialization import OUT_OF_BAND_MIN, current_destination, dumps, loads
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class _SeesDestination:
+    """Records ``current_destination()`` at the moment it is pickled."""
+
+    seen: list = []
+
+    def __reduce__(self):
+        _SeesDestination.seen.append(current_destination())
+        return (_SeesDestination, ())
+
+
+class _FailsToPickle:
+    def __reduce__(self):
+        raise RuntimeError("refusing to be pickled")
+
+
+class _ZeroCopyBytes(bytearray):
+    """A buffer-protocol object that pickles its memory out of band (pickle docs' example)."""
+
+    def __reduce_ex__(self, protocol):
+        return type(self)._reconstruct, (pickle.PickleBuffer(self),)
+
+    @classmethod
+    def _reconstruct(cls, data):
+        with memoryview(data) as view:
+            return cls(view)
+
+
+# --------------------------------------------------------------------------------------------
+# Out-of-band buffers
+# --------------------------------------------------------------------------------------------
+def test_buffer_at_the_threshold_goes_out_of_band():
+    value = bytearray(b"\x01" * OUT_OF_BAND_MIN)
+    payload, buffers = dumps(value, 2)
+    assert [memoryview(b).nbytes for b in buffers] == [OUT_OF_BAND_MIN]
+    assert len(payload) < 1024  # the data is not also copied into the pickle
+    assert loads(payload, buffers) == value
+
+
+def test_buffer_below_the_threshold_stays_in_band():
+    value = bytearray(b"\x02" * (OUT_OF_BAND_MIN - 1))
+    payload, buffers = dumps(value, 2)
+    assert buffers == []
+    assert len(payload) >= OUT_OF_BAND_MIN - 1
+    assert loads(payload) == value
+
+
+def test_only_the_large_buffers_of_a_message_go_out_of_band():
+    small, large = _ZeroCopyBytes(b"s" * 100), _ZeroCopyBytes(b"L" * (3 * OUT_OF_BAND_MIN))
+    payload, buffers = dumps((small, {"big": large}, "text"), 2)
+    assert [memoryview(b).nbytes for b in buffers] == [3 * OUT_OF_BAND_MIN]
+    # The sender's memory itself is referenced, not a copy of it.
+    assert memoryview(buffers[0]).obj is large
+    # The receiver gets the buffers as separate writable blocks (how the reader thread fills them).
+    received = [bytearray(b) for b in buffers]
+    small_back, mapping, text = loads(payload, received)
+    assert type(small_back) is _ZeroCopyBytes and small_back == small
+    assert type(mapping["big"]) is _ZeroCopyBytes and mapping["big"] == large
+    assert text == "text"
+
+
+def test_call_arguments_go_out_of_band_and_stay_shared():
+    data = bytearray(b"\x03" * (2 * OUT_OF_BAND_MIN))
+    small = bytearray(b"small")
+    payload, buffers = dumps((len, (data, small), {"same": data, "n": 1}), 2)
+    assert [memoryview(b).nbytes for b in buffers] == [2 * OUT_OF_BAND_MIN]  # sent once
+    assert len(payload) < 1024
+    fn, args, kwargs = loads(payload, [bytearray(b) for b in buffers])
+    assert fn is len
+    assert type(args[0]) is bytearray and args[0] == data
+    assert args[1] == small
+    assert kwargs["same"] is args[0]  # one object on the sender, one on the receiver
+    assert kwargs["n"] == 1
+
+
+def test_result_tuple_of_bytearrays_goes_out_of_band():
+    first, second = bytearray(OUT_OF_BAND_MIN), bytearray(b"\x05" * OUT_OF_BAND_MIN)
+    payload, buffers = dumps((first, second, "label"), 2)
+    assert len(buffers) == 2
+    assert loads(payload, [bytearray(b) for b in buffers]) == (first, second, "label")
+
+
+def test_received_buffer_becomes_the_bytearray_without_a_copy():
+    payload, buffers = dumps(bytearray(b"\x07" * OUT_OF_BAND_MIN), 2)
+    received = bytearray(buffers[0])
+    assert loads(payload, [received]) is received
+
+
+def test_loads_without_the_buffers_fails():
+    payload, buffers = dumps(bytearray(OUT_OF_BAND_MIN), 2)
+    assert buffers
+    with pytest.raises(pickle.UnpicklingError):
+        loads(payload)
+
+
+# --------------------------------------------------------------------------------------------
+# The destination while pickling
+# --------------------------------------------------------------------------------------------
+def test_current_destination_is_set_only_during_dumps():
+    _SeesDestination.seen.clear()
+    assert current_destination() is None
+    dumps([_SeesDestination()], 7)
+    assert current_destination() is None
+    dumps(_SeesDestination(), None)
+    assert _SeesDestination.seen == [7, None]
+
+
+def test_current_destination_is_restored_when_pickling_fails():
+    with pytest.raises(RuntimeError, match="refusing to be pickled"):
+        dumps([_FailsToPickle()], 4)
+    assert current_destination() is None
+
+
+def test_current_destination_is_per_thread():
+    seen_elsewhere = []
+    inside = threading.Event()
+    release = threading.Event()
+
+    class _Blocks:
+        def __reduce__(self):
+            inside.set()
+            assert release.wait(10)
+            return (int, ())
+
+    thread = threading.Thread(target=dumps, args=(_Blocks(), 5), daemon=True)
+    thread.start()
+    assert inside.wait(10)
+    seen_elsewhere.append(current_destination())
+    release.set()
+    thread.join(10)
+    assert seen_elsewhere == [None]
+
+
+def test_pickling_error_is_raised_from_dumps():
+    with pytest.raises(TypeError, match="cannot pickle '_thread.lock'"):
+        dumps({"lock": threading.Lock()}, 2)
+
+
+def test_lambdas_and_local_functions_pickle_by_value():
+    def local(x, *, k):
+        return x * k
+
+    fn = loads(*dumps(local, 2))
+    assert fn(3, k=4) == 12
+    assert loads(*dumps(lambda: "lambda", 2))() == "lambda"
+
+
+# --------------------------------------------------------------------------------------------
+# References pickled outside the cluster become inert null references
+# --------------------------------------------------------------------------------------------
+def test_future_pickled_with_plain_pickle_is_a_null_reference():
+    fut = distexec.Future()
+    fut.put(42)  # a cached value does not travel through plain pickle either
+    copy = pickle.loads(pickle.dumps(fut))
+    assert isinstance(copy, distexec.Future)
+    assert copy.rrid == distexec.RRID(0, 0)
+    assert copy != fut
+    for operation in (copy.fetch, copy.wait, copy.isready, lambda: copy.put(1)):
+        with pytest.raises(DistributedError, match="null reference: it was pickled outside the cluster"):
+            operation()
+    assert fut.fetch() == 42  # the original is untouched
+
+
+def test_pending_future_pickled_with_plain_pickle_is_a_null_reference():
+    fut = distexec.Future()
+    copy = pickle.loads(pickle.dumps(fut))
+    with pytest.raises(DistributedError, match="null reference"):
+        copy.fetch(timeout=1)
+    fut.put("later")
+    assert fut.fetch() == "later"
+
+
+def test_remote_channel_pickled_with_plain_pickle_is_a_null_reference():
+    chan = distexec.RemoteChannel(size=3)
+    chan.put("kept")
+    copy = pickle.loads(pickle.dumps(chan))
+    assert isinstance(copy, distexec.RemoteChannel)
+    assert copy.rrid == distexec.RRID(0, 0)
+    assert copy.size == 3
+    for operation in (copy.fetch, copy.take, copy.isready, lambda: copy.put(1), copy.close):
+        with pytest.raises(DistributedError, match="null reference: it was pickled outside the cluster"):
+            operation()
+    assert chan.take() == "kept"
+
+
+def test_reference_unpickled_outside_the_transport_is_a_null_reference():
+    # Pickled for a destination but unpickled with no receiving context (e.g. bytes stored
+    # and loaded later): the reference cannot register with its owner, so it is inert.
+    fut = distexec.Future()
+    fut.put("value")
+    copy = loads(*dumps(fut, 2))
+    assert copy.rrid == distexec.RRID(0, 0)
+    with pytest.raises(DistributedError, match="null reference"):
+        copy.fetch()
+
+
+def test_receiving_context_is_visible_while_loading_and_restored_after():
+    marker = object()
+    assert serialization.current_receiving() is None
+    with serialization.receiving(marker, 3):
+        assert serialization.current_receiving() == (marker, 3)
+    assert serialization.current_receiving() is None
