@@ -8,6 +8,8 @@ default object). Imports every layer below it.
 from __future__ import annotations
 
 import concurrent.futures as _cf
+import functools
+import numbers
 import socket as _socket
 import sys
 from typing import Any, Callable, Iterable
@@ -18,15 +20,22 @@ from .cluster.local import LocalManager
 from .cluster.manager import ClusterManager
 from .errors import CompositeException, RemoteException
 from .protocol import secret as _secret
+from . import pools as _pools
+from .pools import AbstractWorkerPool
 from .runtime import calls as _calls
+from .runtime import sync as _sync
 from .runtime.channel import Channel
 from .runtime.context import current_context
 from .runtime.refs import Future, RemoteChannel
+from .runtime.sync import sync
+from .pmap import distributed_for
 
 __all__ = [
     "addprocs", "rmprocs", "procs", "workers", "other_procs", "other_workers", "nprocs",
     "nworkers", "myid", "myrole", "interrupt", "getstatus", "setstatus", "cluster_cookie",
     "remotecall", "remotecall_fetch", "remotecall_wait", "remote_do", "remotecall_eval",
+    "remote", "spawnat", "spawn", "fetchfrom", "fetchany", "everywhere", "clear", "sync",
+    "distributed_for",
     "fetch", "put", "take", "isready", "wait", "close", "worker_id_from_socket",
     "add_worker_starting_callback", "add_worker_started_callback",
     "add_worker_exiting_callback", "add_worker_exited_callback",
@@ -206,29 +215,124 @@ add_worker_exited_callback, remove_worker_exited_callback = _callback_pair("exit
 
 # -- calls -----------------------------------------------------------------------------------
 def _check_target(target) -> int:
-    if isinstance(target, bool) or not isinstance(target, int):
-        raise TypeError(f"a call's target must be a worker id (int), not {type(target).__name__}")
-    return target
+    if isinstance(target, bool) or not isinstance(target, numbers.Integral):
+        raise TypeError("a call's target must be a worker id (int) or a worker pool, "
+                        f"not {type(target).__name__}")
+    return int(target)
+
+
+def _call(how: Callable, pool_how: Callable, fn: Callable, target, args, kwargs):
+    if isinstance(target, AbstractWorkerPool):
+        return pool_how(fn, target, args, kwargs)
+    return how(current_context(), fn, _check_target(target), args, kwargs)
 
 
 def remotecall(fn: Callable, target, /, *args, **kwargs) -> Future:
-    """Run ``fn(*args, **kwargs)`` on ``target`` and return a Future at once. Julia: same name."""
-    return _calls.remotecall(current_context(), fn, _check_target(target), args, kwargs)
+    """Run ``fn(*args, **kwargs)`` on ``target`` and return a Future at once. Julia: same name.
+
+    ``target`` is a pid or a pool; through a pool the worker stays taken until the Future
+    completes.
+    """
+    return _call(_calls.remotecall, _pools.pool_remotecall, fn, target, args, kwargs)
 
 
 def remotecall_fetch(fn: Callable, target, /, *args, **kwargs) -> Any:
-    """Run ``fn`` on ``target`` and return its value (raises RemoteException). Julia: same name."""
-    return _calls.remotecall_fetch(current_context(), fn, _check_target(target), args, kwargs)
+    """Run ``fn`` on ``target`` (pid or pool) and return its value. Julia: same name.
+
+    Raises RemoteException when ``fn`` raised, ProcessExitedException when the worker died.
+    """
+    return _call(_calls.remotecall_fetch, _pools.pool_remotecall_fetch, fn, target, args, kwargs)
 
 
 def remotecall_wait(fn: Callable, target, /, *args, **kwargs) -> Future:
-    """Run ``fn`` on ``target``, wait for it, return the Future. Julia: same name."""
-    return _calls.remotecall_wait(current_context(), fn, _check_target(target), args, kwargs)
+    """Run ``fn`` on ``target`` (pid or pool), wait for it, return the Future. Julia: same name."""
+    return _call(_calls.remotecall_wait, _pools.pool_remotecall_wait, fn, target, args, kwargs)
 
 
 def remote_do(fn: Callable, target, /, *args, **kwargs) -> None:
-    """Run ``fn`` on ``target`` without waiting; errors print there. Julia: same name."""
-    _calls.remote_do(current_context(), fn, _check_target(target), args, kwargs)
+    """Run ``fn`` on ``target`` (pid or pool) without waiting; errors print there. Julia: same name."""
+    _call(_calls.remote_do, _pools.pool_remote_do, fn, target, args, kwargs)
+
+
+def remote(fn: Callable, pool: AbstractWorkerPool | None = None) -> Callable:
+    """A function that runs ``fn`` through ``pool`` (default: the default pool at each call).
+
+    Julia: ``remote([pool], f)``.
+    """
+    def call_remotely(*args, **kwargs):
+        target = pool if pool is not None else _pools.default_worker_pool()
+        return _pools.pool_remotecall_fetch(fn, target, args, kwargs)
+    call_remotely.__name__ = f"remote_{getattr(fn, '__name__', 'fn')}"
+    return call_remotely
+
+
+def _nextproc() -> int:
+    """Round robin over ``workers()`` (pid 1 when there are none). Julia: ``nextproc``."""
+    pids = workers()
+    return pids[current_context().next_round_robin() % len(pids)]
+
+
+def spawnat(p, fn: Callable, /, *args, **kwargs) -> Future:
+    """Run ``fn`` on ``p`` (a pid, or ``"any"`` for round robin); returns a Future.
+
+    Inside ``with sync():`` the block waits for it. Julia: ``@spawnat p expr``.
+    """
+    if p == "any":
+        p = _nextproc()
+    elif isinstance(p, str):
+        raise ValueError(f'spawnat takes a pid or "any", not {p!r}')
+    return _sync.register(remotecall(fn, p, *args, **kwargs))
+
+
+def spawn(fn: Callable, /, *args, **kwargs) -> Future:
+    """``spawnat("any", fn, ...)``. Julia: ``@spawn``."""
+    return spawnat("any", fn, *args, **kwargs)
+
+
+def fetchfrom(p: int, fn: Callable, /, *args, **kwargs) -> Any:
+    """``remotecall_fetch(fn, p, ...)``. Julia: ``@fetchfrom p expr``."""
+    return remotecall_fetch(fn, p, *args, **kwargs)
+
+
+def fetchany(fn: Callable, /, *args, **kwargs) -> Any:
+    """Run ``fn`` on the next worker in round robin and return its value. Julia: ``@fetch``."""
+    return remotecall_fetch(fn, _nextproc(), *args, **kwargs)
+
+
+def everywhere(code_or_fn, /, *args, procs=None, module: str = "__main__", **kwargs):
+    """Run code (source text or a callable) on every process, the master included.
+
+    ``procs`` narrows it (one pid returns the value). Runs concurrently and waits for all;
+    failures are collected in a CompositeException. Processes added later do not get it.
+    Julia: ``@everywhere [procs] expr``.
+    """
+    if callable(code_or_fn) and (args or kwargs):
+        code = functools.partial(code_or_fn, *args, **kwargs)
+    elif args or kwargs:
+        raise TypeError("everywhere passes arguments only to a callable")
+    else:
+        code = code_or_fn
+    targets = globals()["procs"]() if procs is None else procs
+    return remotecall_eval(code, targets, module=module)
+
+
+def clear(names_or_pool, procs=None, *, module: str = "__main__"):
+    """Set globals ``names`` to None in ``module`` on ``procs`` (default: workers), or clear a
+    CachingPool. Julia: ``clear!``.
+    """
+    if isinstance(names_or_pool, _pools.CachingPool):
+        return names_or_pool.clear()
+    names = [names_or_pool] if isinstance(names_or_pool, str) else list(names_or_pool)
+    targets = workers() if procs is None else ([procs] if isinstance(procs, int) else procs)
+    remotecall_eval(functools.partial(_clear_names, names, module), list(targets), module=module)
+    return None
+
+
+def _clear_names(names: list[str], module: str) -> None:
+    namespace = sys.modules[module].__dict__ if module in sys.modules else {}
+    for name in names:
+        if name in namespace:
+            namespace[name] = None
 
 
 def remotecall_eval(code, procs, *, module: str = "__main__"):
