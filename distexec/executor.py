@@ -23,8 +23,9 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import BrokenExecutor
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from .cluster import membership
 from .cluster.local import LocalManager
@@ -42,7 +43,7 @@ log = logging.getLogger("concurrent.futures")
 MAX_IN_FLIGHT = 2  # per worker: one running, one on its way, so a worker never waits for work
 
 _interpreter_exiting = False
-_live_executors: "weakref.WeakSet[DistributedExecutor]" = weakref.WeakSet()
+_live_executors: weakref.WeakSet[DistributedExecutor] = weakref.WeakSet()
 
 
 def _python_exit() -> None:
@@ -121,7 +122,7 @@ class _TaskWaiter:
 
     __slots__ = ("waitingfor", "task", "executor")
 
-    def __init__(self, executor: "DistributedExecutor", pid: int, task: _Task):
+    def __init__(self, executor: DistributedExecutor, pid: int, task: _Task):
         self.waitingfor, self.task, self.executor = pid, task, executor
 
     def deliver(self, value: Any, is_error: bool) -> None:
@@ -213,7 +214,8 @@ class DistributedExecutor(cf.Executor):
         iterables work. ``chunksize`` items travel as one message. ``timeout`` counts from
         this call. ``progress=True`` draws a tqdm bar when tqdm is installed.
         """
-        if buffersize is not None and (isinstance(buffersize, bool) or not isinstance(buffersize, int)):
+        if buffersize is not None and (isinstance(buffersize, bool)
+                                       or not isinstance(buffersize, int)):
             raise TypeError("buffersize must be an integer or None")
         if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or > 0")
@@ -221,9 +223,9 @@ class DistributedExecutor(cf.Executor):
             raise ValueError("chunksize must be >= 1.")
         deadline = None if timeout is None else time.monotonic() + timeout
         if chunksize == 1:
-            results = _map_results(self, fn, zip(*iterables), deadline, buffersize)
+            results = _map_results(self, fn, zip(*iterables, strict=False), deadline, buffersize)
         else:
-            chunks = _batched(zip(*iterables), chunksize)
+            chunks = _batched(zip(*iterables, strict=False), chunksize)
             results = _chain(_map_results(self, functools.partial(_process_chunk, fn), chunks,
                                           deadline, buffersize, splat=False))
         return _with_progress(results, progress, iterables)
@@ -317,7 +319,8 @@ class DistributedExecutor(cf.Executor):
             try:
                 future.wait()
             except BaseException as exc:
-                text = exc.captured.traceback_text if isinstance(exc, RemoteException) else repr(exc)
+                text = (exc.captured.traceback_text if isinstance(exc, RemoteException)
+                        else repr(exc))
                 log.critical("Exception in initializer:\n%s", text)
                 self._break("A worker's initializer failed; the executor is broken")
                 return

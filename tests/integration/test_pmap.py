@@ -246,6 +246,20 @@ def test_pmap_on_a_worker_spreads_over_the_workers(shared_workers):
     assert {r[1] for r in results} <= set(shared_workers)
 
 
+def test_pmap_on_a_worker_through_the_masters_default_pool(shared_workers):
+    a, _b = shared_workers
+    for batch_size in (1, 3):
+        results = distexec.remotecall_fetch(
+            lambda n: pmap(lambda x: (x - 1, distexec.myid()), distexec.default_worker_pool(),
+                           range(9), batch_size=n), a, batch_size)
+        assert [r[0] for r in results] == [x - 1 for x in range(9)]
+        assert {r[1] for r in results} <= set(shared_workers)
+    pool = distexec.default_worker_pool()
+    assert sorted([pool.take(), pool.take()]) == shared_workers  # every worker was put back
+    for pid in shared_workers:
+        pool.put(pid)
+
+
 def test_pmap_on_a_worker_whose_pool_is_only_itself_runs_there_even_if_taken(shared_workers):
     a, _b = shared_workers
     pool = WorkerPool([a])

@@ -19,6 +19,7 @@ import pytest
 
 import distexec
 from distexec import Channel, ChannelClosedError, DistributedError, RemoteChannel, RemoteException
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -96,8 +97,8 @@ def test_unbuffered_put_waits_for_a_taker(owner, w):
     rc = RemoteChannel(owner, 0)
     assert rc.size == 0
     putting = InThread(rc.put, "x")
+    wait_until(rc.isready, DEADLINE, message="the putter's value on offer")
     assert not putting.done.wait(BLOCKED)
-    assert rc.isready()  # a waiting putter is a value on offer
     taker = distexec.remotecall(lambda c: c.take(), w[1], rc)
     assert taker.fetch(timeout=DEADLINE) == "x"
     assert putting.join() is rc
@@ -236,7 +237,7 @@ def test_closed_channel_raises_wrapped_when_the_owner_is_remote(w):
     assert isinstance(info.value.captured.ex, ChannelClosedError)
 
 
-def test_close_wakes_a_blocked_remote_taker(owner, w):
+def test_close_ends_a_pending_remote_take(owner, w):
     rc = RemoteChannel(owner)
     taker = distexec.remotecall(lambda c: c.take(), w[1], rc)
     assert not taker.done() and not taker.isready()
