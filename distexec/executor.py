@@ -380,12 +380,14 @@ def _lost_listener(executor: DistributedExecutor):
 
 def _map_results(executor, fn, args_iter, deadline, buffersize, *, splat: bool = True):
     """Submit (eagerly, or ``buffersize`` ahead) and return a generator of results in order."""
-    submit = (lambda args: executor.submit(fn, *args)) if splat else (
-        lambda args: executor.submit(fn, args))
+    def submit(target, args):
+        return target.submit(fn, *args) if splat else target.submit(fn, args)
+
     if buffersize:
-        futures = deque(submit(a) for a in itertools.islice(args_iter, buffersize))
+        futures = deque(submit(executor, a) for a in itertools.islice(args_iter, buffersize))
     else:
-        futures = deque(submit(a) for a in args_iter)
+        futures = deque(submit(executor, a) for a in args_iter)
+    # Only a weak reference: a pending lazy map must not keep the executor alive.
     executor_ref = weakref.ref(executor)
     return _yield_results(futures, args_iter if buffersize else None, submit, executor_ref,
                           deadline)
@@ -394,10 +396,12 @@ def _map_results(executor, fn, args_iter, deadline, buffersize, *, splat: bool =
 def _yield_results(futures: deque, more, submit, executor_ref, deadline):
     try:
         while futures:
-            if more is not None and executor_ref() is not None:
+            target = executor_ref() if more is not None else None
+            if target is not None:
                 args = next(more, _END)
                 if args is not _END:
-                    futures.append(submit(args))
+                    futures.append(submit(target, args))
+            del target
             timeout = None if deadline is None else deadline - time.monotonic()
             yield _result_or_cancel(futures.popleft(), timeout)  # keep no reference to it
     finally:
