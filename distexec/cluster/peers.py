@@ -132,6 +132,11 @@ def on_identify(ctx: ClusterContext, conn: Connection, frame) -> None:
         record = ctx.peers.get(pid)
         if record is not None and record.conn is not None and not record.conn.closed:
             raise ProtocolError(f"a connection claims worker id {pid}, which is already connected")
+        if ctx.topology != "all_to_all" or pid < ctx.myid:
+            # The higher pid always opens a link, and only all_to_all links workers together:
+            # anything else claims an identity it cannot have.
+            raise ProtocolError(f"worker {pid} may not open a link to worker {ctx.myid} "
+                                f"(topology {ctx.topology})")
         if record is None:
             record = WorkerRecord(pid)
             ctx.peers[pid] = record

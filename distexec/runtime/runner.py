@@ -56,6 +56,7 @@ class CallRunner:
         self._main_queue: deque | None = None
         self._main_wake = threading.Condition(self._lock)
         self._main_idle = False
+        self._main_finishing = False
         self._main_ident: int | None = None
         self._in_user_code: set[int] = set()
         self._stopped = False
@@ -63,8 +64,10 @@ class CallRunner:
     # -- submitting --------------------------------------------------------------------------
     def submit(self, task: Callable[[], None]) -> None:
         with self._lock:
-            if self._main_idle:
-                self._main_idle = False
+            # The main thread takes the call if it is idle, or if its user code is done and it
+            # is only sending a reply: then SIGINT can interrupt the call (see interrupt()).
+            if self._main_idle or (self._main_finishing and not self._main_queue):
+                self._main_idle = self._main_finishing = False
                 self._main_queue.append(task)
                 self._main_wake.notify()
                 return
@@ -114,7 +117,7 @@ class CallRunner:
                 self._main_wake.wait(0.5)
                 if not self._main_queue:
                     return None
-            self._main_idle = False
+            self._main_idle = self._main_finishing = False
             return self._main_queue.popleft()
 
     # -- running and interrupting ------------------------------------------------------------
@@ -168,4 +171,6 @@ class _UserCode:
     def __exit__(self, *exc):
         with self.runner._lock:
             self.runner._in_user_code.discard(self.ident)
+            if self.ident == self.runner._main_ident:
+                self.runner._main_finishing = True
         return False

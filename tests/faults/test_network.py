@@ -404,3 +404,22 @@ def test_identify_with_a_removed_workers_id_is_rejected(add_workers, capfd):
                      f"worker id {removed} was removed")
     assert distexec.workers() == [second]
     _assert_worker_serves(second)
+
+
+def test_identify_claiming_a_lower_unlinked_id_is_rejected(add_workers, capfd):
+    """Only the higher pid opens a link: a claim to a lower id is an impostor's."""
+    lower, higher = add_workers(2)
+    assert not distexec.remotecall_fetch(_has_link_to, higher, lower)  # lazy: no link yet
+
+    _claim(connect_at(higher), _cookie_key(), lower)
+    _wait_for_output(capfd, f"From worker {higher}:", "ProtocolError",
+                     f"worker {lower} may not open a link to worker {higher}")
+    # The real worker is still the one answering calls made through that pid.
+    assert distexec.remotecall_fetch(
+        lambda: distexec.remotecall_fetch(distexec.myid, lower), higher) == lower
+
+
+def _has_link_to(pid: int) -> bool:
+    from distexec.runtime.context import current_context
+    record = current_context().record(pid)
+    return record is not None and record.conn is not None

@@ -133,6 +133,7 @@ def test_retry_after_a_worker_is_killed_mid_pmap_gives_the_sequential_result(no_
     started.take()  # the victim holds an element...
     kill(os_pid(victim))  # ...and dies with it
     runner.join(DEADLINE * 3)
+    assert not runner.is_alive(), "pmap did not return"
     assert outcome["value"] == [x * x for x in range(200)]
     assert victim not in distexec.workers()
 
@@ -153,6 +154,7 @@ def test_a_worker_killed_mid_pmap_without_retries_fails_the_map(no_workers, add_
     started.take()
     kill(os_pid(b))
     runner.join(DEADLINE)
+    assert not runner.is_alive(), "pmap did not return"
     assert isinstance(outcome["error"], ProcessExitedException)
     assert outcome["error"].worker_id == b
 
@@ -168,6 +170,7 @@ def test_retries_come_before_on_error_for_a_killed_worker(no_workers, add_worker
     started.take()
     kill(os_pid(b))
     runner.join(DEADLINE)
+    assert not runner.is_alive(), "pmap did not return"
     assert outcome["value"] == [x * x for x in range(20)]
 
 
