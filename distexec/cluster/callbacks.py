@@ -111,7 +111,7 @@ def run_exited_callbacks(ctx: ClusterContext, record) -> None:
     """
     record.userdata["exiting"] = True
     try:
-        for key, error in run_callbacks(ctx, "exited", [(record.pid, record.state.value)]):
+        for key, error in run_callbacks(ctx, "exited", [(record.pid, record.state)]):
             log.error("Error when running worker-exited callback '%s'", key,
                       exc_info=(type(error), error, error.__traceback__))
     finally:

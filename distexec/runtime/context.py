@@ -35,7 +35,7 @@ from ..transport.connection import Connection
 log = logging.getLogger("distexec")
 
 
-class WorkerState(enum.Enum):
+class WorkerState(str, enum.Enum):
     """Life of a peer record. Julia: ``WorkerState``."""
 
     CREATED = "created"            # known, not connected (lazy peer or being set up)
@@ -43,6 +43,9 @@ class WorkerState(enum.Enum):
     TERMINATING = "terminating"    # rmprocs asked it to exit
     TERMINATED = "terminated"      # gone after rmprocs
     EXTERMINATED = "exterminated"  # gone without being asked
+
+    def __str__(self) -> str:
+        return self.value
 
 
 DEAD_STATES = (WorkerState.TERMINATED, WorkerState.EXTERMINATED)
