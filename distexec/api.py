@@ -214,8 +214,13 @@ add_worker_exited_callback, remove_worker_exited_callback = _callback_pair("exit
 
 
 # -- calls -----------------------------------------------------------------------------------
+def _is_pid(x) -> bool:
+    """Whether ``x`` is one worker id: any integer (numpy's too), but not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _check_target(target) -> int:
-    if isinstance(target, bool) or not isinstance(target, numbers.Integral):
+    if not _is_pid(target):
         raise TypeError("a call's target must be a worker id (int) or a worker pool, "
                         f"not {type(target).__name__}")
     return int(target)
@@ -323,7 +328,7 @@ def clear(names_or_pool, procs=None, *, module: str = "__main__"):
     if isinstance(names_or_pool, _pools.CachingPool):
         return names_or_pool.clear()
     names = [names_or_pool] if isinstance(names_or_pool, str) else list(names_or_pool)
-    targets = workers() if procs is None else ([procs] if isinstance(procs, int) else procs)
+    targets = workers() if procs is None else ([procs] if _is_pid(procs) else procs)
     remotecall_eval(functools.partial(_clear_names, names, module), list(targets), module=module)
     return None
 
@@ -342,13 +347,14 @@ def remotecall_eval(code, procs, *, module: str = "__main__"):
     concurrently and returns None; failures are collected in a CompositeException.
     Julia: ``remotecall_eval``.
     """
-    if isinstance(procs, int):
+    if _is_pid(procs):
         return remotecall_fetch(_evaluate, procs, code, module)
     ctx = current_context()
     futures, errors = [], []
     for pid in procs:
         try:
-            futures.append(_calls.remotecall(ctx, _evaluate, pid, (code, module), {}))
+            futures.append(_calls.remotecall(ctx, _evaluate, _check_target(pid), (code, module),
+                                             {}))
         except Exception as exc:
             errors.append(exc)
     for fut in futures:

@@ -19,10 +19,14 @@ import cloudpickle
 import pytest
 
 import distexec
-from distexec import CompositeException, RemoteChannel, RemoteException
-from distexec.pmap import distributed_for
-from distexec.runtime.channel import Channel
-from distexec.runtime.sync import sync
+from distexec import (
+    Channel,
+    CompositeException,
+    RemoteChannel,
+    RemoteException,
+    distributed_for,
+    sync,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

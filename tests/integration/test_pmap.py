@@ -255,7 +255,7 @@ def test_pmap_on_a_worker_through_the_masters_default_pool(shared_workers):
         results = distexec.remotecall_fetch(
             lambda n: pmap(lambda x: (x - 1, distexec.myid()), distexec.default_worker_pool(),
                            range(9), batch_size=n), a, batch_size)
-        assert [r[0] for r in results] == [x - 1 for x in range(9)]
+        assert [r[0] for r in results] == [i - 1 for i in range(9)]
         assert {r[1] for r in results} <= set(shared_workers)
     pool = distexec.default_worker_pool()
     assert sorted([pool.take(), pool.take()]) == shared_workers  # every worker was put back

@@ -7,14 +7,15 @@ cluster without workers come first and remove any they find (``no_workers``).
 
 "Blocked" is observed by waiting briefly for an event that must not fire. A computation that
 must not finish yet waits on a *gate*, a master-owned RemoteChannel the test feeds. The pool
-forms of the calls are used through ``distexec.pools.pool_remotecall*`` (the module-level
-``distexec.remotecall(fn, pool)`` does not take a pool yet).
+forms of the calls are tested both through the public ``distexec.remotecall*(fn, pool, ...)``
+and through the pool layer's ``distexec.pools.pool_remotecall*`` (the ``via`` fixture).
 """
 
 from __future__ import annotations
 
 import pickle
 import sys
+from types import SimpleNamespace
 
 import cloudpickle
 import pytest
@@ -70,6 +71,20 @@ def fresh_default_pool():
     yield
     with ctx.lock:
         ctx.default_pool = saved
+
+
+POOL_LAYER = SimpleNamespace(
+    remotecall=lambda fn, pool, *args, **kw: pool_remotecall(fn, pool, args, kw),
+    remotecall_fetch=lambda fn, pool, *args, **kw: pool_remotecall_fetch(fn, pool, args, kw),
+    remotecall_wait=lambda fn, pool, *args, **kw: pool_remotecall_wait(fn, pool, args, kw),
+    remote_do=lambda fn, pool, *args, **kw: pool_remote_do(fn, pool, args, kw),
+)
+
+
+@pytest.fixture(params=["distexec", "distexec.pools"])
+def via(request):
+    """The call functions taking a pool: the public API, or the pool layer under it."""
+    return distexec if request.param == "distexec" else POOL_LAYER
 
 
 def kill_and_wait(pid: int) -> None:
@@ -374,17 +389,18 @@ def test_a_worker_pool_pickles_only_inside_a_cluster_send(add_workers):
 # --------------------------------------------------------------------------------------------
 # CachingPool
 # --------------------------------------------------------------------------------------------
-def test_caching_pool_ships_each_function_once_per_worker(add_workers, pickle_count):
+def test_caching_pool_ships_each_function_once_per_worker(add_workers, pickle_count, via):
     a, b = add_workers(2)
     work = counting_closure()
     pool = CachingPool([a, b])
-    results = [pool_remotecall_fetch(work, pool, (i,), {}) for i in range(20)]
+    results = [via.remotecall_fetch(work, pool, i) for i in range(20)]
     assert [r[1] for r in results] == [2 * i for i in range(20)]
     assert {r[0] for r in results} == {a, b}
     assert pickle_count() == 2
-    assert pool_remotecall(work, pool, (1,), {}).fetch() in {(a, 2), (b, 2)}
-    assert pool_remotecall_wait(work, pool, (1,), {}).fetch() in {(a, 2), (b, 2)}
-    pool_remote_do(work, pool, (1,), {})
+    assert via.remotecall(work, pool, 1).fetch() in {(a, 2), (b, 2)}
+    assert via.remotecall_wait(work, pool, 1).fetch() in {(a, 2), (b, 2)}
+    via.remote_do(work, pool, 1)
+    assert distexec.remote(work, pool)(x=1) in {(a, 2), (b, 2)}
     assert pickle_count() == 2
 
 
@@ -422,7 +438,7 @@ def test_caching_pool_clear_frees_the_cached_functions_on_the_workers(add_worker
     for i in range(6):
         pool_remotecall_fetch(work, pool, (i,), {})
     assert {p: owned_channels(p) for p in (a, b)} == {p: n + 1 for p, n in before.items()}
-    assert pool.clear() is pool
+    assert distexec.clear(pool) is pool
     wait_until(lambda: {p: owned_channels(p) for p in (a, b)} == before, DEADLINE,
                message="the workers to drop the cached function")
     pool_remotecall_fetch(work, pool, (0,), {})
@@ -442,11 +458,11 @@ def test_caching_pool_is_not_serializable(add_workers):
 # the pool forms of the calls: when the worker goes back to the pool
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", [WorkerPool, CachingPool])
-def test_remotecall_keeps_the_worker_until_its_future_completes(add_workers, kind):
+def test_remotecall_keeps_the_worker_until_its_future_completes(add_workers, kind, via):
     (a,) = add_workers(1)
     pool = kind([a])
     gate = RemoteChannel()
-    future = pool_remotecall(lambda g: g.take(), pool, (gate,), {})
+    future = via.remotecall(lambda g: g.take(), pool, gate)
     assert not pool.isready()
     taker = in_thread(pool.take)  # as a second call would
     assert blocks(taker)
@@ -457,11 +473,11 @@ def test_remotecall_keeps_the_worker_until_its_future_completes(add_workers, kin
     assert pool.isready()
 
 
-def test_remotecall_returns_a_worker_whose_call_failed(add_workers):
+def test_remotecall_returns_a_worker_whose_call_failed(add_workers, via):
     (a,) = add_workers(1)
     pool = WorkerPool([a])
     gate = RemoteChannel()
-    future = pool_remotecall(lambda g: 1 / g.take(), pool, (gate,), {})
+    future = via.remotecall(lambda g: 1 / g.take(), pool, gate)
     assert not pool.isready()
     gate.put(0)
     wait_until(pool.isready, DEADLINE, message="the worker to go back to the pool")
@@ -469,26 +485,34 @@ def test_remotecall_returns_a_worker_whose_call_failed(add_workers):
         future.fetch()
 
 
-def test_remotecall_fetch_and_wait_return_the_worker_when_they_return(add_workers):
+def test_remotecall_fetch_and_wait_return_the_worker_when_they_return(add_workers, via):
     (a,) = add_workers(1)
     pool = WorkerPool([a])
-    assert pool_remotecall_fetch(lambda x: x + 1, pool, (1,), {}) == 2
+    assert via.remotecall_fetch(lambda x, y=0: (distexec.myid(), x + y), pool, 1, y=2) == (a, 3)
     assert pool.isready()
-    assert pool_remotecall_wait(lambda x: x + 1, pool, (1,), {}).fetch() == 2
+    assert via.remotecall_wait(lambda x: x + 1, pool, 1).fetch() == 2
     assert pool.isready()
     with pytest.raises(RemoteException):
-        pool_remotecall_fetch(lambda: 1 / 0, pool, (), {})
+        via.remotecall_fetch(lambda: 1 / 0, pool)
     assert pool.isready()
 
 
-def test_remote_do_returns_the_worker_at_once(add_workers):
+def test_remote_do_returns_the_worker_at_once(add_workers, via):
     (a,) = add_workers(1)
     pool = WorkerPool([a])
     gate, done = RemoteChannel(), RemoteChannel()
-    pool_remote_do(lambda g, d: d.put(g.take()), pool, (gate, done), {})
+    via.remote_do(lambda g, d: d.put(g.take()), pool, gate, done)
     assert pool.isready()  # while the call still waits on the gate
     gate.put("went")
     assert done.take() == "went"
+
+
+def test_remote_calls_through_a_pool_or_the_default_pool(add_workers):
+    a, b = add_workers(2)
+    assert distexec.remote(distexec.myid, WorkerPool([b]))() == b
+    on_default = distexec.remote(lambda x, y: (distexec.myid(), x * y))
+    assert [on_default(i, y=3)[1] for i in range(4)] == [0, 3, 6, 9]
+    assert {on_default(0, 0)[0] for _ in range(4)} == {a, b}
 
 
 def test_a_worker_calling_through_its_masters_pool(add_workers):
@@ -496,9 +520,8 @@ def test_a_worker_calling_through_its_masters_pool(add_workers):
     pool = WorkerPool([b, 1])
 
     def on_worker(p):
-        from distexec.pools import pool_remotecall, pool_remotecall_fetch
-        values = [pool_remotecall(distexec.myid, p, (), {}).fetch() for _ in range(4)]
-        values.append(pool_remotecall_fetch(distexec.myid, p, (), {}))
+        values = [distexec.remotecall(distexec.myid, p).fetch() for _ in range(4)]
+        values.append(distexec.remotecall_fetch(distexec.myid, p))
         return values
 
     values = distexec.remotecall_fetch(on_worker, a, pool)
@@ -510,10 +533,10 @@ def test_a_worker_that_dies_during_a_pool_call_leaves_the_pool(add_workers):
     (a,) = add_workers(1)
     pool = WorkerPool([a])
     gate = RemoteChannel()
-    future = pool_remotecall(lambda g: g.take(), pool, (gate,), {})
+    future = distexec.remotecall(lambda g: g.take(), pool, gate)
     kill_and_wait(a)
     with pytest.raises(distexec.ProcessExitedException):
         future.fetch(timeout=DEADLINE)
     assert pool.workers() == []
     with pytest.raises(DistributedError, match="No active worker available in pool"):
-        pool_remotecall_fetch(distexec.myid, pool, (), {})
+        distexec.remotecall_fetch(distexec.myid, pool)
