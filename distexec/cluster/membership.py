@@ -223,8 +223,9 @@ def create_worker(ctx: ClusterContext, manager, config: WorkerConfig, params: di
     if getattr(manager, "is_local", type(manager).__name__ == "LocalManager"):
         ctx.local_launched.add(pid)
     ctx.set_state(record, WorkerState.CONNECTED)
-    if ctx.default_pool is not None:
-        ctx.default_pool.push(pid)
+    pool = ctx.default_pool
+    if pool is not None:  # a WorkerPool may be filling itself concurrently: push only once
+        getattr(pool, "push_if_new", pool.push)(pid)
     return pid
 
 

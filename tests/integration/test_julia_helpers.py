@@ -619,6 +619,10 @@ def test_pool_operations_exist(method):
 
 
 def test_composite_exception_is_an_exception_group():
+    if sys.version_info < (3, 11):
+        from exceptiongroup import ExceptionGroup
+    else:
+        from builtins import ExceptionGroup
     assert issubclass(distexec.CompositeException, ExceptionGroup)
 
 
