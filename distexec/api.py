@@ -12,7 +12,7 @@ import functools
 import numbers
 import socket as _socket
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from .cluster import callbacks as _callbacks
 from .cluster import membership as _membership
@@ -255,7 +255,10 @@ def remotecall_wait(fn: Callable, target, /, *args, **kwargs) -> Future:
 
 
 def remote_do(fn: Callable, target, /, *args, **kwargs) -> None:
-    """Run ``fn`` on ``target`` (pid or pool) without waiting; errors print there. Julia: same name."""
+    """Run ``fn`` on ``target`` (pid or pool) without waiting; errors print there.
+
+    Julia: same name.
+    """
     _call(_calls.remote_do, _pools.pool_remote_do, fn, target, args, kwargs)
 
 
