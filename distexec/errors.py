@@ -10,6 +10,10 @@ Two families, in the h11 spirit: errors the *caller* caused (bad arguments get t
 from __future__ import annotations
 
 import signal as _signal
+import sys as _sys
+
+if _sys.version_info < (3, 11):  # pragma: no cover - the backport provides it on 3.10
+    from exceptiongroup import ExceptionGroup
 
 __all__ = [
     "DistexecError",

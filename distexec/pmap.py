@@ -13,7 +13,6 @@ Julia: ``pmap``, ``retry``, ``ExponentialBackOff``, ``batchsplit``, ``@distribut
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import functools
 import itertools
 import random
@@ -25,6 +24,7 @@ from typing import Any
 from .errors import CompositeException, ProcessExitedException, RemoteException
 from .pools import AbstractWorkerPool, CachingPool, pool_remotecall_fetch
 from .runtime.context import current_context
+from .runtime.runner import in_thread
 
 __all__ = ["pmap", "ExponentialBackOff", "BatchProcessingError", "splitrange", "batchsplit",
            "retry", "distributed_for"]
@@ -379,9 +379,8 @@ def distributed_for(body: Callable, iterable, reducer: Callable | None = None):
         if not futures:
             raise ValueError("distributed_for with a reducer needs a non-empty iterable")
         return functools.reduce(reducer, (f.fetch() for f in futures))
-    handle: cf.Future = cf.Future()
 
-    def run_all():
+    def run_all() -> None:
         errors = []
         futures = [calls.remotecall(ctx, _run_chunk, pids[i % len(pids)],
                                     (body, seq, c.start, c.stop, None), {})
@@ -391,7 +390,7 @@ def distributed_for(body: Callable, iterable, reducer: Callable | None = None):
                 f.wait()
             except Exception as exc:
                 errors.append(exc)
-        handle.set_exception(CompositeException(errors)) if errors else handle.set_result(None)
+        if errors:
+            raise CompositeException(errors)
 
-    threading.Thread(target=run_all, daemon=True, name="distexec-distributed-for").start()
-    return sync_mod.register(handle)
+    return sync_mod.register(in_thread(run_all, name="distexec-distributed-for"))

@@ -10,12 +10,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import inspect
 import logging
-import threading
 import time
 import uuid
 from typing import Callable
 
 from ..runtime.context import ClusterContext
+from ..runtime.runner import in_thread
 
 log = logging.getLogger("distexec")
 
@@ -66,21 +66,8 @@ def run_callbacks(ctx: ClusterContext, kind: str, argsets, *, timeout: float | N
     running: dict[cf.Future, str] = {}
     for key, fn in registry.items():
         for args in argsets:
-            running[_start(fn, args)] = key
+            running[in_thread(fn, *args, name="distexec-callback")] = key
     return _collect(kind, running, timeout, warning_interval)
-
-
-def _start(fn: Callable, args: tuple) -> cf.Future:
-    future: cf.Future = cf.Future()
-
-    def run():
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, daemon=True, name="distexec-callback").start()
-    return future
 
 
 def _collect(kind, running, timeout, warning_interval) -> list[tuple[str, BaseException]]:

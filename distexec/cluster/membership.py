@@ -30,6 +30,7 @@ from ..protocol import serialization
 from ..protocol.frames import Kind
 from ..runtime import dispatch
 from ..runtime.calls import ReplySlot, remotecall
+from ..runtime.runner import in_thread
 from ..runtime.context import ClusterContext, WorkerRecord, WorkerState, DEAD_STATES
 from ..transport.connection import Connection
 from . import callbacks, peers
@@ -153,16 +154,7 @@ def _launch_and_join(ctx: ClusterContext, manager, params: dict):
 
 
 def _start_setup(ctx, manager, config, params) -> cf.Future:
-    future: cf.Future = cf.Future()
-
-    def run():
-        try:
-            future.set_result(create_worker(ctx, manager, config, params))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, daemon=True, name="distexec-setup").start()
-    return future
+    return in_thread(create_worker, ctx, manager, config, params, name="distexec-setup")
 
 
 def run_on_launcher(ctx: ClusterContext, fn) -> cf.Future:
@@ -396,16 +388,7 @@ def rmprocs(ctx: ClusterContext, pids, waitfor: float | None = None,
     require_master(ctx)
     pids = _flatten(pids)
     if waitfor == 0:
-        handle: cf.Future = cf.Future()
-
-        def background():
-            try:
-                handle.set_result(_remove(ctx, pids, None, callback_timeout))
-            except BaseException as exc:
-                handle.set_exception(exc)
-
-        threading.Thread(target=background, daemon=True, name="distexec-rmprocs").start()
-        return handle
+        return in_thread(_remove, ctx, pids, None, callback_timeout, name="distexec-rmprocs")
     done: cf.Future = cf.Future()
     done.set_result(_remove(ctx, pids, waitfor, callback_timeout))
     return done

@@ -16,6 +16,7 @@ Idle pool threads exit after ``IDLE_SECONDS``.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import ctypes
 import logging
 import threading
@@ -174,3 +175,20 @@ class _UserCode:
             if self.ident == self.runner._main_ident:
                 self.runner._main_finishing = True
         return False
+
+
+def in_thread(fn: Callable, *args, name: str = "distexec-task") -> "cf.Future":
+    """Run ``fn(*args)`` on a new daemon thread; returns a Future of its outcome.
+
+    For the cluster's own background steps (set-ups, callbacks, removals), never user calls.
+    """
+    future: cf.Future = cf.Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name=name).start()
+    return future
