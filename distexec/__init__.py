@@ -9,7 +9,7 @@ from .api import *  # noqa: F401,F403
 from .api import __all__ as _api_all
 from .cluster.local import LocalManager
 from .cluster.manager import ClusterManager, WorkerConfig, default_addprocs_params
-from .cluster.worker import init_worker, start_worker
+from .cluster.worker import init_worker, process_messages, start_worker
 from .errors import (AuthenticationError, CapturedException, ChannelClosedError,
                      CompositeException, DistexecError, DistributedError, InvalidStateError,
                      LaunchWorkerError, MessageTooLarge, ProcessExitedException, ProtocolError,
@@ -32,7 +32,7 @@ __all__ = [
     "splitrange", "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool",
     "set_default_worker_pool",
     "LocalManager", "ClusterManager", "WorkerConfig", "default_addprocs_params",
-    "init_worker", "start_worker", "RRID", "current_destination", "Channel",
+    "init_worker", "start_worker", "process_messages", "RRID", "current_destination", "Channel",
     "ClusterContext", "WorkerState", "Future", "RemoteChannel", "channel_from_id", "remoteref_id",
     "DistexecError", "DistributedError", "RemoteException", "CapturedException",
     "RemoteDeserializationError", "ProcessExitedException", "CompositeException",

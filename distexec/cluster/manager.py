@@ -9,6 +9,7 @@ Owns ``ClusterManager`` (the abstract base users subclass for new launch mechani
 from __future__ import annotations
 
 import abc
+import socket
 import os
 import subprocess
 import sys
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..runtime.context import current_context
-from ..transport import sockets
 from .launch import read_worker_host_port, worker_timeout
 
 
@@ -108,12 +108,14 @@ class ClusterManager(abc.ABC):
             pass
 
     def connect(self, pid: int, config: WorkerConfig):
-        """Open an authenticated connection to worker ``pid``; returns ``(reader, writer)``.
+        """Open a connection to worker ``pid``; returns ``(reader, writer)``.
 
-        Default: TCP to ``config.connect_at`` (worker-to-worker), else to the address the
-        worker printed on ``config.io``, else to ``config.host``/``config.port``.
+        The master then authenticates over it (the cookie challenge) before anything else.
+        Return a connected socket twice, or any pair of binary streams (a custom transport;
+        the worker serves it with ``init_worker`` and ``process_messages``). Default: TCP to
+        ``config.connect_at``, else to the address the worker printed on ``config.io``, else
+        to ``config.host``/``config.port``.
         """
-        ctx = current_context()
         if config.connect_at is not None:
             host, port = config.connect_at
         else:
@@ -125,7 +127,7 @@ class ClusterManager(abc.ABC):
             config.host, config.port = host, port
             config.bind_addr = config.bind_addr or host
             config.connect_at = (config.bind_addr, port)
-        sock = sockets.connect(host, int(port), ctx.cookie.key, worker_timeout())
+        sock = socket.create_connection((host, int(port)), timeout=worker_timeout())
         return sock, sock
 
     def default_addprocs_params(self) -> dict:

@@ -32,7 +32,9 @@ from ..runtime import dispatch
 from ..runtime.calls import ReplySlot, remotecall
 from ..runtime.runner import in_thread
 from ..runtime.context import ClusterContext, WorkerRecord, WorkerState, DEAD_STATES
+from ..transport import sockets
 from ..transport.connection import Connection
+from ..transport.streams import as_transport, expire_after
 from . import callbacks, peers
 from .launch import worker_timeout
 from .manager import WorkerConfig, default_addprocs_params
@@ -190,12 +192,12 @@ def create_worker(ctx: ClusterContext, manager, config: WorkerConfig, params: di
     record = WorkerRecord(pid, WorkerState.CREATED, config=config, manager=manager)
     ctx.register(record)
     try:
-        reader, _writer = manager.connect(pid, config)
+        transport = _authenticated_link(ctx, *manager.connect(pid, config), config)
     except BaseException:
         _discard(ctx, manager, pid, config)
         raise
     record.connect_at = config.connect_at
-    conn = Connection(reader, on_frame=lambda c, f: dispatch.on_frame(ctx, c, f),
+    conn = Connection(transport, on_frame=lambda c, f: dispatch.on_frame(ctx, c, f),
                       on_close=lambda c, e: on_connection_closed(ctx, c, e), name=f"worker-{pid}")
     conn.peer_pid = pid
     record.conn = conn
@@ -221,6 +223,20 @@ def create_worker(ctx: ClusterContext, manager, config: WorkerConfig, params: di
     return pid
 
 
+def _authenticated_link(ctx: ClusterContext, reader, writer, config: WorkerConfig):
+    """Authenticate as the initiator over what ``manager.connect`` returned."""
+    transport = as_transport(reader, writer)
+    peer = (f"worker at {config.host}:{config.port}" if config.port is not None
+            else f"worker via {transport!r}")
+    timer = expire_after(transport, worker_timeout()) if transport is not reader else None
+    try:
+        sockets.initiate_handshake(transport, ctx.cookie.key, worker_timeout(), peer)
+    finally:
+        if timer is not None:
+            timer.cancel()
+    return transport
+
+
 def _join(ctx: ClusterContext, record: WorkerRecord, params: dict):
     peer_list = []
     if ctx.topology == "all_to_all":
@@ -230,6 +246,8 @@ def _join(ctx: ClusterContext, record: WorkerRecord, params: dict):
             peer_list = [(p, r.connect_at) for p, r in ctx.peers.items()
                          if 1 < p < record.pid and r.connect_at is not None
                          and r.state not in DEAD_STATES]
+    elif ctx.topology == "custom":
+        peer_list = _wait_custom_peers(ctx, record)
     record.userdata["knows"] = {p for p, _ in peer_list}
     slot, notify = ReplySlot(record.pid), ctx.next_rrid()
     ctx.add_waiter(notify, slot)
@@ -241,6 +259,28 @@ def _join(ctx: ClusterContext, record: WorkerRecord, params: dict):
         ctx.pop_waiter(notify)
         raise DistributedError(f"worker {record.pid} did not connect within {timeout} seconds")
     return slot.wait()
+
+
+def _wait_custom_peers(ctx: ClusterContext, record: WorkerRecord) -> list:
+    """Custom topology: wait until the workers named in ``connect_idents`` have joined.
+
+    Julia polls for them with the worker timeout; they must come from the same ``addprocs``.
+    """
+    wanted = set(getattr(record.config, "connect_idents", None) or ())
+    timeout = worker_timeout()
+    deadline = time.monotonic() + timeout
+    with ctx.lock:
+        while True:
+            found = {r.config.ident: r for r in ctx.peers.values()
+                     if r.pid != record.pid and r.config is not None
+                     and getattr(r.config, "ident", None) in wanted}
+            if len(found) == len(wanted) and all(
+                    r.state == WorkerState.CONNECTED for r in found.values()):
+                return [(r.pid, r.connect_at) for r in found.values()]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DistributedError(f"peer workers did not connect within {timeout} seconds")
+            ctx.changed.wait(left)
 
 
 def _wait_lower_joined(ctx: ClusterContext, pid: int) -> None:

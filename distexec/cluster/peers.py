@@ -8,6 +8,8 @@ Owns how a worker reaches another worker. Imports the other cluster modules,
         A > B: A connects to B, sends IDENTIFY(A), waits for the ack
         A < B: A asks pid 1 to ask B to connect to A, then waits for B's link to register
     all_to_all, eager: a joining worker connects to every lower pid before it replies to JOIN
+    custom: a joining worker connects to the workers whose ``ident`` its manager listed in
+        ``connect_idents``, before it replies to JOIN; other pairs behave like master_worker
     master_worker: workers never connect to each other; trying is a clear error
 
 The higher pid always initiates, so two workers never open two links to each other.
@@ -132,9 +134,10 @@ def on_identify(ctx: ClusterContext, conn: Connection, frame) -> None:
         record = ctx.peers.get(pid)
         if record is not None and record.conn is not None and not record.conn.closed:
             raise ProtocolError(f"a connection claims worker id {pid}, which is already connected")
-        if ctx.topology != "all_to_all" or pid < ctx.myid:
-            # The higher pid always opens a link, and only all_to_all links workers together:
-            # anything else claims an identity it cannot have.
+        if ctx.topology == "master_worker" or (ctx.topology == "all_to_all" and pid < ctx.myid):
+            # In all_to_all the higher pid always opens a link (in custom, the joining worker),
+            # and master_worker has no links between workers: anything else claims an identity
+            # it cannot have.
             raise ProtocolError(f"worker {pid} may not open a link to worker {ctx.myid} "
                                 f"(topology {ctx.topology})")
         if record is None:
@@ -165,7 +168,9 @@ def register_peers(ctx: ClusterContext, peers, *, eager: bool = False) -> None:
                 record.connect_at = tuple(connect_at)
     if eager:
         for pid, connect_at in peers:
-            if pid < ctx.myid:
+            if ctx.topology == "custom":  # the joining worker links to exactly its listed peers
+                connect_to_peer(ctx, pid, connect_at)
+            elif pid < ctx.myid:
                 ctx.connection_for(pid)
 
 

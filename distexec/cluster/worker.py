@@ -25,9 +25,11 @@ from ..protocol import secret as secret_mod
 from ..protocol import serialization
 from ..protocol.frames import Flag, Kind
 from ..runtime import dispatch
-from ..runtime.context import ClusterContext, WorkerRecord, WorkerState, default_context
+from ..runtime.context import (ClusterContext, WorkerRecord, WorkerState, current_context,
+                               default_context)
 from ..transport import sockets
 from ..transport.connection import Connection
+from ..transport.streams import as_transport, expire_after
 from .launch import worker_timeout
 
 log = logging.getLogger("distexec")
@@ -89,10 +91,35 @@ def start_worker(out=None, cookie: str | None = None, *, close_stdin: bool = Tru
     _exit(0)
 
 
-def _accept(ctx: ClusterContext, sock) -> None:
+def _accept(ctx: ClusterContext, sock) -> Connection:
     conn = Connection(sock, on_frame=lambda c, f: dispatch.on_frame(ctx, c, f),
                       on_close=lambda c, e: _on_close(ctx, c, e), name="incoming")
     conn.start()
+    return conn
+
+
+def process_messages(reader, writer, incoming: bool = True) -> threading.Thread:
+    """Serve the cluster protocol over a pair of streams (a custom transport).
+
+    ``incoming=True`` (a worker serving its master's link): this side answers the cookie
+    challenge as the acceptor; ``False``: this side initiated the link and starts the
+    challenge. Call ``init_worker(cookie)`` first on a worker. Returns the reader thread;
+    joining it waits until the link closes (for a worker, the process then exits).
+    Julia: ``process_messages``.
+    """
+    ctx = current_context()
+    transport = as_transport(reader, writer)
+    timeout = sockets.DEFAULT_HANDSHAKE_TIMEOUT
+    timer = expire_after(transport, timeout) if transport is not reader else None
+    try:
+        if incoming:
+            sockets.serve_handshake(transport, ctx.cookie.key, timeout)
+        else:
+            sockets.initiate_handshake(transport, ctx.cookie.key, timeout, repr(transport))
+    finally:
+        if timer is not None:
+            timer.cancel()
+    return _accept(ctx, transport).reader_thread
 
 
 def _on_close(ctx: ClusterContext, conn: Connection, error) -> None:
@@ -118,7 +145,8 @@ def _on_join(ctx: ClusterContext, conn: Connection, frame) -> None:
 def _finish_join(ctx: ClusterContext, conn: Connection, peers, notify) -> None:
     from .peers import register_peers
     try:
-        register_peers(ctx, peers, eager=not ctx.lazy and ctx.topology == "all_to_all")
+        register_peers(ctx, peers, eager=ctx.topology == "custom"
+                       or (not ctx.lazy and ctx.topology == "all_to_all"))
         reply = (os.cpu_count() or 1, os.getpid())
         flags = Flag.NONE
     except Exception as exc:

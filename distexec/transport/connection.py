@@ -103,6 +103,11 @@ class Connection:
         return f"<Connection {self.name} pid={self.peer_pid}{' closed' if self.closed else ''}>"
 
     @property
+    def reader_thread(self) -> threading.Thread | None:
+        """The thread reading this connection (None before ``start``)."""
+        return self._reader
+
+    @property
     def closed(self) -> bool:
         return self._closed.is_set()
 

@@ -175,8 +175,17 @@ def serve_handshake(conn: socket.socket, secret: bytes, timeout: float) -> int:
 
 def connect(host: str, port: int, secret: bytes, timeout: float) -> socket.socket:
     """Open a TCP connection and authenticate as the initiator; returns the socket."""
-    deadline = time.monotonic() + timeout
     sock = socket.create_connection((host, port), timeout=timeout)
+    initiate_handshake(sock, secret, timeout, f"{host}:{port}")
+    return sock
+
+
+def initiate_handshake(sock, secret: bytes, timeout: float, peer: str) -> int:
+    """Run the initiator's side on a connected socket (or stream transport); closes it on failure.
+
+    Returns the peer's protocol version.
+    """
+    deadline = time.monotonic() + timeout
     try:
         client = handshake.ClientHandshake(secret)
         reply = client.receive_hello(_recv_exact_before(sock, handshake.HELLO_SIZE, deadline))
@@ -184,15 +193,15 @@ def connect(host: str, port: int, secret: bytes, timeout: float) -> socket.socke
         client.receive_verdict(_recv_exact_before(sock, handshake.VERDICT_SIZE, deadline))
     except EOFError:
         sock.close()
-        raise AuthenticationError(f"{host}:{port} closed the connection during the handshake "
+        raise AuthenticationError(f"{peer} closed the connection during the handshake "
                                   "(wrong cluster cookie or not a distexec worker?)") from None
     except BaseException as exc:
         sock.close()
         if isinstance(exc, (AuthenticationError, ProtocolError)):
-            exc.args = (f"{host}:{port}: {exc.args[0] if exc.args else exc}",)
+            exc.args = (f"{peer}: {exc.args[0] if exc.args else exc}",)
         raise
     sock.settimeout(None)
-    return sock
+    return client.peer_version
 
 
 def _remaining(deadline: float) -> float:
