@@ -1,14 +1,25 @@
-"""The ``distexec`` command line: ``distexec worker`` (and, later, ``distexec run``).
+"""The ``distexec`` command line: ``distexec worker`` and ``distexec run``.
 
-Owns argument parsing for the console script and ``python -m distexec``. May import anything.
+Owns argument parsing for the console script and ``python -m distexec``, and running a user
+script on a ready cluster. May import anything.
+
+    distexec run -p 4 script.py a b       like ``julia -p 4 script.jl a b``
+    distexec run --machine-file hosts script.py
+    distexec run --slurm "--ntasks=8 --partition=short" script.py
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import runpy
+import shlex
 import sys
 
 from .cluster.worker import start_worker
+
+_SRUN_SHORT = {"-n": "ntasks", "-N": "nodes", "-p": "partition", "-t": "time",
+               "-c": "cpus_per_task", "-A": "account", "-q": "qos", "-J": "job_name"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,6 +31,16 @@ def _parser() -> argparse.ArgumentParser:
                         help="interface (and port, or port hint) to listen on; default 127.0.0.1")
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     worker.add_argument("--die-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    run = commands.add_parser(
+        "run", help="start workers, run a script as __main__ with the cluster ready, shut down")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("-p", "--procs", type=int, metavar="N", help="N local workers")
+    where.add_argument("--machine-file", metavar="FILE",
+                       help="SSH workers, one line per host: [count*][user@]host[:port] [bind[:port]]")
+    where.add_argument("--slurm", metavar="SRUN_OPTIONS", nargs="?", const="",
+                       help='workers through srun, e.g. --slurm "--ntasks=4 --partition=debug"')
+    run.add_argument("script", help="the Python script to run")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     return parser
 
 
@@ -28,7 +49,83 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         start_worker(bind_to=args.bind_to, parent_pid=args.parent_pid,
                      die_with_stdin=args.die_with_stdin)
-    return 0
+        return 0
+    return run_script(args)
+
+
+def run_script(args) -> int:
+    """Add the workers, run the script as ``__main__``, remove them; the script's exit status."""
+    import distexec
+    target = _cluster_target(args)
+    if target is not None:
+        distexec.addprocs(target)
+    sys.argv = [args.script, *args.args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
+    try:
+        runpy.run_path(args.script, run_name="__main__")
+        status = 0
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    finally:
+        workers = [p for p in distexec.procs() if p != 1]
+        if workers:
+            distexec.rmprocs(workers, waitfor=30)
+    return status
+
+
+def _cluster_target(args):
+    if args.procs is not None:
+        if args.procs < 1:
+            raise SystemExit("distexec run: -p needs a positive number of workers")
+        return args.procs
+    if args.machine_file is not None:
+        from .cluster.ssh import SSHManager
+        return SSHManager(read_machine_file(args.machine_file))
+    if args.slurm is not None:
+        from .cluster.slurm import SlurmManager
+        return SlurmManager(**srun_options(args.slurm))
+    return None
+
+
+def read_machine_file(path: str) -> list:
+    """Julia's machine file: ``[count*][user@]host[:port] [bind_addr[:port]]`` per line."""
+    machines = []
+    with open(path) as lines:
+        for line in lines:
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            count, star, spec = line.partition("*")
+            if not star:
+                machines.append(line)
+            elif count.strip() == "auto":
+                machines.append((spec.strip(), "auto"))
+            else:
+                machines.append((spec.strip(), int(count)))
+    return machines
+
+
+def srun_options(text: str) -> dict:
+    """``"--ntasks=4 -p debug --exclusive"`` -> ``{"ntasks": "4", "partition": "debug", ...}``."""
+    options: dict = {}
+    tokens = shlex.split(text)
+    while tokens:
+        token = tokens.pop(0)
+        if token.startswith("--"):
+            key, eq, value = token[2:].partition("=")
+            if not eq:
+                value = tokens.pop(0) if tokens and not tokens[0].startswith("-") else True
+        elif token in _SRUN_SHORT and tokens:
+            key, value = _SRUN_SHORT[token], tokens.pop(0)
+        else:
+            raise SystemExit(f"distexec run: unsupported srun option {token!r} "
+                             "(use the --long=value form)")
+        options[key.replace("-", "_")] = value
+    if "ntasks" in options:
+        options["ntasks"] = int(options["ntasks"])
+    return options
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""The command line: ``distexec run`` with local workers, and its argument parsing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+from distexec.cli import read_machine_file, srun_options
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+SCRIPT = textwrap.dedent("""
+    import os, sys
+    import distexec as d
+
+    def where(x):
+        return x, d.myid()
+
+    print("workers", d.workers(), "argv", sys.argv[1:], flush=True)
+    print("pids", *[d.remotecall_fetch(os.getpid, p) for p in d.workers()], flush=True)
+    print("results", d.pmap(where, range(4)), flush=True)
+    sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+""")
+
+
+def run(tmp_path, *args, script=SCRIPT):
+    path = tmp_path / "job.py"
+    path.write_text(script)
+    return subprocess.run([sys.executable, "-m", "distexec", "run", *args[:-1], str(path),
+                           *args[-1]], capture_output=True, text=True, timeout=50)
+
+
+def _worker_os_pids(stdout: str) -> list[int]:
+    line = next(l for l in stdout.splitlines() if l.startswith("pids"))
+    return [int(x) for x in line.split()[1:]]
+
+
+def test_run_starts_workers_runs_the_script_and_removes_them(tmp_path):
+    done = run(tmp_path, "-p", "2", ["7", "extra"])
+    assert done.returncode == 7, done.stderr
+    assert "workers [2, 3] argv ['7', 'extra']" in done.stdout
+    assert "results [(0, 2), (1, 3), (2, 2), (3, 3)]" in done.stdout
+    wait_until(lambda: not any(_running(p) for p in _worker_os_pids(done.stdout)), 5,
+               message="the workers to exit")
+
+
+def _running(os_pid: int) -> bool:
+    try:
+        return psutil.Process(os_pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_failing_script_exits_1_with_its_traceback(tmp_path):
+    done = run(tmp_path, "-p", "1", [], script="import distexec\nraise ValueError('boom')\n")
+    assert done.returncode == 1
+    assert "ValueError: boom" in done.stderr
+
+
+def test_run_without_workers_runs_on_the_master(tmp_path):
+    done = run(tmp_path, [])
+    assert done.returncode == 0, done.stderr
+    assert "workers [1]" in done.stdout
+
+
+def test_machine_file_grammar(tmp_path):
+    path = tmp_path / "hosts"
+    path.write_text("# the cluster\nnode1\n4*user@node2:2222 10.0.0.2:9000\n"
+                    "auto*[::1]\n\n  node3  # trailing comment\n")
+    assert read_machine_file(str(path)) == [
+        "node1", ("user@node2:2222 10.0.0.2:9000", 4), ("[::1]", "auto"), "node3"]
+
+
+def test_srun_options_become_keywords():
+    assert srun_options("--ntasks=4 -p debug --time 10 --exclusive") == {
+        "ntasks": 4, "partition": "debug", "time": "10", "exclusive": True}
+    with pytest.raises(SystemExit, match="unsupported srun option"):
+        srun_options("-X")
