@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_script(args) -> int:
     """Add the workers, run the script as ``__main__``, remove them; the script's exit status."""
-    import distexec
+    from . import api
     target = _cluster_target(args)
     if target is not None:
-        distexec.addprocs(target)
+        api.addprocs(target)
     sys.argv = [args.script, *args.args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
     try:
@@ -69,9 +69,9 @@ def run_script(args) -> int:
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
     finally:
-        workers = [p for p in distexec.procs() if p != 1]
+        workers = [p for p in api.procs() if p != 1]
         if workers:
-            distexec.rmprocs(workers, waitfor=30)
+            api.rmprocs(workers, waitfor=30)
     return status
 
 

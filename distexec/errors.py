@@ -12,8 +12,16 @@ from __future__ import annotations
 import signal as _signal
 import sys as _sys
 
+import concurrent.futures as _cf
+
 if _sys.version_info < (3, 11):  # pragma: no cover - the backport provides it on 3.10
     from exceptiongroup import ExceptionGroup
+
+    class WaitTimeout(_cf.TimeoutError, TimeoutError):
+        """A wait ran out of time (both ``TimeoutError`` types of Python 3.10)."""
+else:
+    #: A wait ran out of time. Python 3.11 made ``concurrent.futures.TimeoutError`` the builtin.
+    WaitTimeout = TimeoutError
 
 __all__ = [
     "DistexecError",
@@ -29,6 +37,7 @@ __all__ = [
     "MessageTooLarge",
     "ChannelClosedError",
     "InvalidStateError",
+    "WaitTimeout",
 ]
 
 

@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import functools
 import itertools
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -29,7 +30,8 @@ from typing import Any
 
 from .cluster import membership
 from .cluster.local import LocalManager
-from .errors import ProcessExitedException, RemoteDeserializationError, RemoteException
+from .errors import (ProcessExitedException, RemoteDeserializationError, RemoteException,
+                     WaitTimeout)
 from .pools import AbstractWorkerPool, WorkerPool
 from .protocol import serialization
 from .protocol.frames import Kind
@@ -87,10 +89,13 @@ def original_exception(remote: RemoteException) -> BaseException:
     if isinstance(ex, (RemoteDeserializationError, RemoteException)) or ex is None:
         return remote
     ex.__cause__ = _RemoteTraceback(f'\n"""\n{remote.captured.traceback_text.rstrip()}\n"""')
-    if hasattr(ex, "add_note"):
-        note = f"(raised on worker {remote.pid})"
-        if note not in getattr(ex, "__notes__", ()):
+    note = f"(raised on worker {remote.pid})"
+    notes = getattr(ex, "__notes__", None)
+    if notes is None or note not in notes:
+        try:
             ex.add_note(note)
+        except AttributeError:  # Python 3.10: the exceptiongroup backport displays __notes__
+            ex.__notes__ = [*(notes or ()), note]
     return ex
 
 
@@ -108,6 +113,21 @@ class _ExecutorFuture(cf.Future):
             finally:
                 self = None  # break the cycle through the exception's traceback
         return self._result
+
+    if sys.version_info < (3, 11):  # 3.10: raise a timeout that is also the builtin one
+        def result(self, timeout=None):
+            try:
+                return super().result(timeout)
+            except cf.TimeoutError as exc:
+                if self.done():
+                    raise  # the task itself raised it
+                raise WaitTimeout(*exc.args) from None
+
+        def exception(self, timeout=None):
+            try:
+                return super().exception(timeout)
+            except cf.TimeoutError as exc:
+                raise WaitTimeout(*exc.args) from None
 
 
 class _Task:

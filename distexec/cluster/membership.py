@@ -220,6 +220,11 @@ def create_worker(ctx: ClusterContext, manager, config: WorkerConfig, params: di
     pool = ctx.default_pool
     if pool is not None:  # a WorkerPool may be filling itself concurrently: push only once
         getattr(pool, "push_if_new", pool.push)(pid)
+    # count > 1 (SSHManager): this first worker starts the rest of its host's workers; they join
+    # through the same launch. Julia: launch_n_additional_processes in create_worker.
+    if config.count not in (None, 1):
+        from .ssh import start_additional_workers
+        start_additional_workers(ctx, manager, pid, config)
     return pid
 
 

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import ChannelClosedError
+from ..errors import ChannelClosedError, WaitTimeout
 
 __all__ = ["Channel"]
 
@@ -107,7 +107,7 @@ class Channel:
                 return self._put_unbuffered(value, deadline)
             ready = lambda: self._closed or len(self._buffer) < self.size  # noqa: E731
             if not _wait_for(self._not_full, ready, deadline):
-                raise TimeoutError("Channel.put timed out")
+                raise WaitTimeout("Channel.put timed out")
             self._check_open()
             self._buffer.append(value)
             self._not_empty.notify()
@@ -124,7 +124,7 @@ class Channel:
             if ticket.taken:
                 return value
             self._check_open()
-            raise TimeoutError("Channel.put timed out")
+            raise WaitTimeout("Channel.put timed out")
         finally:
             # Timeout, close or an interrupt: a value nobody took must not stay offered.
             if not ticket.taken and ticket in self._buffer:  # tickets compare by identity
@@ -206,7 +206,7 @@ class Channel:
         """Wait until a value is available; raise if closed and empty or timed out. Lock held."""
         ready = lambda: bool(self._buffer) or self._closed  # noqa: E731
         if not _wait_for(self._not_empty, ready, deadline):
-            raise TimeoutError(f"Channel.{op} timed out")
+            raise WaitTimeout(f"Channel.{op} timed out")
         if not self._buffer:
             self._raise_closed()
 

@@ -26,7 +26,7 @@ import weakref
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED
 from typing import Any, Callable
 
-from ..errors import (ChannelClosedError, DistributedError, ProcessExitedException,
+from ..errors import (ChannelClosedError, DistributedError, ProcessExitedException, WaitTimeout,
                       RemoteException)
 from ..protocol.frames import RRID, NULL_RRID
 from ..protocol import serialization
@@ -492,7 +492,7 @@ class Future(_RefBase, cf.Future):
         else:
             out = self._owner_call(fn, self.rrid, timeout)
         if isinstance(out, _TimedOut):
-            raise TimeoutError(f"{self!r} not ready after {timeout} s")
+            raise WaitTimeout(f"{self!r} not ready after {timeout} s")
         return out
 
     # -- pickling ----------------------------------------------------------------------------
@@ -581,7 +581,7 @@ class RemoteChannel(_RefBase):
             op, args = "take_remote", (self._ctx.myid,)
         out = self._on_owner(_channel_op, self.rrid, self.size, op, args, timeout)
         if isinstance(out, _TimedOut):
-            raise TimeoutError(f"{self!r}: {op.split('_')[0]} timed out after {timeout} s")
+            raise WaitTimeout(f"{self!r}: {op.split('_')[0]} timed out after {timeout} s")
         return out
 
     def put(self, value: Any, timeout: float | None = None) -> "RemoteChannel":
