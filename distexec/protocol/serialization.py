@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import io
 import pickle
+import sys
 from typing import Any
 
 import cloudpickle
@@ -115,6 +116,33 @@ def _wrap_large(obj: Any, memo: dict, depth: int) -> Any:
 _WALKED = frozenset({bytearray, tuple, dict})
 
 
+class _MainGlobals(dict):
+    """Stands for the sender's ``__main__`` namespace; unpickles as the receiver's.
+
+    cloudpickle gives every function it ships by value a fresh globals dict, so a global one
+    task assigns is gone for the next, and ``everywhere("x = 1")`` is invisible to shipped
+    functions. Functions from ``__main__`` get the receiver's ``__main__`` namespace instead:
+    the globals they reference are defined there (Julia ships globals of ``Main`` into the
+    worker's ``Main``), and state kept in module globals lasts between calls, as it does with
+    ``ProcessPoolExecutor``'s workers.
+    """
+
+    def __reduce__(self):
+        return (_receiver_main_globals, ())
+
+
+def _receiver_main_globals() -> dict:
+    main = sys.modules.get("__main__")
+    return main.__dict__ if main is not None else {}
+
+
+def _share_main_globals(pickler) -> None:
+    main = sys.modules.get("__main__")
+    if main is not None:
+        # cloudpickle looks each function's globals up here before making a fresh dict.
+        pickler.globals_ref[id(main.__dict__)] = _MainGlobals()
+
+
 def dumps(obj: Any, destination: int | None) -> tuple[bytes, list[memoryview]]:
     """Pickle ``obj`` for process ``destination``; returns (payload, out-of-band buffers).
 
@@ -133,6 +161,7 @@ def dumps(obj: Any, destination: int | None) -> tuple[bytes, list[memoryview]]:
     try:
         with io.BytesIO() as file:
             pickler = cloudpickle.Pickler(file, protocol=5, buffer_callback=keep_large_out_of_band)
+            _share_main_globals(pickler)
             pickler.dump(_wrap_large(obj, {}, 2))
             payload = file.getvalue()
     finally:
