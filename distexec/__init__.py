@@ -13,7 +13,8 @@ from .cluster.worker import init_worker, process_messages, start_worker
 from .errors import (AuthenticationError, CapturedException, ChannelClosedError,
                      CompositeException, DistexecError, DistributedError, InvalidStateError,
                      LaunchWorkerError, MessageTooLarge, ProcessExitedException, ProtocolError,
-                     RemoteDeserializationError, RemoteException)
+                     RemoteDeserializationError, RemoteException, SecurityWarning,
+                     WaitTimeout)
 from .executor import BrokenExecutor, DistributedExecutor
 from .pmap import BatchProcessingError, ExponentialBackOff, pmap, splitrange
 from .pools import (AbstractWorkerPool, CachingPool, WorkerPool, default_worker_pool,
@@ -37,5 +38,5 @@ __all__ = [
     "DistexecError", "DistributedError", "RemoteException", "CapturedException",
     "RemoteDeserializationError", "ProcessExitedException", "CompositeException",
     "LaunchWorkerError", "AuthenticationError", "ProtocolError", "MessageTooLarge",
-    "ChannelClosedError", "InvalidStateError",
+    "ChannelClosedError", "InvalidStateError", "SecurityWarning", "WaitTimeout",
 ]

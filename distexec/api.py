@@ -18,7 +18,7 @@ from .cluster import callbacks as _callbacks
 from .cluster import membership as _membership
 from .cluster.local import LocalManager
 from .cluster.manager import ClusterManager
-from .errors import CompositeException, RemoteException
+from .errors import CompositeException, DistributedError, RemoteException
 from .protocol import secret as _secret
 from . import pools as _pools
 from .pools import AbstractWorkerPool
@@ -160,7 +160,11 @@ def cluster_cookie(cookie: str | None = None) -> str:
     """
     ctx = current_context()
     if cookie is not None:
-        ctx.cookie = _secret.validate(cookie)
+        validated = _secret.validate(cookie)
+        if len(ctx.live_pids()) > 1 and validated != ctx.cookie:
+            raise DistributedError("cannot change the cluster cookie while workers exist: "
+                                   "new workers could not link to the running ones")
+        ctx.cookie = validated
     _membership.init_multi(ctx)
     return ctx.cookie
 

@@ -38,11 +38,17 @@ __all__ = [
     "ChannelClosedError",
     "InvalidStateError",
     "WaitTimeout",
+    "SecurityWarning",
 ]
 
 
 class DistexecError(Exception):
     """Base class of every exception distexec raises about the cluster itself."""
+
+
+class SecurityWarning(UserWarning):
+    """A configuration weaker than distexec's defaults, e.g. workers listening beyond loopback
+    without encryption (connections are authenticated, but not encrypted)."""
 
 
 class DistributedError(DistexecError, RuntimeError):

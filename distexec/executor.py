@@ -193,7 +193,11 @@ class DistributedExecutor(cf.Executor):
 
     def _launch(self, max_workers, manager, params) -> WorkerPool:
         if manager is None:
-            manager = LocalManager(max_workers or _cpu_count())
+            manager = LocalManager(max_workers or _cpu_count(), params.pop("restrict", True))
+            allowed = manager.default_addprocs_params()
+            unknown = [name for name in params if name not in allowed]
+            if unknown:
+                raise ValueError(f"Invalid keyword argument {unknown[0]}")
         self._owned = membership.addprocs(self._ctx, manager, params)
         return WorkerPool(self._owned)
 

@@ -358,6 +358,16 @@ def _run_chunk(body: Callable, seq, lo: int, hi: int, reducer: Callable | None):
     return acc
 
 
+def _part(seq, chunk: range) -> tuple:
+    """What a worker needs for ``chunk``: its slice when ``seq`` slices, else all of ``seq``.
+
+    Julia ships the whole collection to every worker; a slice is enough for sequences.
+    """
+    if isinstance(seq, (list, tuple, range, str, bytes)) or hasattr(seq, "__array__"):
+        return seq[chunk.start:chunk.stop], 0, len(chunk)
+    return seq, chunk.start, chunk.stop
+
+
 def distributed_for(body: Callable, iterable, reducer: Callable | None = None):
     """Run ``body(x)`` for each ``x`` of ``iterable``, split in contiguous chunks over workers.
 
@@ -373,8 +383,7 @@ def distributed_for(body: Callable, iterable, reducer: Callable | None = None):
     pids = _workers()
     chunks = splitrange(0, len(seq) - 1, len(pids)) if len(seq) else []
     if reducer is not None:
-        futures = [calls.remotecall(ctx, _run_chunk, pid, (body, seq, c.start, c.stop, reducer),
-                                    {})
+        futures = [calls.remotecall(ctx, _run_chunk, pid, (body, *_part(seq, c), reducer), {})
                    for pid, c in zip(pids, chunks, strict=False)]  # chunks <= workers
         if not futures:
             raise ValueError("distributed_for with a reducer needs a non-empty iterable")
@@ -383,7 +392,7 @@ def distributed_for(body: Callable, iterable, reducer: Callable | None = None):
     def run_all() -> None:
         errors = []
         futures = [calls.remotecall(ctx, _run_chunk, pids[i % len(pids)],
-                                    (body, seq, c.start, c.stop, None), {})
+                                    (body, *_part(seq, c), None), {})
                    for i, c in enumerate(chunks)]
         for f in futures:
             try:

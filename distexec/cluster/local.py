@@ -18,8 +18,10 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 
 from ..errors import LaunchWorkerError
+from ..errors import SecurityWarning
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
 
 log = logging.getLogger("distexec")
@@ -40,7 +42,11 @@ class LocalManager(ClusterManager):
         return "LocalManager()"
 
     def launch(self, params, launched, launch_ntfy) -> None:
-        bind_to = "127.0.0.1" if self.restrict else params.get("bind_to", "0.0.0.0")
+        bind_to = "127.0.0.1" if self.restrict else "0.0.0.0"
+        if not self.restrict and self.n:
+            warnings.warn("LocalManager(restrict=False): workers listen on every interface; "
+                          "connections are authenticated but not encrypted", SecurityWarning,
+                          stacklevel=2)
         for _ in range(self.n):
             process = self._start(params, bind_to)
             config = WorkerConfig(io=process.stdout, process=process,

@@ -412,6 +412,8 @@ def _cleanup_worker(ctx: ClusterContext, record: WorkerRecord) -> None:
     _forgotten(record).set()
     callbacks.run_exited_callbacks(ctx, record)
     _release_process(record)
+    if record.manager is not None:
+        _manage_quietly(record, "finalize")  # Julia: when the worker's record is collected
 
 
 def _release_process(record: WorkerRecord) -> None:

@@ -1,9 +1,9 @@
 """SSHManager: workers on other machines, started through the system ``ssh`` client (OpenSSH).
 
-Owns the machine-spec grammar, the remote command line, one ssh session per host, ``count > 1``
-(the first worker on a host starts the others), interrupts over ssh, tunnels, and treating a
-dead ssh session as a lost worker. Imports the other cluster modules, ``distexec.runtime``,
-``distexec.transport`` and ``distexec.errors``. Julia: ``SSHManager``.
+Owns the ssh processes: one session per host, ``count > 1`` (the first worker on a host
+starts the others), interrupts over ssh, tunnels, and treating a dead ssh session as a lost
+worker. Machine specs and command lines are in ``ssh_commands``. Imports the other cluster
+modules, ``distexec.runtime`` and ``distexec.errors``. Julia: ``SSHManager``.
 
     launch ─► per host, in parallel: ssh -T ... host 'sh -l -c "cd DIR && export .. && exec
               PYTHON -m distexec worker --die-with-stdin --bind-to ADDR"' ◄─ cookie on ssh's stdin
@@ -22,228 +22,38 @@ Julia's do.
 from __future__ import annotations
 
 import logging
-import os
-import re
-import shlex
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Sequence
 
 from ..errors import LaunchWorkerError
 from ..runtime.calls import remote_do, remotecall_fetch
 from ..runtime.context import DEAD_STATES, WorkerState, current_context
-from ..transport import sockets
 from .launch import OutputRelay, read_worker_host_port, worker_timeout
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
+from .ssh_commands import (
+    CONNECT_TIMEOUT,
+    SHELLS,
+    bind_hint,
+    bracketed,
+    merge_machines,
+    parse_machine,
+    remote_command,
+    remote_environment,
+    split_machine,
+    ssh_command,
+    words,
+)
+
+__all__ = ["SSHManager", "parse_machine", "launch_additional", "start_additional_workers"]
 
 log = logging.getLogger("distexec")
 
-SHELLS = ("posix", "csh")
-CONNECT_TIMEOUT = 10
-"""Seconds ``ssh`` may take to reach a host (``ConnectTimeout``); sshflags can override it."""
-KEEPALIVE_INTERVAL = 5
-KEEPALIVE_COUNT = 3
-"""ssh declares a host lost after ``KEEPALIVE_COUNT`` unanswered keepalives sent every
-``KEEPALIVE_INTERVAL`` s (``ServerAlive*``; sshflags can override both). Its workers are then
-treated as lost, so a cut link fails calls within about 15 s + ``LOST_GRACE`` instead of hanging."""
 LOST_GRACE = 2.0
-"""Seconds a worker's own connection gets to report its exit after its ssh session ended."""
-_ENV_KEY = re.compile(r"^[a-zA-Z_][a-zA-Z_0-9]*\Z")
-_BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-# --------------------------------------------------------------------------------------------
-# machine specs
-# --------------------------------------------------------------------------------------------
-def parse_machine(spec: str) -> tuple[str, int | None]:
-    """Split ``[user@]host[:port]`` into ``(host, port or None)``; IPv6 hosts in brackets.
-
-    The returned host keeps its ``user@`` prefix (it is what ssh is given).
-
-    Raises:
-        ValueError: an unterminated bracket, more than one port separator, a port that is not
-            an integer or is outside 1..65535, or an empty host.
-
-    Julia: ``parse_machine`` (which raises ``ArgumentError``).
-    """
-    user, at, rest = spec.rpartition("@") if "@" in spec else ("", "", spec)
-    if rest.startswith("["):
-        end = rest.find("]")
-        if end < 0:
-            raise ValueError(f"invalid machine definition format string: unterminated '[' "
-                             f"in {spec!r}")
-        host, tail = rest[1:end], rest[end + 1:]
-        if tail and not tail.startswith(":"):
-            raise ValueError(f"invalid machine definition format string: {spec!r}")
-        parts = [host] + (tail[1:].split(":") if tail else [])
-    else:
-        parts = rest.split(":")
-        host = parts[0]
-    if len(parts) > 2:
-        raise ValueError(f"invalid machine definition format string: invalid port format "
-                         f"{spec!r}")
-    if not host:
-        raise ValueError(f"invalid machine definition format string: no host in {spec!r}")
-    port = None
-    if len(parts) == 2:
-        if not re.fullmatch(r"\d+", parts[1]):
-            raise ValueError(f"invalid machine definition format string: invalid port format "
-                             f"{spec!r}")
-        port = int(parts[1])
-        if not 1 <= port <= 65535:
-            raise ValueError(f"invalid machine definition format string: invalid port number "
-                             f"{spec!r}")
-    return user + at + host, port
-
-
-def split_machine(spec: str) -> tuple[str, int | None, str | None]:
-    """``"[user@]host[:port] [bind_addr[:bind_port]]"`` → ``(host, ssh_port, bind_to)``."""
-    tokens = spec.split()
-    if not 1 <= len(tokens) <= 2:
-        raise ValueError(f"invalid machine definition format string: {spec!r} (expected "
-                         "'[user@]host[:port] [bind_addr[:bind_port]]')")
-    host, port = parse_machine(tokens[0])
-    bind_to = tokens[1] if len(tokens) == 2 else None
-    if bind_to is not None:
-        sockets.parse_bind_to(bind_to)  # a malformed bind address fails here, not remotely
-    return host, port, bind_to
-
-
-def merge_machines(machines: Iterable) -> dict[str, int | str]:
-    """Machine entries → ``{spec: count}``: integer counts add up, ``"auto"`` replaces.
-
-    Julia: the ``SSHManager`` constructor.
-    """
-    if isinstance(machines, (str, bytes)):
-        raise TypeError("machines must be a list of machine specs, not one string")
-    merged: dict[str, int | str] = {}
-    for entry in machines:
-        spec, count = (entry, 1) if isinstance(entry, str) else _spec_and_count(entry)
-        split_machine(spec)
-        spec = " ".join(spec.split())
-        current = merged.get(spec, 0)
-        if count == "auto":
-            merged[spec] = "auto"
-        else:
-            merged[spec] = current + count if isinstance(current, int) else count
-    return merged
-
-
-def _spec_and_count(entry) -> tuple[str, int | str]:
-    try:
-        spec, count = entry
-    except (TypeError, ValueError):
-        raise TypeError(f"a machine is 'host' or ('host', count), not {entry!r}") from None
-    if not isinstance(spec, str):
-        raise TypeError(f"a machine spec is a string, not {spec!r}")
-    if count == "auto" or getattr(count, "name", None) == "auto":
-        return spec, "auto"
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"a machine's count is a positive int or 'auto', not {count!r}")
-    return spec, count
-
-
-# --------------------------------------------------------------------------------------------
-# command lines
-# --------------------------------------------------------------------------------------------
-def _words(value) -> list[str]:
-    """A command or flags given as one string (one word) or a sequence of words."""
-    if value is None:
-        return []
-    if isinstance(value, (str, os.PathLike)):
-        return [os.fspath(value)]
-    return [os.fspath(v) for v in value]
-
-
-def remote_environment(params: dict) -> dict[str, str]:
-    """Variables the remote worker gets: the master's ``DISTEXEC_*``, BLAS off, then ``env``.
-
-    Raises:
-        ValueError: ``invalid env key``, for a name a shell cannot export.
-    """
-    env = {k: v for k, v in os.environ.items() if k.startswith("DISTEXEC_") and _ENV_KEY.match(k)}
-    env["PYTHONUNBUFFERED"] = "1"  # the worker's prints reach the master as they happen
-    if not params.get("enable_threaded_blas"):
-        env.update(dict.fromkeys(_BLAS_THREAD_VARS, "1"))
-    user_env = params.get("env") or {}
-    for key, value in (user_env.items() if isinstance(user_env, dict) else user_env):
-        if not isinstance(key, str) or not _ENV_KEY.match(key):
-            raise ValueError(f"invalid env key {key!r}")
-        env[key] = str(value)
-    return env
-
-
-def worker_argv(params: dict, bind_to: str | None) -> list[str]:
-    """``EXENAME EXEFLAGS -m distexec worker --die-with-stdin [--bind-to B]``."""
-    argv = [*_words(params["exename"]), *_words(params.get("exeflags")),
-            "-m", "distexec", "worker", "--die-with-stdin"]
-    return argv + (["--bind-to", bind_to] if bind_to else [])
-
-
-def remote_command(params: dict, bind_to: str | None) -> str:
-    """The command ssh runs on the remote host, fully quoted for its ``shell``.
-
-    Without a bind address the worker binds the address the ssh connection arrived on
-    (``$SSH_CONNECTION``'s third field): the one interface the master is known to reach.
-    """
-    shell = params.get("shell", "posix")
-    env = remote_environment(params)
-    argv = worker_argv(params, bind_to)
-    if shell == "posix":
-        steps = [f"cd -- {shlex.quote(str(params['dir']))}"]
-        steps += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-        exec_line = "exec " + shlex.join(argv)
-        if bind_to is None:
-            steps.append('set -- $SSH_CONNECTION "" "" ""')
-            steps.append('case $3 in *:*) b="[$3]" ;; *) b=$3 ;; esac')
-            exec_line += ' --bind-to "$b"'
-        return "sh -l -c " + shlex.quote(" && ".join(steps + [exec_line]))
-    if shell == "csh":
-        lines = [f"cd {_csh_quote(str(params['dir']))}"]
-        lines += [f"setenv {k} {_csh_quote(v)}" for k, v in env.items()]
-        exec_line = "exec " + " ".join(_csh_quote(a) for a in argv)
-        if bind_to is None:  # an IPv6 server address needs an explicit bind address under csh
-            lines.append("set dx_c = ($SSH_CONNECTION)")
-            exec_line += " --bind-to $dx_c[3]"
-        return "\n".join(lines + [exec_line])
-    raise ValueError(f"invalid shell {shell!r} (expected one of {SHELLS})")
-
-
-def _csh_quote(text: str) -> str:
-    """Quote for (t)csh: single quotes, and ``!`` and newlines escaped (Julia: shell_escape_csh)."""
-    out = text.replace("'", "'\\''").replace("!", "'\\!'").replace("\n", "'\\\n'")
-    return f"'{out}'"
-
-
-def ssh_command(params: dict, host: str, port: int | None, remote: str | None,
-                extra: Sequence[str] = ()) -> list[str]:
-    """``ssh SSHFLAGS -T -a -x -o ... [EXTRA] [-p PORT] HOST [REMOTE]``.
-
-    The user's sshflags come first: ssh keeps the first value it sees for an option, so they
-    override the defaults that follow.
-    """
-    cmd = [*_words(params.get("ssh", "ssh")), *_words(params.get("sshflags")),
-           "-T", "-a", "-x", "-o", "ClearAllForwardings=yes", "-o", "BatchMode=yes",
-           "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
-           "-o", f"ServerAliveInterval={KEEPALIVE_INTERVAL}",
-           "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}", *extra]
-    if port is not None:
-        cmd += ["-p", str(port)]
-    return cmd + [host] + ([remote] if remote is not None else [])
-
-
-def _bracketed(addr: str) -> str:
-    return f"[{addr}]" if ":" in addr else addr
-
-
-def _as_hint(bind_to: str | None, first_bind_addr: str) -> str:
-    """The extra workers' ``--bind-to``: a fixed port becomes a hint so they do not collide."""
-    if bind_to is None:
-        return _bracketed(first_bind_addr)
-    host, port, _hint = sockets.parse_bind_to(bind_to)
-    return _bracketed(host) + (f":[{port}]" if port else "")
+"""Seconds a worker's own connection gets to report its exit after its ssh session ended.
+With ssh's keepalives (``ssh_commands.KEEPALIVE_*``, 5 s x 3 by default) a cut link fails
+the calls to the workers behind it within about 15 s + ``LOST_GRACE`` instead of hanging."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,12 +132,11 @@ class SSHManager(ClusterManager):
             bind_addr, port = config.bind_addr, config.port
         config.bind_addr, config.port = bind_addr, port
         config.connect_at = (bind_addr, port)
-        key = current_context().cookie.key
         if config.tunnel:
             sock = _connect_tunnel(session, pid, config)
         else:
-            sock = sockets.connect(bind_addr, int(port), key, worker_timeout())
-        return sock, sock
+            sock = socket.create_connection((bind_addr, int(port)), timeout=worker_timeout())
+        return sock, sock  # the master authenticates over it
 
     # -- manage ----------------------------------------------------------------------------
     def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
@@ -459,7 +268,7 @@ def start_additional_workers(ctx, manager, pid: int, config: WorkerConfig) -> No
     try:
         n = _additional_count(config)
         if n > 0:
-            hint = _as_hint(session.bind_to, config.bind_addr)
+            hint = bind_hint(session.bind_to, config.bind_addr)
             addresses = remotecall_fetch(ctx, launch_additional, pid,
                                          (n, config.exename, config.exeflags, hint), {})
             session.enqueue([_additional_config(session, config, pid, a) for a in addresses])
@@ -500,7 +309,7 @@ def launch_additional(n: int, exename, exeflags, bind_to: str) -> list[tuple[str
     (which the master relays in turn). Julia: ``launch_additional``.
     """
     cookie = str(current_context().cookie).encode() + b"\n"
-    argv = [*_words(exename), *_words(exeflags), "-m", "distexec", "worker", "--bind-to", bind_to]
+    argv = [*words(exename), *words(exeflags), "-m", "distexec", "worker", "--bind-to", bind_to]
     started: list[subprocess.Popen] = []
     try:
         for _ in range(n):
@@ -613,8 +422,7 @@ def _connect_tunnel(session: _Session, pid: int, config: WorkerConfig):
     ssh prints a line through ``LocalCommand`` once its forward listens, so nothing is polled.
     The remote ``sleep 60`` lets ssh end by itself once the tunnel carries no connection.
     """
-    key = session.ctx.cookie.key
-    target = f"{_bracketed(config.bind_addr)}:{config.port}"
+    target = f"{bracketed(config.bind_addr)}:{config.port}"
     with session.tunnel_slots:
         for _attempt in range(100):
             local_port = _free_local_port()
@@ -624,7 +432,7 @@ def _connect_tunnel(session: _Session, pid: int, config: WorkerConfig):
                 continue  # someone took the port meanwhile
             session.tunnels[pid] = process
             config.forward = forward
-            return sockets.connect("127.0.0.1", local_port, key, worker_timeout())
+            return socket.create_connection(("127.0.0.1", local_port), timeout=worker_timeout())
     raise LaunchWorkerError("unable to create SSH tunnel after 100 tries. No free port?")
 
 

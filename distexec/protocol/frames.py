@@ -29,7 +29,7 @@ from ..errors import MessageTooLarge, ProtocolError
 
 HEADER = struct.Struct("<BBHIqqqqQ")
 BUFFER_LEN = struct.Struct("<Q")
-MAX_BUFFERS = 4096
+MAX_BUFFERS = 16384  # buffers of >= 64 KiB each: a 1 GiB message of separate arrays
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 40
 
 

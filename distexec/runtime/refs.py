@@ -449,8 +449,8 @@ class Future(_RefBase, cf.Future):
             return self
         self._check_live()
         is_error, exc = self._from_owner(_wait_future, timeout)
+        self._mark_done(exc if is_error else None)  # done() is true now, on any holder
         if is_error:
-            self._mark_done(exc)
             raise exc
         return self
 
