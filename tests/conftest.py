@@ -132,7 +132,8 @@ def no_leaked_threads():
 
 # --------------------------------------------------------------------------------------------
 # Clusters. The master's cluster is per process (one default context), so fixtures add workers
-# to it and remove exactly the ones they added.
+# to it and remove exactly the ones they added. A test that needs a particular topology or no
+# workers at all starts from ``no_workers`` (removes strays) or ``empty_cluster`` (fails on them).
 # --------------------------------------------------------------------------------------------
 def _remove_workers(pids) -> None:
     import distexec
@@ -166,3 +167,36 @@ def add_workers():
 
     yield add
     _remove_workers(added)
+
+
+@pytest.fixture
+def no_workers():
+    """A cluster of the master alone (removes workers an earlier test may have left)."""
+    import distexec
+
+    stray = [p for p in distexec.procs() if p != 1]
+    if stray:
+        distexec.rmprocs(stray, waitfor=20)
+    assert distexec.procs() == [1]
+
+
+@pytest.fixture
+def empty_cluster():
+    """The master has no workers, so a test may choose the topology; fails if some are left.
+
+    Unlike :func:`no_workers` it removes nothing: for modules whose every test adds its own
+    workers, a leftover worker is another module's bug, to be reported rather than hidden.
+    """
+    import distexec
+
+    assert distexec.procs() == [1], f"workers left over by another test: {distexec.procs()}"
+
+
+@pytest.fixture(scope="module")
+def executor():
+    """A DistributedExecutor with two fresh workers, shared by a test module; shut down after."""
+    from distexec import DistributedExecutor
+
+    ex = DistributedExecutor(2)
+    yield ex
+    ex.shutdown(wait=True)

@@ -1,8 +1,10 @@
-"""Helpers for the executor tests: functions that run on the workers, and a launch fixture.
+"""Helpers for the executor tests: functions that run on the workers.
 
 Import them as ``from tests.executor.helpers import ...``. The functions are module-level so
 the workers import them by reference (the workers get the master's ``sys.path``), the way a
-user's module-level functions travel.
+user's module-level functions travel. The module-scoped ``executor`` fixture and the process
+helpers (``is_gone``, ``wait_gone``) are shared with other areas: ``tests/conftest.py`` and
+``tests/helpers.py``.
 """
 
 from __future__ import annotations
@@ -11,10 +13,7 @@ import os
 import time
 from pathlib import Path
 
-import psutil
-
-import distexec
-from tests.helpers import wait_until
+from tests.helpers import os_pid
 
 
 class Boom(Exception):
@@ -56,17 +55,4 @@ def started(directory) -> set[str]:
 
 def os_pids(pids) -> dict[int, int]:
     """{OS pid: worker pid} for the given workers, as the workers report it."""
-    return {distexec.remotecall_fetch(os.getpid, pid): pid for pid in pids}
-
-
-def is_gone(os_pid: int) -> bool:
-    """True once the process has exited (a zombie nobody reaped yet counts as gone)."""
-    try:
-        return psutil.Process(os_pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_gone(os_pids, timeout: float = 10.0) -> None:
-    wait_until(lambda: all(is_gone(p) for p in os_pids), timeout,
-               message=f"worker processes {sorted(os_pids)} to exit")
+    return {os_pid(pid): pid for pid in pids}

@@ -15,7 +15,7 @@ import traceback
 
 import pytest
 
-from distexec import DistributedExecutor, RemoteException
+from distexec import RemoteException
 from tests.executor.helpers import Boom, raise_boom, square
 
 pytestmark = pytest.mark.timeout(60)
@@ -56,13 +56,6 @@ def divide_in_helper(x):
 
 def _inner_divide(x):
     return x / 0
-
-
-@pytest.fixture(scope="module")
-def executor():
-    ex = DistributedExecutor(2)
-    yield ex
-    ex.shutdown(wait=True)
 
 
 def _raised(future: cf.Future) -> BaseException:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.executor.helpers import wait_gone
+from tests.helpers import wait_gone
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -24,13 +24,6 @@ from tests.helpers import wait_until
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(scope="module")
-def executor():
-    ex = DistributedExecutor(2)
-    yield ex
-    ex.shutdown(wait=True)
-
-
 def counting(consumed: list, stop: int | None = None):
     """Yields 0, 1, ... (forever when ``stop`` is None), recording each item pulled."""
     for i in itertools.count() if stop is None else range(stop):

@@ -17,8 +17,8 @@ import pytest
 
 import distexec
 from distexec import DistributedExecutor, WorkerPool
-from tests.executor.helpers import os_pids, sleep_and_return, square, wait_gone
-from tests.helpers import wait_until
+from tests.executor.helpers import os_pids, sleep_and_return, square
+from tests.helpers import wait_gone, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -29,13 +29,6 @@ from tests.helpers import wait_until
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(scope="module")
-def executor():
-    ex = DistributedExecutor(2)
-    yield ex
-    ex.shutdown(wait=True)
-
-
 # --------------------------------------------------------------------------------------------
 # arguments
 # --------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import pytest
 
 from distexec import DistributedExecutor, ProcessExitedException
 from distexec.executor import MAX_IN_FLIGHT
-from tests.executor.helpers import is_gone, os_pids, sleep_and_return, touch_and_sleep
-from tests.helpers import wait_until
+from tests.executor.helpers import os_pids, sleep_and_return, touch_and_sleep
+from tests.helpers import is_gone, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,31 +1,24 @@
 """Helpers for the fault-injection tests (spec/faults.md §2).
 
-Import them as ``from tests.faults.helpers import ...``. They find a worker's OS process and
-listening address, kill it, run a blocking call on a thread so the test can watch it fail,
-and build in-process listeners whose sockets count what the server reads before
-authentication.
+Import them as ``from tests.faults.helpers import ...``. They find a worker's listening
+address, kill a process, mark and watch a call that is to be interrupted, and build in-process
+listeners whose sockets count what the server reads before authentication. Finding a worker's
+OS process, watching it exit and running a blocking call on a thread are shared with other
+areas: ``os_pid``, ``is_gone`` and ``in_thread`` in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import os
 import signal
 import socket
-import threading
-
-import psutil
 
 import distexec
 from distexec.runtime.context import default_context
+from tests.helpers import wait_until
 
 DEATH_BUDGET = 2.0
 """``T_det``: seconds from a worker's death to its callers' exceptions (spec/faults.md)."""
-
-
-def os_pid(pid: int) -> int:
-    """The OS process id of worker ``pid``, as the worker itself reports it."""
-    return distexec.remotecall_fetch(os.getpid, pid)
 
 
 def connect_at(pid: int) -> tuple[str, int]:
@@ -36,39 +29,12 @@ def connect_at(pid: int) -> tuple[str, int]:
 
 
 def kill(os_pid_: int, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to an OS process (a worker's, looked up before it was to die)."""
     os.kill(os_pid_, sig)
-
-
-def is_gone(os_pid_: int) -> bool:
-    """True once the process has exited (a zombie nobody reaped yet counts as gone)."""
-    try:
-        return psutil.Process(os_pid_).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def in_thread(fn, *args, **kwargs) -> cf.Future:
-    """Run ``fn`` on a daemon thread; the returned future holds its result or exception.
-
-    The future is marked running once the thread has started, so a test can wait for that.
-    """
-    future: cf.Future = cf.Future()
-    future.set_running_or_notify_cancel()
-
-    def run():
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # the test inspects it
-            future.set_exception(exc)
-
-    threading.Thread(target=run, daemon=True, name="fault-test-caller").start()
-    return future
 
 
 def wait_until_running(pid: int, marker: str, timeout: float = 10.0) -> None:
     """Block until worker ``pid`` has started a call that set ``builtins.<marker>``."""
-    from tests.helpers import wait_until
-
     wait_until(lambda: distexec.remotecall_fetch(_has_marker, pid, marker), timeout,
                message=f"worker {pid} to start the call marked {marker!r}")
 

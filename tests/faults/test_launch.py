@@ -19,8 +19,7 @@ import pytest
 import distexec
 from distexec import LaunchWorkerError
 from distexec.cluster.manager import ClusterManager, WorkerConfig
-from tests.faults.helpers import is_gone
-from tests.helpers import wait_until
+from tests.helpers import is_gone, wait_for_output, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -128,10 +127,4 @@ def test_worker_output_is_relayed_with_its_id(add_workers, capfd):
     distexec.remotecall_fetch(lambda: print("to stderr", file=sys.stderr, flush=True), pids[0])
     expected = [f"      From worker {pid}:\thello from {pid}\n" for pid in pids]
     expected.append(f"      From worker {pids[0]}:\tto stderr\n")
-    output: list[str] = []
-
-    def relayed():
-        output.append(capfd.readouterr().out)
-        return all(line in "".join(output) for line in expected)
-
-    wait_until(relayed, 5, message=f"{expected} on the master's stdout")
+    wait_for_output(capfd, *expected, timeout=5)

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.helpers import is_gone
-from tests.helpers import wait_until
+from tests.helpers import is_gone, wait_gone
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -96,8 +95,7 @@ def _worker_pids(master: subprocess.Popen) -> list[int]:
 
 def _assert_all_gone(os_pids: list[int]) -> None:
     try:
-        wait_until(lambda: all(is_gone(p) for p in os_pids), ORPHAN_BUDGET,
-                   message=f"worker processes {os_pids} to exit")
+        wait_gone(os_pids, ORPHAN_BUDGET)
     finally:
         for p in os_pids:  # never leave an orphan behind for the next test
             if not is_gone(p):

@@ -30,8 +30,8 @@ from distexec.protocol.frames import Kind
 from distexec.runtime.context import default_context
 from distexec.transport import sockets
 from distexec.transport.connection import Connection
-from tests.faults.helpers import connect_at, counting_listen_socket, os_pid
-from tests.helpers import wait_until
+from tests.faults.helpers import connect_at, counting_listen_socket
+from tests.helpers import os_pid, wait_for_output, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -203,7 +203,7 @@ def test_port_scan_leaves_the_worker_serving_quietly(add_workers, capfd):
     # Probes are logged at DEBUG at most: nothing reaches the worker's output before a marker
     # printed after the scan (its output is one ordered stream).
     distexec.remotecall_fetch(print, pid, "scan over", flush=True)
-    output = _wait_for_output(capfd, f"From worker {pid}:\tscan over")
+    output = wait_for_output(capfd, f"From worker {pid}:\tscan over")
     assert output.count(f"From worker {pid}:") == 1, output
 
 
@@ -371,24 +371,13 @@ def _claim(address, key: bytes, pid: int) -> None:
     assert closed.wait(5), f"the worker should close a connection claiming id {pid}"
 
 
-def _wait_for_output(capfd, *needles: str) -> str:
-    output: list[str] = []
-
-    def logged():
-        output.append(capfd.readouterr().out)
-        return all(needle in "".join(output) for needle in needles)
-
-    wait_until(logged, 5, message=f"{needles} on the master's stdout")
-    return "".join(output)
-
-
 def test_identify_with_a_live_workers_id_is_rejected(add_workers, capfd):
     first, second = add_workers(2)
     link_before = distexec.remotecall_fetch(_link_to, second, first)
 
     _claim(connect_at(second), _cookie_key(), first)
-    _wait_for_output(capfd, f"From worker {second}:", "ProtocolError",
-                     f"claims worker id {first}")
+    wait_for_output(capfd, f"From worker {second}:", "ProtocolError",
+                    f"claims worker id {first}")
     assert distexec.remotecall_fetch(_link_to, second, first) == link_before
     assert distexec.workers() == [first, second]
 
@@ -400,8 +389,8 @@ def test_identify_with_a_removed_workers_id_is_rejected(add_workers, capfd):
                message=f"worker {second} to learn that {removed} was removed")
 
     _claim(connect_at(second), _cookie_key(), removed)
-    _wait_for_output(capfd, f"From worker {second}:", "ProtocolError",
-                     f"worker id {removed} was removed")
+    wait_for_output(capfd, f"From worker {second}:", "ProtocolError",
+                    f"worker id {removed} was removed")
     assert distexec.workers() == [second]
     _assert_worker_serves(second)
 
@@ -412,8 +401,8 @@ def test_identify_claiming_a_lower_unlinked_id_is_rejected(add_workers, capfd):
     assert not distexec.remotecall_fetch(_has_link_to, higher, lower)  # lazy: no link yet
 
     _claim(connect_at(higher), _cookie_key(), lower)
-    _wait_for_output(capfd, f"From worker {higher}:", "ProtocolError",
-                     f"worker {lower} may not open a link to worker {higher}")
+    wait_for_output(capfd, f"From worker {higher}:", "ProtocolError",
+                    f"worker {lower} may not open a link to worker {higher}")
     # The real worker is still the one answering calls made through that pid.
     assert distexec.remotecall_fetch(
         lambda: distexec.remotecall_fetch(distexec.myid, lower), higher) == lower

@@ -21,16 +21,8 @@ import pytest
 import distexec
 from distexec import Future as RemoteFuture
 from distexec import ProcessExitedException, RemoteChannel
-from tests.faults.helpers import (
-    DEATH_BUDGET,
-    in_thread,
-    is_gone,
-    kill,
-    os_pid,
-    sleep_marked,
-    wait_until_running,
-)
-from tests.helpers import wait_until
+from tests.faults.helpers import DEATH_BUDGET, kill, sleep_marked, wait_until_running
+from tests.helpers import in_thread, is_gone, os_pid, wait_for_output, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -138,14 +130,9 @@ def test_segfault_traceback_is_relayed_to_the_master_output(add_workers, capfd):
     victim, _survivor = add_workers(2)
     with pytest.raises(ProcessExitedException):
         distexec.remotecall_fetch(_segfault, victim)
-    seen: list[str] = []
-
-    def relayed():
-        seen.append(capfd.readouterr().out)
-        expected = f"      From worker {victim}:\tFatal Python error: Segmentation fault"
-        return expected in "".join(seen)
-
-    wait_until(relayed, 5, message="the worker's fatal error on the master's stdout")
+    expected = f"      From worker {victim}:\tFatal Python error: Segmentation fault"
+    wait_for_output(capfd, expected, timeout=5,
+                    message="the worker's fatal error on the master's stdout")
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,15 +7,13 @@ Julia: ``add_worker_{starting,started,exiting,exited}_callback``, ``remove_*``,
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 
 import psutil
 import pytest
 
 import distexec as d
-from tests.helpers import wait_until
+from tests.helpers import kill_worker, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -232,7 +230,7 @@ def test_exited_callback_after_sigkill_says_exterminated(add_workers, register):
     seen = Recorder()
     register("exited", seen)
     (pid,) = add_workers(1)
-    os.kill(d.remotecall_fetch(os.getpid, pid), signal.SIGKILL)
+    kill_worker(pid)
     assert seen.wait_calls(1) == [(pid, "exterminated")]
     assert pid not in d.procs()
     with pytest.raises(d.ProcessExitedException):

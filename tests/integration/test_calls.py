@@ -1,4 +1,5 @@
-"""Remote calls between real processes: the four call forms, local calls, nesting, load, eval.
+"""Remote calls between real processes: the four call forms, local calls, nesting, load, eval,
+out-of-band values, and which worker a link leads to (``worker_id_from_socket``).
 
 The functions that run remotely are defined at module level; the workers import this module
 by name (they share the master's ``sys.path`` and working directory).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-import pickle
+import socket
 import threading
 
 import pytest
@@ -16,7 +17,8 @@ import pytest
 import distexec
 from distexec.errors import CompositeException, DistributedError, RemoteException
 from distexec.protocol import serialization
-from tests.helpers import wait_until
+from distexec.runtime.context import current_context, default_context
+from tests.helpers import ZeroCopyBytes, wait_for_output, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -258,14 +260,9 @@ def test_remote_do_error_is_printed_on_the_worker_and_the_worker_keeps_serving(
     pid = shared_workers[1]
     token = unique("token")
     distexec.remote_do(fail_loudly, pid, token)
-    seen: list[str] = []
-
-    def printed():
-        seen.append(capfd.readouterr().out)
-        return f"RuntimeError: remote_do failed with {token}" in "".join(seen)
-
-    wait_until(printed, DEADLINE, message="the remote_do error to be relayed")
-    lines = "".join(seen).splitlines()
+    output = wait_for_output(capfd, f"RuntimeError: remote_do failed with {token}",
+                             timeout=DEADLINE, message="the remote_do error to be relayed")
+    lines = output.splitlines()
     relayed = [line for line in lines if token in line]
     assert relayed and all(line.lstrip().startswith(f"From worker {pid}:") for line in relayed)
     assert any("fail_loudly" in line for line in lines)  # the remote traceback came along
@@ -330,18 +327,6 @@ def test_remotecall_eval_on_several_pids_returns_none(shared_workers):
 # --------------------------------------------------------------------------------------------
 # Large values travel out of band
 # --------------------------------------------------------------------------------------------
-class ZeroCopyBytes(bytearray):
-    """A buffer-protocol type that pickles its memory as a PickleBuffer (pickle docs' example)."""
-
-    def __reduce_ex__(self, protocol):
-        return type(self)._reconstruct, (pickle.PickleBuffer(self),)
-
-    @classmethod
-    def _reconstruct(cls, data):
-        with memoryview(data) as view:
-            return cls(view)
-
-
 def checksum_and_flip(data):
     """Return ``data`` with its first byte inverted, plus facts about what arrived."""
     view = memoryview(data)
@@ -401,3 +386,23 @@ def test_large_value_through_a_future(shared_workers):
     size = 8 * 1024 * 1024
     future = distexec.remotecall(bytearray, pid, b"\x11" * size)
     assert future.fetch(timeout=DEADLINE) == bytearray(b"\x11" * size)
+
+
+# --------------------------------------------------------------------------------------------
+# worker_id_from_socket
+# --------------------------------------------------------------------------------------------
+def master_link_ids() -> tuple[int, int]:
+    """On a worker: ``worker_id_from_socket`` of its link to the master (Connection, socket)."""
+    link = current_context().record(1).conn
+    return distexec.worker_id_from_socket(link), distexec.worker_id_from_socket(link.sock)
+
+
+def test_worker_id_from_socket_names_the_peer_of_a_link(shared_workers):
+    for pid in shared_workers:
+        link = default_context().record(pid).conn
+        assert distexec.worker_id_from_socket(link) == pid
+        assert distexec.worker_id_from_socket(link.sock) == pid
+    with socket.socket() as unrelated:
+        assert distexec.worker_id_from_socket(unrelated) == -1
+    for pid in shared_workers:
+        assert distexec.remotecall_fetch(master_link_ids, pid) == (1, 1)

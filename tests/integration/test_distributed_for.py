@@ -10,7 +10,6 @@ bodies did is logged into a master-owned unbounded RemoteChannel.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import math
 import operator
 import sys
 from collections import Counter
@@ -20,13 +19,13 @@ import pytest
 
 import distexec
 from distexec import (
-    Channel,
     CompositeException,
     RemoteChannel,
     RemoteException,
     distributed_for,
     sync,
 )
+from tests.helpers import drain, new_log
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,26 +33,6 @@ pytestmark = pytest.mark.timeout(60)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 DEADLINE = 10.0  # seconds for something that must happen
-
-
-@pytest.fixture
-def no_workers():
-    """A cluster of the master alone (removes workers an earlier test may have left)."""
-    stray = [p for p in distexec.procs() if p != 1]
-    if stray:
-        distexec.rmprocs(stray, waitfor=20)
-    assert distexec.procs() == [1]
-
-
-def new_log() -> RemoteChannel:
-    return RemoteChannel(lambda: Channel(math.inf), 1)
-
-
-def drain(log: RemoteChannel) -> list:
-    items = []
-    while log.isready():
-        items.append(log.take())
-    return items
 
 
 # --------------------------------------------------------------------------------------------

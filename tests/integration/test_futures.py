@@ -4,7 +4,7 @@ Real workers on loopback (the module's two ``shared_workers``). A computation th
 finish yet waits on a *gate*: a master-owned RemoteChannel the test feeds when it wants the
 computation to go on. "Blocked" is observed by waiting briefly for an event that must not
 fire. That the owner freed a value is read from the owner's reference table
-(``owned_clients``) with ``wait_until``.
+(``owned_clients``, through ``tests.helpers.owns``) with ``wait_until``.
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import pickle
 import sys
-import threading
 
 import cloudpickle
 import pytest
 
 import distexec
 from distexec import DistributedError, Future, RemoteChannel, RemoteException
-from distexec.runtime.refs import owned_clients
-from tests.helpers import wait_until
+from tests.helpers import InThread, owns, wait_freed, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,16 +32,6 @@ DEADLINE = 10.0  # seconds for something that must happen
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def owns(pid: int, ref) -> bool:
-    """Whether ``pid`` still keeps the value behind ``ref`` (asked by id, not by reference)."""
-    rrid = tuple(distexec.remoteref_id(ref))
-    return distexec.remotecall_fetch(lambda r: owned_clients(r) is not None, pid, rrid)
-
-
-def wait_freed(pid: int, ref) -> None:
-    wait_until(lambda: not owns(pid, ref), DEADLINE, message=f"{ref!r} freed on {pid}")
-
-
 def gated(pid: int, value, gate=None) -> tuple[Future, RemoteChannel]:
     """A remotecall on ``pid`` that returns ``value`` once the returned gate is fed."""
     gate = RemoteChannel() if gate is None else gate
@@ -53,29 +41,6 @@ def gated(pid: int, value, gate=None) -> tuple[Future, RemoteChannel]:
 def put_and_drop(ref, value) -> None:
     """Remote body: ``put`` into ``ref`` and return nothing (so no cached copy comes back)."""
     ref.put(value)
-
-
-class InThread:
-    """Run ``fn`` on a daemon thread; ``done`` is set with ``result`` or ``error``."""
-
-    def __init__(self, fn, *args):
-        self.done = threading.Event()
-        self.result = self.error = None
-        threading.Thread(target=self._run, args=(fn, args), daemon=True).start()
-
-    def _run(self, fn, args):
-        try:
-            self.result = fn(*args)
-        except BaseException as exc:  # the test inspects it
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def join(self):
-        assert self.done.wait(DEADLINE), "thread did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 @pytest.fixture

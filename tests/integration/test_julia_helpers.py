@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import math
 import numbers
 import os
 import sys
@@ -43,8 +42,7 @@ from distexec import (
     spawnat,
     sync,
 )
-from distexec.runtime.channel import Channel
-from tests.helpers import wait_until
+from tests.helpers import PickleCounter, drain, in_thread, new_log, pickles, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,15 +56,6 @@ _names = itertools.count()
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-@pytest.fixture
-def no_workers():
-    """A cluster of the master alone (removes workers an earlier test may have left)."""
-    stray = [p for p in distexec.procs() if p != 1]
-    if stray:
-        distexec.rmprocs(stray, waitfor=20)
-    assert distexec.procs() == [1]
-
-
 @pytest.fixture
 def name():
     """A fresh global name; removed from the master's ``__main__`` after the test."""
@@ -93,17 +82,6 @@ def global_on(pid: int, name: str):
     def read(n):
         return sys.modules["__main__"].__dict__.get(n, NameError)
     return distexec.remotecall_fetch(read, pid, name)
-
-
-def new_log() -> RemoteChannel:
-    return RemoteChannel(lambda: Channel(math.inf), 1)
-
-
-def drain(log: RemoteChannel) -> list:
-    items = []
-    while log.isready():
-        items.append(log.take())
-    return items
 
 
 def set_main_global(name, value, *, tag=None):
@@ -278,8 +256,6 @@ def test_a_failing_inner_sync_leaves_the_outer_block_running(shared_workers):
 
 
 def test_sync_collects_only_in_its_own_thread(shared_workers):
-    from tests.faults.helpers import in_thread
-
     gate = RemoteChannel()
     with sync() as pending:
         elsewhere = in_thread(spawnat, shared_workers[0], lambda g: g.take(), gate)
@@ -434,17 +410,6 @@ def test_clear_collects_failures_and_still_clears_the_others(shared_workers, nam
     (failure,) = info.value.exceptions
     assert f"no process with id {missing}" in str(failure)
     assert global_on(a, name) is None
-
-
-pickles: list[int] = []
-
-
-class PickleCounter:
-    """Counts its own pickling on this process; a closure capturing it counts its shipping."""
-
-    def __reduce__(self):
-        pickles.append(1)
-        return (PickleCounter, ())
 
 
 def test_clear_a_caching_pool_makes_it_ship_functions_again(shared_workers):

@@ -20,15 +20,9 @@ import time
 import pytest
 
 import distexec as d
-from tests.helpers import wait_until
+from tests.helpers import os_pid, wait_gone, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def empty_cluster():
-    """The master has no workers (other modules remove theirs when they finish)."""
-    assert d.procs() == [1], f"workers left over by another test: {d.procs()}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,21 +215,9 @@ def test_rmprocs_waitfor_0_returns_a_handle_that_completes(add_workers):
 
 def test_rmprocs_ends_the_worker_processes(add_workers):
     pids = add_workers(2)
-    os_pids = [d.remotecall_fetch(os.getpid, p) for p in pids]
+    os_pids = [os_pid(p) for p in pids]
     d.rmprocs(pids)
-
-    def gone():
-        return not any(os.path.exists(f"/proc/{p}") and _is_alive(p) for p in os_pids)
-
-    wait_until(gone, 10, message="the removed workers' processes to exit")
-
-
-def _is_alive(os_pid: int) -> bool:
-    try:
-        with open(f"/proc/{os_pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    wait_gone(os_pids, 10)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,9 +328,9 @@ def test_interrupt_without_pids_reaches_every_worker(add_workers):
 
 def test_interrupt_of_an_idle_worker_changes_nothing(add_workers):
     (pid,) = add_workers(1)
-    os_pid = d.remotecall_fetch(os.getpid, pid)
+    target = os_pid(pid)
     d.interrupt(pid)
-    wait_until(lambda: not _sigint_pending(os_pid), 10, message="SIGINT delivered")
+    wait_until(lambda: not _sigint_pending(target), 10, message="SIGINT delivered")
     assert d.remotecall_fetch(_signal_then_loop, pid, d.RemoteChannel(1, 10), 0.2) == "looped"
     assert d.remotecall_fetch(d.myid, pid) == pid
     assert pid in d.procs()

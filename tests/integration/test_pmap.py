@@ -29,8 +29,7 @@ from distexec import (
     WorkerPool,
     pmap,
 )
-from tests.faults.helpers import kill, os_pid
-from tests.helpers import wait_until
+from tests.helpers import kill_worker, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,15 +42,6 @@ DEADLINE = 10.0  # seconds for something that must happen
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-@pytest.fixture
-def no_workers():
-    """A cluster of the master alone (removes workers an earlier test may have left)."""
-    stray = [p for p in distexec.procs() if p != 1]
-    if stray:
-        distexec.rmprocs(stray, waitfor=20)
-    assert distexec.procs() == [1]
-
-
 class Attempts:
     """Counts calls per key from any process: a master-owned channel holding one dict."""
 
@@ -131,7 +121,7 @@ def test_retry_after_a_worker_is_killed_mid_pmap_gives_the_sequential_result(no_
         daemon=True)
     runner.start()
     started.take()  # the victim holds an element...
-    kill(os_pid(victim))  # ...and dies with it
+    kill_worker(victim)  # ...and dies with it
     runner.join(DEADLINE * 3)
     assert not runner.is_alive(), "pmap did not return"
     assert outcome["value"] == [x * x for x in range(200)]
@@ -152,7 +142,7 @@ def test_a_worker_killed_mid_pmap_without_retries_fails_the_map(no_workers, add_
     runner = threading.Thread(target=run, daemon=True)
     runner.start()
     started.take()
-    kill(os_pid(b))
+    kill_worker(b)
     runner.join(DEADLINE)
     assert not runner.is_alive(), "pmap did not return"
     assert isinstance(outcome["error"], ProcessExitedException)
@@ -168,7 +158,7 @@ def test_retries_come_before_on_error_for_a_killed_worker(no_workers, add_worker
         fn, range(20), on_error=lambda e: "handled", retry_delays=[0.05] * 3)), daemon=True)
     runner.start()
     started.take()
-    kill(os_pid(b))
+    kill_worker(b)
     runner.join(DEADLINE)
     assert not runner.is_alive(), "pmap did not return"
     assert outcome["value"] == [x * x for x in range(20)]

@@ -38,8 +38,7 @@ from distexec.pools import (
     pool_remotecall_wait,
 )
 from distexec.runtime.context import default_context
-from tests.faults.helpers import in_thread, kill, os_pid
-from tests.helpers import wait_until
+from tests.helpers import PickleCounter, in_thread, kill_and_wait, kill_worker, pickles, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,15 +52,6 @@ DEADLINE = 10.0  # seconds for something that must happen
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-@pytest.fixture
-def no_workers():
-    """A cluster of the master alone (removes workers an earlier test may have left)."""
-    stray = [p for p in distexec.procs() if p != 1]
-    if stray:
-        distexec.rmprocs(stray, waitfor=20)
-    assert distexec.procs() == [1]
-
-
 @pytest.fixture
 def fresh_default_pool():
     """Let a test create the master's default pool anew; the old one is restored after."""
@@ -87,12 +77,6 @@ def via(request):
     return distexec if request.param == "distexec" else POOL_LAYER
 
 
-def kill_and_wait(pid: int) -> None:
-    """SIGKILL worker ``pid`` and wait until the master has deregistered it."""
-    kill(os_pid(pid))
-    wait_until(lambda: pid not in distexec.procs(), DEADLINE, message=f"worker {pid} to leave")
-
-
 def blocks(future, seconds: float = BLOCKED) -> bool:
     """Whether ``future`` (from ``in_thread``) is still pending after ``seconds``."""
     try:
@@ -102,18 +86,6 @@ def blocks(future, seconds: float = BLOCKED) -> bool:
     except Exception:
         return False
     return False
-
-
-pickles: list[int] = []
-"""One entry each time a ``PickleCounter`` is pickled on the master (i.e. sent somewhere)."""
-
-
-class PickleCounter:
-    """Counts its own pickling on this process; a closure capturing it counts its shipping."""
-
-    def __reduce__(self):
-        pickles.append(1)
-        return (PickleCounter, ())
 
 
 def counting_closure():
@@ -285,7 +257,7 @@ def test_a_blocked_take_fails_when_the_last_member_dies(add_workers):
     assert pool.take() == a
     taker = in_thread(pool.take)
     assert blocks(taker)
-    kill(os_pid(a))
+    kill_worker(a)
     with pytest.raises(DistributedError, match="No active worker available in pool"):
         taker.result(DEADLINE)
 

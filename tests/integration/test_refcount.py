@@ -10,8 +10,6 @@ is checked after an event that would have freed it if the bookkeeping were wrong
 from __future__ import annotations
 
 import gc
-import os
-import signal
 import sys
 
 import cloudpickle
@@ -21,7 +19,7 @@ import distexec
 from distexec import Future, RemoteChannel
 from distexec.runtime.context import current_context
 from distexec.runtime.refs import owned_clients, owned_refs_count
-from tests.helpers import wait_until
+from tests.helpers import kill_and_wait, owner_clients, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,12 +27,6 @@ pytestmark = pytest.mark.timeout(60)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 DEADLINE = 10.0
-
-
-def clients(pid: int, ref) -> frozenset[int] | None:
-    """The owner's client set for ``ref`` (None once freed), asked by id, not by reference."""
-    rrid = tuple(distexec.remoteref_id(ref))
-    return distexec.remotecall_fetch(owned_clients, pid, rrid)
 
 
 def _flush_releases(owner: int) -> None:
@@ -61,13 +53,13 @@ def settle(owner: int) -> None:
 def still(pid: int, ref, expected) -> None:
     """Assert the owner's client set for ``ref`` is ``expected`` once nothing is in flight."""
     settle(pid)
-    assert clients(pid, ref) == (None if expected is None else frozenset(expected))
+    assert owner_clients(pid, ref) == (None if expected is None else frozenset(expected))
 
 
 def wait_clients(pid: int, ref, expected) -> None:
     """Wait until the owner's client set for ``ref`` is ``expected`` (None: freed), and stays."""
     expected = None if expected is None else frozenset(expected)
-    wait_until(lambda: clients(pid, ref) == expected, DEADLINE,
+    wait_until(lambda: owner_clients(pid, ref) == expected, DEADLINE,
                message=f"clients of {ref!r} on {pid} == {expected}")
     still(pid, ref, expected)
 
@@ -209,9 +201,9 @@ def test_a_future_sent_to_its_owner_and_fetched_there_keeps_only_its_creator(w):
 
 def test_a_future_is_not_made_on_its_owner_until_touched(w):
     fut = Future(w[0])
-    assert clients(w[0], fut) is None
+    assert owner_clients(w[0], fut) is None
     assert fut.isready() is False  # touching it creates it, held by its creator
-    assert clients(w[0], fut) == {ME}
+    assert owner_clients(w[0], fut) == {ME}
     fut.put("set")
     # The putter has the value cached, so the owner's copy goes at once.
     wait_clients(w[0], fut, None)
@@ -289,8 +281,7 @@ def test_a_dead_worker_leaves_every_client_set(w, add_workers):
     fut.release()
     wait_clients(owner, fut, {victim})
 
-    os.kill(distexec.remotecall_fetch(os.getpid, victim), signal.SIGKILL)
-    wait_until(lambda: victim not in distexec.procs(), DEADLINE, message="victim gone")
+    kill_and_wait(victim)
     wait_clients(owner, rc, {ME})
     wait_clients(owner, fut, None)
     rc.put("still usable")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import pickle
 import sys
-import threading
 from fractions import Fraction
 
 import cloudpickle
@@ -19,7 +18,7 @@ import pytest
 
 import distexec
 from distexec import Channel, ChannelClosedError, DistributedError, RemoteChannel, RemoteException
-from tests.helpers import wait_until
+from tests.helpers import InThread, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,29 +27,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 BLOCKED = 0.2  # seconds to observe that something does not happen
 DEADLINE = 10.0  # seconds for something that must happen
-
-
-class InThread:
-    """Run ``fn`` on a daemon thread; ``done`` is set with ``result`` or ``error``."""
-
-    def __init__(self, fn, *args):
-        self.done = threading.Event()
-        self.result = self.error = None
-        threading.Thread(target=self._run, args=(fn, args), daemon=True).start()
-
-    def _run(self, fn, args):
-        try:
-            self.result = fn(*args)
-        except BaseException as exc:  # the test inspects it
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def join(self):
-        assert self.done.wait(DEADLINE), "thread did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def put_all(rc, values, close=False) -> None:

@@ -17,12 +17,6 @@ from distexec.runtime.context import current_context
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def empty_cluster():
-    """The master has no workers, so a test may choose the topology."""
-    assert d.procs() == [1], f"workers left over by another test: {d.procs()}"
-
-
 # --------------------------------------------------------------------------------------------
 # remote helpers
 # --------------------------------------------------------------------------------------------

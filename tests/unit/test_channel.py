@@ -14,6 +14,7 @@ import pytest
 
 from distexec.errors import ChannelClosedError
 from distexec.runtime.channel import Channel
+from tests.helpers import InThread
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -21,23 +22,11 @@ DEADLINE = 10.0  # seconds to wait for something that must happen
 BLOCKED = 0.1  # seconds to observe that something does not happen
 
 
-class Runner:
-    """Run ``fn`` in a daemon thread; record its result or exception, then set ``done``."""
+class Runner(InThread):
+    """Run ``fn`` in a daemon thread; record its result or exception, then set ``done``.
 
-    def __init__(self, fn, *args, **kwargs):
-        self.done = threading.Event()
-        self.result = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn, args, kwargs):
-        try:
-            self.result = fn(*args, **kwargs)
-        except BaseException as exc:  # the test inspects it
-            self.error = exc
-        finally:
-            self.done.set()
+    Here ``join`` returns the runner, so a test inspects ``result`` or ``error`` itself.
+    """
 
     def join(self):
         assert self.done.wait(DEADLINE), "thread did not finish"

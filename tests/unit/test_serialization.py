@@ -14,6 +14,7 @@ import distexec
 from distexec.errors import DistributedError
 from distexec.protocol import serialization
 from distexec.protocol.serialization import OUT_OF_BAND_MIN, current_destination, dumps, loads
+from tests.helpers import ZeroCopyBytes
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -31,18 +32,6 @@ class _SeesDestination:
 class _FailsToPickle:
     def __reduce__(self):
         raise RuntimeError("refusing to be pickled")
-
-
-class _ZeroCopyBytes(bytearray):
-    """A buffer-protocol object that pickles its memory out of band (pickle docs' example)."""
-
-    def __reduce_ex__(self, protocol):
-        return type(self)._reconstruct, (pickle.PickleBuffer(self),)
-
-    @classmethod
-    def _reconstruct(cls, data):
-        with memoryview(data) as view:
-            return cls(view)
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,7 +54,7 @@ def test_buffer_below_the_threshold_stays_in_band():
 
 
 def test_only_the_large_buffers_of_a_message_go_out_of_band():
-    small, large = _ZeroCopyBytes(b"s" * 100), _ZeroCopyBytes(b"L" * (3 * OUT_OF_BAND_MIN))
+    small, large = ZeroCopyBytes(b"s" * 100), ZeroCopyBytes(b"L" * (3 * OUT_OF_BAND_MIN))
     payload, buffers = dumps((small, {"big": large}, "text"), 2)
     assert [memoryview(b).nbytes for b in buffers] == [3 * OUT_OF_BAND_MIN]
     # The sender's memory itself is referenced, not a copy of it.
@@ -73,8 +62,8 @@ def test_only_the_large_buffers_of_a_message_go_out_of_band():
     # The receiver gets the buffers as separate writable blocks (how the reader thread fills them).
     received = [bytearray(b) for b in buffers]
     small_back, mapping, text = loads(payload, received)
-    assert type(small_back) is _ZeroCopyBytes and small_back == small
-    assert type(mapping["big"]) is _ZeroCopyBytes and mapping["big"] == large
+    assert type(small_back) is ZeroCopyBytes and small_back == small
+    assert type(mapping["big"]) is ZeroCopyBytes and mapping["big"] == large
     assert text == "text"
 
 
