@@ -8,6 +8,8 @@ README. Julia-style functions live in :mod:`distexec.api` and are re-exported he
 from .api import *  # noqa: F401,F403
 from .api import __all__ as _api_all
 from .cluster.local import LocalManager
+from .cluster.slurm import SlurmManager
+from .cluster.ssh import SSHManager
 from .cluster.manager import ClusterManager, WorkerConfig, default_addprocs_params
 from .cluster.worker import init_worker, process_messages, start_worker
 from .errors import (AuthenticationError, CapturedException, ChannelClosedError,
@@ -32,7 +34,7 @@ __all__ = [
     "DistributedExecutor", "BrokenExecutor", "pmap", "ExponentialBackOff", "BatchProcessingError",
     "splitrange", "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool",
     "set_default_worker_pool",
-    "LocalManager", "ClusterManager", "WorkerConfig", "default_addprocs_params",
+    "LocalManager", "SSHManager", "SlurmManager", "ClusterManager", "WorkerConfig", "default_addprocs_params",
     "init_worker", "start_worker", "process_messages", "RRID", "current_destination", "Channel",
     "ClusterContext", "WorkerState", "Future", "RemoteChannel", "channel_from_id", "remoteref_id",
     "DistexecError", "DistributedError", "RemoteException", "CapturedException",

@@ -18,6 +18,7 @@ from .cluster import callbacks as _callbacks
 from .cluster import membership as _membership
 from .cluster.local import LocalManager
 from .cluster.manager import ClusterManager
+from .cluster.ssh import SSHManager
 from .errors import CompositeException, DistributedError, RemoteException
 from .protocol import secret as _secret
 from . import pools as _pools
@@ -49,8 +50,10 @@ def addprocs(n_or_machines_or_manager=None, /, **params) -> list[int]:
     """Add workers; returns their pids, sorted.
 
     ``addprocs(4)`` starts 4 local workers (``restrict=False`` binds them beyond loopback);
+    ``addprocs(["host1", ("user@host2", 4)], sshflags=[...])`` starts workers over SSH;
     ``addprocs(manager)`` launches through any :class:`ClusterManager`. Keywords are checked
-    against ``default_addprocs_params`` for the integer form. Julia: ``addprocs``.
+    against ``default_addprocs_params`` for the integer and machine-list forms.
+    Julia: ``addprocs``.
     """
     target = n_or_machines_or_manager
     if isinstance(target, ClusterManager):
@@ -60,7 +63,8 @@ def addprocs(n_or_machines_or_manager=None, /, **params) -> list[int]:
         manager = LocalManager(_default_count() if target is None else target, restrict)
         _check_keywords(manager, params)
     elif isinstance(target, (list, tuple)):
-        raise NotImplementedError("addprocs(machines) needs SSHManager, which is not built yet")
+        manager = SSHManager(target)
+        _check_keywords(manager, params)
     else:
         raise TypeError("addprocs takes a number of workers, a list of machines or a "
                         f"ClusterManager, not {type(target).__name__}")
