@@ -75,8 +75,9 @@ def wait_for_output(capfd, *needles: str, timeout: float = 5.0,
     """Wait until every one of ``needles`` appeared on the captured stdout; return all of it.
 
     Workers' output reaches the master's stdout through the relay thread, a little after the
-    worker printed it, so the test reads ``capfd`` repeatedly (each read consumes what it
-    returns) and searches everything read so far.
+    worker printed it. ``capfd.readouterr()`` reads and then truncates its file, so a line the
+    relay writes between those two steps would be lost; instead the captured file is read
+    without moving its offset (``os.pread``) until the needles are there, and consumed once.
 
     Args:
         capfd: pytest's ``capfd`` fixture of the test.
@@ -85,16 +86,19 @@ def wait_for_output(capfd, *needles: str, timeout: float = 5.0,
         message: what was being waited for, for the failure message.
 
     Returns:
-        The stdout read since the call began.
+        The stdout captured so far.
     """
-    output: list[str] = []
+    fd = capfd._capture.out.tmpfile.fileno()  # pytest internals: the file behind fd 1
 
-    def seen() -> bool:
-        output.append(capfd.readouterr().out)
-        return all(needle in "".join(output) for needle in needles)
+    def captured() -> str:
+        return os.pread(fd, 1 << 24, 0).decode(errors="replace")
 
-    wait_until(seen, timeout, message=message or f"{needles} on the master's stdout")
-    return "".join(output)
+    try:
+        wait_until(lambda: all(n in captured() for n in needles), timeout,
+                   message=message or f"{needles} on the master's stdout")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the captured stdout was:\n{captured()}") from None
+    return capfd.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------
