@@ -42,3 +42,7 @@ __all__ = [
     "LaunchWorkerError", "AuthenticationError", "ProtocolError", "MessageTooLarge",
     "ChannelClosedError", "InvalidStateError", "SecurityWarning", "WaitTimeout",
 ]
+
+from .integrations import _joblib_hook
+
+_joblib_hook.install()  # joblib's backend "distexec", registered whenever joblib is imported

@@ -31,11 +31,17 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import joblib
-from joblib._parallel_backends import (AutoBatchingMixin, FallbackToBackend,
-                                       ParallelBackendBase, SequentialBackend, ThreadingBackend)
+from joblib._parallel_backends import (
+    AutoBatchingMixin,
+    FallbackToBackend,
+    ParallelBackendBase,
+    SequentialBackend,
+    ThreadingBackend,
+)
 
 from .. import api
 from ..executor import DistributedExecutor

@@ -19,6 +19,7 @@ import contextvars
 import io
 import pickle
 import sys
+import threading
 from typing import Any
 
 import cloudpickle
@@ -169,6 +170,14 @@ def dumps(obj: Any, destination: int | None) -> tuple[bytes, list[memoryview]]:
     return payload, buffers
 
 
+#: Unpickling imports modules. Two calls unpickled at once on two threads can import a
+#: package and one of its submodules that import each other; Python's per-module import locks
+#: then report a deadlock and both calls fail with "partially initialized module". A process
+#: unpickles one message at a time, as a ProcessPoolExecutor worker does.
+_UNPICKLING = threading.RLock()
+
+
 def loads(payload, buffers=()) -> Any:
     """Unpickle a payload with its out-of-band buffers (call inside ``receiving()``)."""
-    return pickle.loads(payload, buffers=buffers)
+    with _UNPICKLING:
+        return pickle.loads(payload, buffers=buffers)
