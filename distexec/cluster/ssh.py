@@ -169,12 +169,12 @@ class SSHManager(ClusterManager):
             session.extra_done.set()  # a first worker that never joined starts no others
         super().kill(pid, config)  # never joined: kills the ssh process at once
         if owns_ssh and config.os_pid is not None:
-            timeout = float(params_timeout(session.params))
+            timeout = _exit_timeout(session.params)
             threading.Thread(target=_end_session_later, args=(pid, session, timeout),
                              daemon=True, name=f"distexec-kill-{pid}").start()
 
 
-def params_timeout(params: dict) -> float:
+def _exit_timeout(params: dict) -> float:
     return float(params.get("exit_timeout", 15.0))
 
 
@@ -222,8 +222,11 @@ def _start_ssh(session: _Session) -> WorkerConfig:
     except OSError as exc:
         raise LaunchWorkerError(f"Unable to start ssh ({cmd[0]!r}): {exc}") from exc
     # The cookie goes through ssh's stdin, never argv; stdin stays open as the worker's lifeline.
-    process.stdin.write(str(session.ctx.cookie).encode() + b"\n")
-    process.stdin.flush()
+    try:
+        process.stdin.write(str(session.ctx.cookie).encode() + b"\n")
+        process.stdin.flush()
+    except BrokenPipeError:
+        pass  # ssh already gave up: reading the worker's address reports how
     session.process = process
     threading.Thread(target=_watch_session, args=(session,), daemon=True,
                      name=f"distexec-ssh-watch-{session.host}").start()
@@ -294,7 +297,7 @@ def _additional_config(session: _Session, first: WorkerConfig, first_pid: int,
                         exeflags=first.exeflags, exename=first.exename,
                         max_parallel=first.max_parallel,
                         enable_threaded_blas=first.enable_threaded_blas,
-                        environ={"exit_timeout": params_timeout(session.params)},
+                        environ={"exit_timeout": _exit_timeout(session.params)},
                         userdata={"ssh": session, "first_pid": first_pid})
 
 

@@ -1,0 +1,313 @@
+"""SSHManager against real OpenSSH servers (started by .ci/setup-sshd.sh).
+
+One sshd listens on 127.0.0.1; two more run in network namespaces dxh1 (10.213.1.2) and dxh2
+(10.213.2.2), "hosts" with their own addresses that reach each other through the root
+namespace. The ``ssh_workers`` fixture (tests/managers/conftest.py) adds workers and checks
+afterwards that no remote worker process outlived the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import distexec as d
+from distexec import LaunchWorkerError, ProcessExitedException, RemoteException
+from distexec.cluster.ssh import SSHManager
+from distexec.runtime.context import current_context
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HELLO = os.path.join(REPO, "tests", "managers", "scripts", "hello.py")
+
+
+def os_pid(pid: int) -> int:
+    return current_context().record(pid).os_pid
+
+
+def ssh_process(pid: int):
+    return current_context().record(pid).config.process
+
+
+def _where():
+    connection = os.environ.get("SSH_CONNECTION", "").split()
+    return os.getpid(), os.getppid(), connection[2] if len(connection) > 2 else None
+
+
+def _signal_then_sleep(channel, seconds):
+    channel.put("running")
+    time.sleep(seconds)
+    return "slept"
+
+
+# --------------------------------------------------------------------------------------------
+# adding, using and removing workers
+# --------------------------------------------------------------------------------------------
+def test_count_two_and_a_plain_host_come_up_and_answer(ssh_workers, ssh_namespaces):
+    local, host1 = f"root@{ssh_namespaces.local}", ssh_namespaces.hosts["dxh1"]
+    pids = ssh_workers([(local, 2), host1])
+    assert pids == sorted(pids) and len(pids) == 3
+    assert d.workers() == pids
+    assert d.procs() == [1, *pids]
+    assert d.nworkers() == 3
+    where = {p: d.remotecall_fetch(_where, p) for p in pids}
+    assert sorted(address for _, _, address in where.values()) == \
+        sorted(["127.0.0.1", "127.0.0.1", host1])
+    assert {d.remotecall_fetch(d.myid, p) for p in pids} == set(pids)
+    local_pids = [p for p in pids if where[p][2] == "127.0.0.1"]
+    # count > 1: the first worker on the host started the second one there
+    a, b = local_pids
+    first, extra = (a, b) if where[b][1] == where[a][0] else (b, a)
+    assert where[extra][1] == where[first][0], where
+    assert d.remotecall_fetch(lambda x: x + 1, extra, 41) == 42
+
+
+def test_repeated_specs_merge_and_auto_starts_one_per_cpu(ssh_workers, ssh_hosts):
+    manager = SSHManager([ssh_hosts.local, ssh_hosts.local])
+    assert manager.machines == {ssh_hosts.local: 2}
+    pids = ssh_workers([(ssh_hosts.local, "auto")])
+    assert len(pids) == os.cpu_count()
+    assert {d.remotecall_fetch(os.getpid, p) for p in pids} == {os_pid(p) for p in pids}
+
+
+def test_env_and_dir_reach_the_remote_worker(ssh_workers, ssh_hosts, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTEXEC_TEST_FORWARDED", "yes")
+    tricky = "it's \"quoted\" $HOME `x` ; done"
+    (pid,) = ssh_workers([ssh_hosts.local], env={"DX_VALUE": tricky}, dir=str(tmp_path))
+    assert d.remotecall_fetch(os.getcwd, pid) == str(tmp_path)
+    assert d.remotecall_fetch(os.getenv, pid, "DX_VALUE") == tricky
+    assert d.remotecall_fetch(os.getenv, pid, "DISTEXEC_TEST_FORWARDED") == "yes"
+    assert d.remotecall_fetch(os.getenv, pid, "OPENBLAS_NUM_THREADS") == "1"
+
+
+def test_invalid_env_key_and_shell_are_refused_before_anything_starts(ssh_workers, ssh_hosts):
+    with pytest.raises(ValueError, match="invalid env key"):
+        ssh_workers([ssh_hosts.local], env={"BAD-KEY": "1"})
+    with pytest.raises(ValueError, match="invalid shell"):
+        ssh_workers([ssh_hosts.local], shell="fish")
+    assert d.procs() == [1]
+
+
+def test_the_cookie_is_not_in_any_command_line_or_environment(ssh_workers, ssh_hosts):
+    pids = ssh_workers([(ssh_hosts.local, 2)])
+    cookie = str(current_context().cookie).encode()
+    processes = [psutil.Process(os_pid(p)) for p in pids]
+    processes += [psutil.Process(ssh_process(p).pid) for p in pids if ssh_process(p)]
+    assert len(processes) == 3  # two workers, one ssh
+    for process in processes:
+        for name in ("cmdline", "environ"):
+            with open(f"/proc/{process.pid}/{name}", "rb") as f:
+                assert cookie not in f.read(), (process, name)
+
+
+def test_rmprocs_ends_the_remote_workers_and_their_ssh(ssh_workers, ssh_hosts):
+    pids = ssh_workers([(ssh_hosts.local, 2)])
+    remote = [psutil.Process(os_pid(p)) for p in pids]
+    ssh = [ssh_process(p) for p in pids if ssh_process(p) is not None]
+    d.rmprocs(pids, waitfor=20)
+    assert d.procs() == [1]
+    gone, alive = psutil.wait_procs(remote, timeout=10)
+    assert not alive
+    for process in ssh:
+        assert process.wait(timeout=10) == 0
+
+
+def test_interrupt_reaches_a_busy_remote_worker(ssh_workers, ssh_hosts):
+    (pid,) = ssh_workers([ssh_hosts.local])
+    channel = d.RemoteChannel(1, 10)
+    call = d.remotecall(_signal_then_sleep, pid, channel, 30)
+    assert channel.take(timeout=10) == "running"
+    start = time.monotonic()
+    d.interrupt(pid)
+    with pytest.raises(RemoteException) as info:
+        call.fetch(timeout=10)
+    assert isinstance(info.value.captured.ex, KeyboardInterrupt)
+    assert time.monotonic() - start < 10
+    assert d.remotecall_fetch(d.myid, pid) == pid
+
+
+def test_a_refusing_host_fails_while_the_other_comes_up(ssh_workers, ssh_hosts):
+    refused = "127.0.0.1:1"  # nothing listens on port 1: ssh fails at once
+    start = time.monotonic()
+    with pytest.raises(LaunchWorkerError, match="Unable to read host:port string"):
+        ssh_workers([refused, ssh_hosts.local])
+    assert time.monotonic() - start < 20
+    (pid,) = d.workers()
+    assert d.remotecall_fetch(d.myid, pid) == pid
+
+
+def test_multiplex_is_refused_clearly(ssh_workers, ssh_hosts):
+    with pytest.raises(NotImplementedError, match="multiplex"):
+        ssh_workers([ssh_hosts.local], tunnel=True, multiplex=True)
+
+
+def test_tunnel_reaches_the_worker_through_ssh(ssh_workers, ssh_namespaces):
+    (pid,) = ssh_workers([ssh_namespaces.hosts["dxh1"]], tunnel=True)
+    config = current_context().record(pid).config
+    assert config.forward.startswith("127.0.0.1:")
+    assert current_context().record(pid).conn.sock.getpeername()[0] == "127.0.0.1"
+    assert d.remotecall_fetch(d.myid, pid) == pid
+
+
+def test_an_executor_runs_on_ssh_workers_and_removes_them(ssh_hosts, empty_cluster):
+    manager = SSHManager([(ssh_hosts.local, 2)])
+    with d.DistributedExecutor(manager=manager, sshflags=ssh_hosts.sshflags) as executor:
+        workers = executor.workers()
+        assert len(workers) == 2
+        assert list(executor.map(abs, range(-20, 0))) == list(range(20, 0, -1))
+        remote = [psutil.Process(os_pid(p)) for p in workers]
+    assert d.procs() == [1]
+    gone, alive = psutil.wait_procs(remote, timeout=15)
+    assert not alive
+
+
+# --------------------------------------------------------------------------------------------
+# several hosts
+# --------------------------------------------------------------------------------------------
+def test_an_unreachable_host_fails_within_the_connect_timeout(ssh_workers, ssh_namespaces):
+    host2 = ssh_namespaces.hosts["dxh2"]
+    with _link_cut("dxh2"):
+        start = time.monotonic()
+        with pytest.raises(LaunchWorkerError, match="Unable to read host:port string"):
+            ssh_workers([host2, ssh_namespaces.local],
+                        sshflags=[*ssh_namespaces.sshflags, "-o", "ConnectTimeout=2"])
+        assert time.monotonic() - start < 2 + 5
+    (pid,) = d.workers()
+    assert current_context().record(pid).connect_at[0] == "127.0.0.1"
+
+
+def test_workers_on_two_hosts_call_each_other(ssh_workers, ssh_namespaces):
+    host1, host2 = ssh_namespaces.hosts["dxh1"], ssh_namespaces.hosts["dxh2"]
+    a, b = ssh_workers([host1, host2])
+    addresses = {current_context().record(p).connect_at[0] for p in (a, b)}
+    assert addresses == {host1, host2}
+    # lazy all_to_all: the first call between them opens their link, in either direction
+    assert d.remotecall_fetch(lambda p: d.remotecall_fetch(_where, p)[2], a, b) == \
+        d.remotecall_fetch(lambda: _where()[2], b)
+    assert d.remotecall_fetch(lambda p: d.remotecall_fetch(d.myid, p), b, a) == a
+
+
+def test_a_cut_link_fails_calls_in_bounded_time(ssh_workers, ssh_namespaces):
+    host2 = ssh_namespaces.hosts["dxh2"]
+    keepalive = ["-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2"]
+    (pid,) = ssh_workers([host2], sshflags=[*ssh_namespaces.sshflags, *keepalive])
+    remote = os_pid(pid)
+    channel = d.RemoteChannel(1, 10)
+    call = d.remotecall(_signal_then_sleep, pid, channel, 60)
+    assert channel.take(timeout=10) == "running"
+    with _link_cut("dxh2"):
+        start = time.monotonic()
+        with pytest.raises(ProcessExitedException):
+            call.fetch(timeout=20)
+        # ssh notices after 2 unanswered keepalives 1 s apart (2-3 s), plus LOST_GRACE (2 s)
+        assert time.monotonic() - start < 10
+        wait_until(lambda: pid not in d.procs(), 10, message=f"worker {pid} removed")
+    # the far side's sshd ends the session (ClientAlive*), so the worker's stdin closes
+    wait_until(lambda: not psutil.pid_exists(remote) or
+               psutil.Process(remote).status() == psutil.STATUS_ZOMBIE, 20,
+               message="the cut-off worker to exit")
+
+
+@contextlib.contextmanager
+def _link_cut(namespace: str, heal_after: int = 40):
+    """Take the namespace's end of its veth down: its packets vanish without an error.
+
+    A detached shell heals the link after ``heal_after`` s even if this process dies first
+    (pytest-timeout ends it without running ``finally``), so one failure cannot cut the host
+    off for the tests that follow.
+    """
+    device, gateway = f"dxv{namespace[-1]}p", f"10.213.{namespace[-1]}.1"
+    heal = (f"ip netns exec {namespace} ip link set dev {device} up && "
+            f"ip netns exec {namespace} ip route replace default via {gateway}")
+    healer = subprocess.Popen(["sh", "-c", f"sleep {heal_after}; {heal}"],
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+    subprocess.run(["ip", "netns", "exec", namespace, "ip", "link", "set", "dev", device, "down"],
+                   check=True, timeout=10)
+    try:
+        yield
+    finally:
+        subprocess.run(["sh", "-c", heal], check=True, timeout=10)
+        os.killpg(healer.pid, signal.SIGKILL)
+        healer.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# the master dies; a script runs unchanged on SSH workers
+# --------------------------------------------------------------------------------------------
+MASTER = textwrap.dedent("""
+    import sys, time, distexec
+    from distexec.cluster.ssh import SSHManager
+    from distexec.runtime.context import current_context
+    pids = distexec.addprocs(SSHManager([(sys.argv[1], 2)]), sshflags=sys.argv[2:])
+    ctx = current_context()
+    print(" ".join(str(ctx.record(p).os_pid) for p in pids), flush=True)
+    time.sleep(120)
+""")
+
+
+def test_the_remote_command_survives_a_real_posix_shell(tmp_path):
+    from distexec.cluster.ssh import remote_command
+
+    probe = [sys.executable, "-c", "import json, os, sys; "
+             "print(json.dumps([os.getcwd(), sys.argv[1:], os.environ['X']]))"]
+    where = tmp_path / "a dir's \"name\""
+    where.mkdir()
+    tricky = "it's \"q\" $HOME `echo no` ; exit 3 \\ *"
+    params = {**SSHManager(["h"]).default_addprocs_params(), "exename": probe,
+              "dir": str(where), "env": {"X": tricky}}
+    # what the remote login shell runs; sshd sets SSH_CONNECTION (here an IPv6 server address)
+    done = subprocess.run(["sh", "-c", remote_command(params, None)], capture_output=True,
+                          text=True, timeout=20,
+                          env={**os.environ, "SSH_CONNECTION": "fd00::1 5555 fd00::2 22"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == [
+        str(where), ["-m", "distexec", "worker", "--die-with-stdin", "--bind-to", "[fd00::2]"],
+        tricky]
+
+
+def test_remote_workers_exit_when_the_master_is_killed(ssh_hosts):
+    master = subprocess.Popen([sys.executable, "-c", MASTER, ssh_hosts.local, *ssh_hosts.sshflags],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        line = master.stdout.readline()
+        workers = [psutil.Process(int(p)) for p in line.split()]
+        assert len(workers) == 2, line
+        ssh = psutil.Process(master.pid).children()
+    finally:
+        master.kill()
+        master.wait()
+        master.stdout.close()
+    start = time.monotonic()
+    gone, alive = psutil.wait_procs(workers + ssh, timeout=10)
+    assert not alive, alive
+    assert time.monotonic() - start < 10
+
+
+def test_the_hello_script_runs_on_workers_in_two_namespaces(ssh_namespaces, tmp_path):
+    machine_file = tmp_path / "hosts"
+    host1, host2 = ssh_namespaces.hosts["dxh1"], ssh_namespaces.hosts["dxh2"]
+    machine_file.write_text(f"# two namespace hosts\n2*{host1}\n{host2}\n")
+    # `distexec run` passes no ssh flags: the hosts' keys come from ~/.ssh/config, where
+    # .ci/setup-sshd.sh declares them
+    plain = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host1, "true"],
+                           capture_output=True, text=True, timeout=15)
+    if plain.returncode != 0:
+        pytest.skip(f"plain `ssh {host1}` fails ({plain.stderr.strip()}): ~/.ssh/config lacks "
+                    "the block .ci/setup-sshd.sh writes")
+    done = subprocess.run([sys.executable, "-m", "distexec", "run", "--machine-file",
+                           str(machine_file), HELLO], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"at {host1}" in done.stdout and f"at {host2}" in done.stdout
+    assert "3 workers, sum of squares 328350" in done.stdout
