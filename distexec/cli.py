@@ -5,7 +5,7 @@ script on a ready cluster. May import anything.
 
     distexec run -p 4 script.py a b       like ``julia -p 4 script.jl a b``
     distexec run --machine-file hosts script.py
-    distexec run --slurm "--ntasks=8 --partition=short" script.py
+    distexec run --slurm --ntasks=8 --partition=short script.py
 """
 
 from __future__ import annotations
@@ -37,20 +37,64 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("-p", "--procs", type=int, metavar="N", help="N local workers")
     where.add_argument("--machine-file", metavar="FILE",
                        help="SSH workers, one line per host: [count*][user@]host[:port] [bind[:port]]")
-    where.add_argument("--slurm", metavar="SRUN_OPTIONS", nargs="?", const="",
-                       help='workers through srun, e.g. --slurm "--ntasks=4 --partition=debug"')
+    where.add_argument("--slurm", action="store_true",
+                       help="workers through srun; srun options follow, long ones as "
+                            "--key=value, e.g. --slurm --ntasks=4 -p debug script.py")
     run.add_argument("script", help="the Python script to run")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, srun_tokens = _take_srun_options(argv)
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        args.slurm = srun_tokens if args.slurm else None
     if args.command == "worker":
         start_worker(bind_to=args.bind_to, parent_pid=args.parent_pid,
                      die_with_stdin=args.die_with_stdin)
         return 0
     return run_script(args)
+
+
+def _take_srun_options(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """Cut ``--slurm`` and the srun options after it out of ``run``'s arguments.
+
+    argparse cannot tell srun's options from the script, so they are taken here: every
+    token starting with ``-`` (and the value after a short option such as ``-n 4``) up to
+    the script's path.
+    """
+    start = _option_before_script(argv, "--slurm")
+    if start is None:
+        return argv, None
+    if argv[start].startswith("--slurm="):  # --slurm="--ntasks=2 --partition=x"
+        return argv[:start] + ["--slurm"] + argv[start + 1:], shlex.split(argv[start][8:])
+    tokens, i = [], start + 1
+    while i < len(argv) and argv[i].startswith("-"):
+        tokens.append(argv[i])
+        if argv[i] in _SRUN_SHORT and i + 1 < len(argv):
+            tokens.append(argv[i + 1])
+            i += 1
+        i += 1
+    return argv[:start] + ["--slurm"] + argv[i:], tokens
+
+
+def _option_before_script(argv: list[str], option: str) -> int | None:
+    """Index of ``option`` among ``run``'s own options (not the script's arguments)."""
+    if not argv or argv[0] != "run":
+        return None
+    i = 1
+    while i < len(argv):
+        if argv[i] == option or argv[i].startswith(option + "="):
+            return i
+        if argv[i] in ("-p", "--procs", "--machine-file"):
+            i += 2
+        elif argv[i].startswith("-"):
+            i += 1
+        else:
+            return None  # the script: what follows belongs to it
+    return None
 
 
 def run_script(args) -> int:
@@ -85,7 +129,7 @@ def _cluster_target(args):
         return SSHManager(read_machine_file(args.machine_file))
     if args.slurm is not None:
         from .cluster.slurm import SlurmManager
-        return SlurmManager(**srun_options(args.slurm))
+        return SlurmManager(**srun_options(" ".join(shlex.quote(t) for t in args.slurm)))
     return None
 
 

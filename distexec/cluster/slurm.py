@@ -31,9 +31,11 @@ reports a specific address is reached at that address.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -71,6 +73,12 @@ class SlurmManager(ClusterManager):
     Every keyword besides ``ntasks`` is an ``srun`` option: ``partition="debug"`` becomes
     ``--partition=debug``, ``cpus_per_task=2`` becomes ``--cpus-per-task=2``, ``True`` a bare
     flag (``overlap=True`` is ``--overlap``); ``None`` and ``False`` leave it out.
+
+    Inside an allocation every ``addprocs`` is a new step of it; a step's CPUs are its own
+    until it ends, so a second one waits for free CPUs unless given ``overlap=True``.
+    ``DISTEXEC_WORKER_TIMEOUT`` (60 s) bounds the whole launch, time in the queue included:
+    raise it on a busy cluster. A launch that fails or times out cancels the job (or, inside
+    an allocation, the step) it started and raises ``LaunchWorkerError`` with srun's messages.
 
     Args:
         ntasks: number of workers. Default: ``SLURM_NTASKS`` inside an allocation, else
@@ -133,8 +141,9 @@ class SlurmManager(ClusterManager):
         # exits (rmprocs, a crash) must not take the other tasks of the step with it.
         # No --unbuffered: with it srun labels every chunk a task writes as a line of its
         # own; line-buffered, each line arrives whole and as soon as it ends.
-        return [SRUN, *_option_flags(options), "--kill-on-bad-exit=0", "--wait=0",
-                "--input=all", "--label", "sh", "-c", _IDENTIFY_SCRIPT, "distexec-worker", *worker]
+        return [*_die_with_master(), SRUN, *_option_flags(options), "--kill-on-bad-exit=0",
+                "--wait=0", "--input=all", "--label",
+                "sh", "-c", _IDENTIFY_SCRIPT, "distexec-worker", *worker]
 
     def _owns_job(self, env: dict) -> bool:
         """Whether srun will ask for a job of its own (rather than use an existing one)."""
@@ -146,7 +155,9 @@ class SlurmManager(ClusterManager):
         if task is None:
             return
         if op == "interrupt":
-            if not step.signal(task, "INT"):
+            if step.job_id is None or task.os_pid is None:
+                log.warning("Worker %d cannot be presently interrupted.", pid)
+            elif not step.signal(task, "INT"):
                 log.warning("Error sending a Ctrl-C to worker %d on %s", pid, task.node)
         elif op == "deregister":
             step.task_gone(task)
@@ -185,6 +196,25 @@ def _option_flags(options: dict) -> list[str]:
         name = "--" + key.lstrip("-").replace("_", "-")
         flags.append(name if value is True else f"{name}={value}")
     return flags
+
+
+@functools.cache
+def _die_with_master() -> tuple[str, ...]:
+    """``setpriv --pdeathsig TERM`` when it works here: srun ends when the master dies.
+
+    On SIGTERM srun withdraws a job request still waiting in the queue, or cancels its
+    running step; the workers would notice the master's death anyway, but a queued job
+    would wait for resources first. Without util-linux's setpriv (>= 2.33) this is skipped.
+    Linux sends the signal when the forking *thread* ends: srun is started on the cluster's
+    long-lived launcher thread.
+    """
+    prefix = (shutil.which("setpriv") or "setpriv", "--pdeathsig", "TERM")
+    try:
+        works = subprocess.run([*prefix, "true"], stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        works = False
+    return prefix if works else ()
 
 
 def _helper_env() -> dict:
@@ -243,14 +273,17 @@ class _Step:
         self.cond = threading.Condition()
 
     @classmethod
-    def start(cls, cmd: list[str], env: dict, owns_job: bool, exit_timeout: float) -> "_Step":
+    def start(cls, cmd: list[str], env: dict, owns_job: bool, exit_timeout: float) -> _Step:
         """Start ``srun``, hand it the cookie, and start reading its output."""
         from ..runtime.context import current_context
+        if shutil.which(SRUN, path=env.get("PATH", os.defpath)) is None:
+            raise LaunchWorkerError(f"Unable to start {SRUN!r}: not found on PATH "
+                                    "(is Slurm installed on this machine?)")
         try:
             process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, env=env, start_new_session=True)
         except OSError as exc:
-            raise LaunchWorkerError(f"Unable to start {cmd[0]!r}: {exc}") from exc
+            raise LaunchWorkerError(f"Unable to start {SRUN!r}: {exc}") from exc
         step = cls(process, owns_job, exit_timeout)
         for target, name in ((step._read_stdout, "distexec-srun-out"),
                              (step._read_stderr, "distexec-srun-err")):
@@ -401,7 +434,6 @@ class _Step:
         A new step with ``--overlap`` shares the running step's resources, on the task's node.
         """
         if self.job_id is None or task.os_pid is None or task.node is None:
-            log.warning("Slurm task %d cannot be presently signalled", task.index)
             return False
         result = _run_helper([SRUN, "--overlap", f"--jobid={self.job_id}",
                               f"--nodelist={task.node}", "--nodes=1", "--ntasks=1", "--quiet",

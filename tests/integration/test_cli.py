@@ -83,3 +83,16 @@ def test_srun_options_become_keywords():
         "ntasks": 4, "partition": "debug", "time": "10", "exclusive": True}
     with pytest.raises(SystemExit, match="unsupported srun option"):
         srun_options("-X")
+
+
+@pytest.mark.parametrize("argv, rest, srun", [
+    (["run", "--slurm", "--ntasks=2", "-p", "debug", "s.py", "a"], ["run", "--slurm", "s.py", "a"],
+     ["--ntasks=2", "-p", "debug"]),
+    (["run", "--slurm", "s.py"], ["run", "--slurm", "s.py"], []),
+    (["run", "--slurm=--ntasks=2 --exclusive", "s.py"], ["run", "--slurm", "s.py"],
+     ["--ntasks=2", "--exclusive"]),
+    (["run", "-p", "2", "s.py", "--slurm"], ["run", "-p", "2", "s.py", "--slurm"], None),
+])
+def test_srun_options_are_cut_before_the_script(argv, rest, srun):
+    from distexec.cli import _take_srun_options
+    assert _take_srun_options(argv) == (rest, srun)

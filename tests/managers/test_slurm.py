@@ -1,0 +1,441 @@
+"""SlurmManager against a real Slurm (slurmctld + slurmd, started by .ci/setup-slurm.sh).
+
+Workers are the tasks of an ``srun`` step: from outside an allocation the manager gets a job
+of its own, which ends when the workers are removed or the master dies; inside one (``salloc``)
+it runs a step of that allocation and never cancels the allocation. Interrupts and the exit
+escalation reach single tasks through ``srun --overlap``; a launch that fails says what Slurm
+said. Tests that need Slurm skip, with the reason, when no Slurm cluster answers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import distexec as d
+from distexec import LaunchWorkerError, RemoteException
+from distexec.cluster.slurm import SlurmManager
+from tests.helpers import wait_for_output, wait_gone, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parents[2]
+HELLO = Path(__file__).resolve().parent / "scripts" / "hello.py"
+"""The program tests/managers/ runs unchanged on local, SSH and Slurm workers."""
+JOB_END = 20.0
+"""Seconds Slurm gets to forget a job whose tasks have all exited (KillWait and friends)."""
+
+
+# --------------------------------------------------------------------------------------------
+# helpers (the functions run on the workers are module-level so they pickle by reference)
+# --------------------------------------------------------------------------------------------
+def slurm_env() -> tuple[int, str | None, str | None, str | None]:
+    return (os.getpid(), os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID"),
+            os.environ.get("SLURM_PROCID"))
+
+
+def signal_then_sleep(channel, seconds):
+    channel.put("running")
+    time.sleep(seconds)
+    return "slept"
+
+
+def hold_the_gil(seconds):
+    """Sleep in C code without releasing the GIL: the worker cannot even read an exit request."""
+    ctypes.PyDLL(None).sleep(seconds)
+
+
+def own_cmdline() -> bytes:
+    with open("/proc/self/cmdline", "rb") as f:
+        return f.read()
+
+
+def job_state(job_id: str) -> str:
+    """The job's state letters in squeue (``R``, ``CG`` ...), or "" once squeue lists it no more."""
+    result = subprocess.run(["squeue", "--noheader", f"--jobs={job_id}", "--format=%t"],
+                            capture_output=True, text=True, timeout=15)
+    return result.stdout.strip()
+
+
+def wait_job_gone(job_id: str, timeout: float = JOB_END) -> None:
+    wait_until(lambda: job_state(job_id) == "", timeout, interval=0.2,
+               message=f"Slurm job {job_id} to end")
+
+
+def outside_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process that starts outside any Slurm allocation."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {**env, **extra}
+
+
+def run_script(cmd: list[str], timeout: float = 45, **extra_env: str):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=outside_env(**extra_env))
+
+
+@pytest.fixture
+def slurm_workers(slurm):
+    """Factory: ``slurm_workers(ntasks, **options)`` adds Slurm workers, removed after the test."""
+    added: list[int] = []
+
+    def add(ntasks=2, /, addprocs_params=None, **srun_options):
+        pids = d.addprocs(SlurmManager(ntasks, **srun_options), **(addprocs_params or {}))
+        added.extend(pids)
+        return pids
+
+    yield add
+    alive = [p for p in added if p in d.procs()]
+    if alive:
+        d.rmprocs(alive, waitfor=20)
+
+
+# --------------------------------------------------------------------------------------------
+# the srun command (no workers started)
+# --------------------------------------------------------------------------------------------
+def test_srun_options_become_flags_and_the_cookie_stays_off_the_command_line():
+    manager = SlurmManager(3, partition="debug", cpus_per_task=1, time="00:05:00",
+                           exclusive=True, overlap=False, mem_per_cpu=None)
+    params = manager.default_addprocs_params()
+    cmd = manager.srun_command(params, {})
+    assert "srun" in cmd
+    for flag in ("--ntasks=3", "--partition=debug", "--cpus-per-task=1", "--time=00:05:00",
+                 "--exclusive", "--input=all", "--label"):
+        assert flag in cmd
+    assert not any(f.startswith(("--overlap", "--mem-per-cpu")) for f in cmd)
+    assert cmd[-6:] == ["-m", "distexec", "worker", "--bind-to", "0.0.0.0", "--die-with-stdin"]
+    cookie = str(d.cluster_cookie())
+    assert not any(cookie in part for part in cmd)
+
+
+def test_inside_an_allocation_ntasks_defaults_to_slurm_ntasks():
+    manager = SlurmManager()
+    cmd = manager.srun_command(manager.default_addprocs_params(),
+                               {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})
+    assert "--ntasks=4" in cmd
+    assert not any(f.startswith("--ntasks") for f in manager.srun_command(
+        manager.default_addprocs_params(), {}))
+
+
+@pytest.mark.parametrize("bad", [{"ntasks": 0}, {"ntasks": "2"}, {"input": "0"},
+                                 {"label": True}, {"output": "x.log"}])
+def test_invalid_arguments_are_refused(bad):
+    with pytest.raises(ValueError):
+        SlurmManager(**bad)
+
+
+# --------------------------------------------------------------------------------------------
+# workers from outside an allocation
+# --------------------------------------------------------------------------------------------
+def test_workers_are_the_tasks_of_one_job_of_their_own(slurm_workers):
+    pids = slurm_workers(2)
+    assert len(pids) == 2 and pids == sorted(pids)
+    envs = [d.remotecall_fetch(slurm_env, p) for p in pids]
+    job_ids = {job for _os_pid, job, _step, _task in envs}
+    assert len(job_ids) == 1 and None not in job_ids
+    assert sorted(task for *_rest, task in envs) == ["0", "1"]
+    (job_id,) = job_ids
+    assert job_state(job_id) == "R"
+    assert [d.remotecall_fetch(d.myid, p) for p in pids] == pids
+    assert d.remotecall_fetch(lambda: sum(range(10)), pids[1]) == 45
+
+
+def test_rmprocs_removes_the_workers_and_the_job_ends(slurm_workers):
+    pids = slurm_workers(2)
+    envs = [d.remotecall_fetch(slurm_env, p) for p in pids]
+    d.rmprocs(pids, waitfor=20)
+    assert d.procs() == [1]
+    wait_gone([os_pid for os_pid, *_ in envs])
+    wait_job_gone(envs[0][1])
+
+
+def test_the_cookie_reaches_the_tasks_only_on_stdin(slurm_workers):
+    (pid,) = slurm_workers(1)
+    cookie = str(d.cluster_cookie())
+    assert cookie.encode() not in d.remotecall_fetch(own_cmdline, pid)
+    assert cookie not in "".join(d.remotecall_fetch(lambda: list(os.environ.values()), pid))
+
+
+def test_worker_output_is_relayed_to_the_master(slurm_workers, capfd):
+    (pid,) = slurm_workers(1)
+    d.remotecall_fetch(print, pid, "hello", "through", "srun")  # several writes, one line
+    wait_for_output(capfd, f"From worker {pid}:\thello through srun")
+
+
+def test_ntasks_may_come_from_other_srun_options(slurm_workers):
+    pids = slurm_workers(None, nodes=1, ntasks_per_node=2)
+    tasks = sorted(d.remotecall_fetch(slurm_env, p)[3] for p in pids)
+    assert tasks == ["0", "1"]
+
+
+def test_a_worker_that_fails_leaves_the_other_tasks_running(slurm_workers, caplog):
+    caplog.set_level(logging.INFO, logger="distexec")
+    pids = slurm_workers(2)
+    job_id = d.remotecall_fetch(slurm_env, pids[0])[1]
+    d.remote_do(os._exit, pids[0], 3)  # a failed task: srun may be told to end the others
+    wait_until(lambda: "task 0: Exited with exit code 3" in caplog.text, 10,
+               message="srun to report the failed task")
+    # Were the step ended on a bad exit (--kill-on-bad-exit, --wait), this call would fail.
+    assert d.remotecall_fetch(lambda: time.sleep(1) or d.myid(), pids[1]) == pids[1]
+    assert job_state(job_id) == "R"
+    d.rmprocs(pids[1], waitfor=20)
+    wait_job_gone(job_id)
+
+
+def test_interrupt_reaches_a_busy_worker(slurm_workers):
+    pids = slurm_workers(2)
+    channel = d.RemoteChannel(1, 10)
+    call = d.remotecall(signal_then_sleep, pids[0], channel, 30)
+    assert channel.take(timeout=10) == "running"
+    start = time.monotonic()
+    d.interrupt(pids[0])
+    with pytest.raises(RemoteException) as info:
+        call.fetch(timeout=10)
+    assert time.monotonic() - start < 5
+    assert isinstance(info.value.captured.ex, KeyboardInterrupt)
+    assert [d.remotecall_fetch(d.myid, p) for p in pids] == pids
+
+
+def test_a_worker_that_ignores_the_exit_request_is_terminated(slurm_workers):
+    (pid,) = slurm_workers(1, addprocs_params={"exit_timeout": 1.0})
+    os_pid, job_id, *_ = d.remotecall_fetch(slurm_env, pid)
+    d.remote_do(hold_the_gil, pid, 60)
+    start = time.monotonic()
+    d.rmprocs(pid, waitfor=15)
+    assert time.monotonic() - start < 10
+    wait_gone([os_pid])
+    wait_job_gone(job_id)
+
+
+def test_a_step_that_outlives_its_workers_is_cancelled(slurm_workers):
+    (pid,) = slurm_workers(1, addprocs_params={"exit_timeout": 1.0})
+    os_pid, job_id, *_ = d.remotecall_fetch(slurm_env, pid)
+    # The task's process becomes `sleep`: its connection closes, the task itself runs on.
+    d.remote_do(os.execv, pid, "/bin/sleep", ["sleep", "60"])
+    wait_until(lambda: pid not in d.procs(), 10, message="the worker to leave")
+    assert psutil.Process(os_pid).name() == "sleep"
+    wait_job_gone(job_id)
+    wait_gone([os_pid])
+
+
+# --------------------------------------------------------------------------------------------
+# launch failures
+# --------------------------------------------------------------------------------------------
+def test_an_invalid_partition_fails_quickly_with_slurms_message(slurm):
+    start = time.monotonic()
+    with pytest.raises(LaunchWorkerError) as info:
+        d.addprocs(SlurmManager(2, partition="no_such_partition"))
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    assert "Launch command exited with error?" in message
+    assert "invalid partition" in message.lower()
+    assert d.procs() == [1]
+
+
+def test_a_worker_program_that_cannot_start_fails_the_launch(slurm):
+    with pytest.raises(LaunchWorkerError) as info:
+        d.addprocs(SlurmManager(2), exename="/nonexistent/python")
+    assert "Launch command exited with error?" in str(info.value)
+    assert "/nonexistent/python" in str(info.value)
+    assert d.procs() == [1]
+
+
+def test_without_srun_the_launch_fails_with_the_reason(empty_cluster, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(LaunchWorkerError, match="Unable to start 'srun': not found"):
+        d.addprocs(SlurmManager(1))
+
+
+def test_workers_that_never_report_time_out_and_their_job_is_cancelled(monkeypatch, capfd, slurm):
+    monkeypatch.setenv("DISTEXEC_WORKER_TIMEOUT", "2")
+    script = ("import os, time; print('pid', os.getpid(), os.environ['SLURM_JOB_ID']); "
+              "time.sleep(60)")
+    start = time.monotonic()
+    with pytest.raises(LaunchWorkerError) as info:
+        d.addprocs(SlurmManager(2), exeflags=["-c", script])
+    assert time.monotonic() - start < 15
+    assert "Timed out waiting to read host:port string from worker." in str(info.value)
+    out = capfd.readouterr().out
+    started = [line.split()[-2:] for line in out.splitlines() if "From worker startup" in line]
+    assert len(started) == 2, out
+    wait_gone([int(os_pid) for os_pid, _job in started])
+    wait_job_gone(started[0][1])
+
+
+@pytest.fixture
+def busy_cluster(slurm):
+    """Every CPU taken by another job for the length of the test."""
+    name = f"distexec-test-blocker-{os.getpid()}"
+    blocker = subprocess.Popen(["srun", f"--job-name={name}", "--ntasks=2", "sleep", "60"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=outside_env())
+
+    def running_job() -> str:
+        result = subprocess.run(["squeue", "--noheader", f"--name={name}", "--states=R",
+                                 "--format=%i"], capture_output=True, text=True, timeout=15)
+        return result.stdout.strip()
+
+    job_id = None
+    try:
+        job_id = wait_until(running_job, JOB_END, interval=0.1, message="the blocking job")
+        yield
+    finally:
+        if job_id is not None:
+            subprocess.run(["scancel", job_id], timeout=15)
+        else:
+            blocker.terminate()
+        blocker.wait(JOB_END)
+    wait_job_gone(job_id)
+
+
+def test_a_job_still_queued_at_the_timeout_is_cancelled(monkeypatch, busy_cluster):
+    monkeypatch.setenv("DISTEXEC_WORKER_TIMEOUT", "2")
+    with pytest.raises(LaunchWorkerError) as info:
+        d.addprocs(SlurmManager(2))
+    message = str(info.value)
+    assert "Timed out waiting to read host:port string from worker." in message
+    assert "queued and waiting for resources" in message
+    job_id = message.split("srun: job ", 1)[1].split()[0]
+    wait_job_gone(job_id)
+
+
+QUEUED_MASTER = textwrap.dedent("""
+    import sys
+    import distexec as d
+    from distexec.cluster.slurm import SlurmManager
+
+    d.addprocs(SlurmManager(2, job_name=sys.argv[1]))
+""")
+
+
+def test_a_master_killed_while_its_job_waits_in_the_queue_withdraws_it(tmp_path, busy_cluster):
+    script = tmp_path / "queued.py"
+    script.write_text(QUEUED_MASTER)
+    name = f"distexec-test-queued-{os.getpid()}"
+    master = subprocess.Popen([sys.executable, str(script), name], stdin=subprocess.DEVNULL,
+                              cwd=REPO, env=outside_env())
+
+    def pending_job() -> str:
+        result = subprocess.run(["squeue", "--noheader", f"--name={name}", "--states=PD",
+                                 "--format=%i"], capture_output=True, text=True, timeout=15)
+        return result.stdout.strip()
+
+    try:
+        job_id = wait_until(pending_job, JOB_END, interval=0.1, message="the queued job")
+        srun = [p.pid for p in psutil.Process(master.pid).children()]
+    finally:
+        master.kill()
+        master.wait()
+    assert srun
+    wait_job_gone(job_id, timeout=5)
+    wait_gone(srun)
+
+
+# --------------------------------------------------------------------------------------------
+# whole programs: inside an allocation, a master that dies, `distexec run --slurm`
+# --------------------------------------------------------------------------------------------
+INSIDE = textwrap.dedent("""
+    import json, os, subprocess, sys
+    import distexec as d
+    from distexec.cluster.slurm import SlurmManager
+
+    def env():
+        return os.environ["SLURM_JOB_ID"], os.environ["SLURM_STEP_ID"]
+
+    def job_state():
+        return subprocess.run(["squeue", "-h", "-j", os.environ["SLURM_JOB_ID"], "-o", "%t"],
+                              capture_output=True, text=True).stdout.strip()
+
+    def steps():
+        out = subprocess.run(["squeue", "-h", "-s", "-j", os.environ["SLURM_JOB_ID"], "-o", "%i"],
+                             capture_output=True, text=True).stdout.split()
+        return [s for s in out if not s.endswith((".extern", ".batch", ".interactive"))]
+
+    pids = d.addprocs(SlurmManager(), exit_timeout=1.0)
+    report = {"job": os.environ["SLURM_JOB_ID"], "pids": pids,
+              "workers": [d.remotecall_fetch(env, p) for p in pids]}
+    # One worker leaves politely; the other's task runs on as `sleep`, so the manager has
+    # to cancel its step, and only its step.
+    d.remote_do(os.execv, pids[0], "/bin/sleep", ["sleep", "60"])
+    d.rmprocs(pids[1], waitfor=20)
+    import time
+    deadline = time.monotonic() + 20
+    while steps() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    report["steps_left"] = steps()
+    report["state_after"] = job_state()
+    print("REPORT", json.dumps(report), flush=True)
+""")
+
+
+def test_inside_an_allocation_the_workers_use_it_and_it_survives(tmp_path, slurm):
+    script = tmp_path / "inside.py"
+    script.write_text(INSIDE)
+    result = run_script(["salloc", "--ntasks=2", sys.executable, str(script)])
+    lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
+    assert result.returncode == 0 and lines, result.stdout + result.stderr
+    report = json.loads(lines[0][len("REPORT "):])
+    assert len(report["pids"]) == 2  # SLURM_NTASKS of the allocation
+    assert {job for job, _step in report["workers"]} == {report["job"]}
+    assert report["steps_left"] == []
+    assert report["state_after"] == "R"  # the allocation outlived the cancelled step
+    wait_job_gone(report["job"])
+
+
+MASTER = textwrap.dedent("""
+    import json, os, sys
+    import psutil
+    import distexec as d
+    from distexec.cluster.slurm import SlurmManager
+
+    pids = d.addprocs(SlurmManager(2))
+    workers = [d.remotecall_fetch(lambda: (os.getpid(), os.environ["SLURM_JOB_ID"]), p)
+               for p in pids]
+    srun = [p.pid for p in psutil.Process().children() if p.name() == "srun"]
+    print(json.dumps({"workers": workers, "srun": srun}), flush=True)
+    sys.stdin.read()  # until the test kills us
+""")
+
+
+def test_a_killed_master_takes_its_workers_and_job_with_it(tmp_path, slurm):
+    script = tmp_path / "master.py"
+    script.write_text(MASTER)
+    master = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=REPO, env=outside_env())
+    try:
+        report = json.loads(master.stdout.readline())
+    finally:
+        master.kill()
+        master.wait()
+        master.stdin.close()
+        master.stdout.close()
+    worker_pids = [os_pid for os_pid, _job in report["workers"]]
+    assert len(worker_pids) == 2 and len(report["srun"]) == 1
+    wait_gone(worker_pids + report["srun"])
+    wait_job_gone(report["workers"][0][1])
+
+
+def test_the_same_script_runs_with_distexec_run_under_slurm(slurm):
+    name = f"distexec-test-hello-{os.getpid()}"
+    result = run_script([sys.executable, "-m", "distexec", "run",
+                         f"--slurm=--ntasks=2 --job-name={name}", str(HELLO)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len([line for line in result.stdout.splitlines()
+                if line.startswith("hello from worker")]) == 2, result.stdout
+    assert "2 workers, sum of squares 328350" in result.stdout
+    # The script's workers were the tasks of a job of that name (Slurm lists a finished job
+    # for MinJobAge seconds, and this one may still be finishing).
+    listed = subprocess.run(["squeue", "--noheader", "--states=all", f"--name={name}",
+                             "--format=%i"], capture_output=True, text=True, timeout=15)
+    (job_id,) = listed.stdout.split()
+    wait_job_gone(job_id)
