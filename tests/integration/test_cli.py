@@ -96,3 +96,14 @@ def test_srun_options_become_keywords():
 def test_srun_options_are_cut_before_the_script(argv, rest, srun):
     from distexec.cli import _take_srun_options
     assert _take_srun_options(argv) == (rest, srun)
+
+
+def test_the_hello_example_runs_on_local_workers():
+    """The script the SSH and Slurm tests run too (tests/managers), here on local workers."""
+    import pathlib
+    hello = pathlib.Path(__file__).resolve().parents[2] / "examples" / "hello_cluster.py"
+    done = subprocess.run([sys.executable, "-m", "distexec", "run", "-p", "2", str(hello)],
+                          capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "hello from worker 2 at local" in done.stdout
+    assert "2 workers, sum of squares 328350" in done.stdout

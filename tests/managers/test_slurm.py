@@ -30,7 +30,7 @@ from tests.helpers import wait_for_output, wait_gone, wait_until
 pytestmark = pytest.mark.timeout(60)
 
 REPO = Path(__file__).resolve().parents[2]
-HELLO = Path(__file__).resolve().parent / "scripts" / "hello.py"
+HELLO = Path(__file__).resolve().parents[2] / "examples" / "hello_cluster.py"
 """The program tests/managers/ runs unchanged on local, SSH and Slurm workers."""
 JOB_END = 20.0
 """Seconds Slurm gets to forget a job whose tasks have all exited (KillWait and friends)."""

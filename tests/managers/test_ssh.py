@@ -29,7 +29,7 @@ from tests.helpers import wait_until
 pytestmark = pytest.mark.timeout(90)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-HELLO = os.path.join(REPO, "tests", "managers", "scripts", "hello.py")
+HELLO = os.path.join(REPO, "examples", "hello_cluster.py")
 
 
 def os_pid(pid: int) -> int:

@@ -1,9 +1,10 @@
-"""A small distexec program that runs unchanged on local workers and on SSH workers.
+"""A small distexec program that runs unchanged on local, SSH and Slurm workers.
 
 ``distexec run`` starts the cluster around it::
 
-    distexec run -p 2 hello.py
-    distexec run --machine-file hosts hello.py      # hosts: one "[count*][user@]host" a line
+    distexec run -p 2 examples/hello_cluster.py
+    distexec run --machine-file hosts examples/hello_cluster.py  # "[count*][user@]host" lines
+    distexec run --slurm --ntasks=2 examples/hello_cluster.py
 
 Every worker says where it runs (the address its ssh connection arrived on, when it has
 one), each worker asks the next one for its id (worker-to-worker calls), and ``pmap`` sums
