@@ -166,15 +166,19 @@ class ProcessExitedException(DistexecError):
     launched the process itself and could observe its exit. Julia: ``ProcessExitedException``.
     """
 
-    def __init__(self, worker_id: int = -1, exitcode: int | None = None, signal: int | None = None):
+    def __init__(self, worker_id: int = -1, exitcode: int | None = None, signal: int | None = None,
+                 reason: str | None = None):
         super().__init__(worker_id, exitcode, signal)
         self.worker_id = worker_id
         self.exitcode = exitcode
         self.signal = signal
+        self.reason = reason  # why distexec gave up on it, when it did (e.g. heartbeats)
 
     def __str__(self) -> str:
         text = f"Worker {self.worker_id} has exited"
-        if self.signal is not None:
+        if self.reason is not None:
+            text = f"Worker {self.worker_id} was lost: {self.reason}"
+        elif self.signal is not None:
             text += f" (terminated by {_signal_name(self.signal)}(-{self.signal}))"
             if self.signal == _signal.SIGKILL:
                 text += "; the system may have run out of memory (OOM killer)"
@@ -183,7 +187,7 @@ class ProcessExitedException(DistexecError):
         return text + "."
 
     def __reduce__(self):
-        return (type(self), (self.worker_id, self.exitcode, self.signal))
+        return (type(self), (self.worker_id, self.exitcode, self.signal, self.reason))
 
 
 class CompositeException(DistexecError, ExceptionGroup):

@@ -57,7 +57,15 @@ def init_multi(ctx: ClusterContext) -> None:
             ctx.cookie = secret_mod.generate()
         ctx.connector = peers.PeerConnector()
     install_handlers(ctx)
+    ctx.heartbeat.on_silent.append(_kill_silent_local_worker)
     atexit.register(_shutdown_at_exit, weakref.ref(ctx))
+
+
+def _kill_silent_local_worker(record: WorkerRecord) -> None:
+    """A worker we declared lost must stay lost: a SIGCONT must not bring back a zombie."""
+    process = getattr(record.config, "process", None)
+    if isinstance(process, subprocess.Popen) and process.poll() is None:
+        process.kill()
 
 
 def install_handlers(ctx: ClusterContext) -> None:

@@ -45,6 +45,7 @@ class Kind(enum.IntEnum):
     IDENTIFY = 7    # worker -> worker: the first message on a peer connection
     DONE = 8        # owner -> creator: the value of Future `response` now exists
     GC = 9          # holder -> owner: add/remove clients of owned values (packed, no pickle)
+    PING = 10       # either way, every heartbeat interval: "still here" (no payload)
 
 
 class Flag(enum.IntFlag):

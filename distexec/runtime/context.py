@@ -71,6 +71,11 @@ class WorkerRecord:
     signal: int | None = None
     connecting: Any = None                      # a concurrent.futures.Future while a lazy connect runs
     userdata: dict = field(default_factory=dict)
+    lost_reason: str | None = None              # set when distexec itself gave up on the peer
+
+    def exited_exception(self) -> ProcessExitedException:
+        """What callers of this (gone) peer raise."""
+        return ProcessExitedException(self.pid, self.exitcode, self.signal, self.lost_reason)
 
 
 class Connector(Protocol):
@@ -121,8 +126,9 @@ class ClusterContext:
     """All state of this process's part in a cluster. Julia: ``ClusterContext``."""
 
     def __init__(self) -> None:
-        from .runner import CallRunner
         from .gc import GcQueue
+        from .heartbeat import Heartbeat
+        from .runner import CallRunner
 
         self.myid = 1
         self.role = "master"
@@ -143,6 +149,7 @@ class ClusterContext:
         self._round_robin = itertools.count(0)
         self.runner = CallRunner(self)
         self.gc = GcQueue(self)
+        self.heartbeat = Heartbeat(self)
         self.connector: Connector | None = None
         self.listener = None
         self.callbacks: dict[str, dict[str, Callable]] = {
@@ -193,6 +200,7 @@ class ClusterContext:
                 raise DistributedError(f"worker id {record.pid} was removed and is never reused")
             self.peers[record.pid] = record
             self.changed.notify_all()
+        self.heartbeat.ensure_started()
 
     def set_state(self, record: WorkerRecord, state: WorkerState) -> None:
         with self.lock:
@@ -205,7 +213,7 @@ class ClusterContext:
         with self.lock:
             dead = self.deleted.get(pid)
             if dead is not None:
-                raise ProcessExitedException(pid, dead.exitcode, dead.signal)
+                raise dead.exited_exception()
             record = self.peers.get(pid)
             if record is None and self.role == "master":
                 raise DistributedError(f"no process with id {pid} exists")
@@ -251,14 +259,14 @@ class ClusterContext:
                     dead = record
                     break
                 self.changed.wait(left)
-        raise ProcessExitedException(pid, dead.exitcode, dead.signal)
+        raise dead.exited_exception()
 
     # -- waiters -----------------------------------------------------------------------------
     def add_waiter(self, rrid: RRID, waiter: Waiter) -> None:
         with self.lock:
             if waiter.waitingfor in self.deleted:
                 dead = self.deleted[waiter.waitingfor]
-                raise ProcessExitedException(dead.pid, dead.exitcode, dead.signal)
+                raise dead.exited_exception()
             self.waiters[rrid] = waiter
 
     def pop_waiter(self, rrid: RRID) -> Waiter | None:
@@ -279,12 +287,11 @@ class ClusterContext:
             for rrid, _ in waiting:
                 del self.waiters[rrid]
             self.changed.notify_all()
-        exc_args = (record.pid, record.exitcode, record.signal)
         for _, waiter in waiting:
-            waiter.fail(ProcessExitedException(*exc_args))
+            waiter.fail(record.exited_exception())
         from .refs import forget_client, fail_futures_owned_by
         forget_client(self, record.pid)
-        fail_futures_owned_by(self, record.pid, ProcessExitedException(*exc_args))
+        fail_futures_owned_by(self, record.pid, record.exited_exception())
         for listener in list(self.on_peer_lost):
             try:
                 listener(self, record.pid)
@@ -303,4 +310,5 @@ class ClusterContext:
         if self.listener is not None:
             self.listener.close()
         self.gc.stop()
+        self.heartbeat.stop()
         self.runner.stop()

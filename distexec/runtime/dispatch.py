@@ -96,4 +96,5 @@ _HANDLERS = {
     Kind.RESULT: _on_result,
     Kind.DONE: _on_done,
     Kind.GC: _on_gc,
+    Kind.PING: lambda ctx, conn, frame: None,  # receiving it was the point (heartbeat)
 }

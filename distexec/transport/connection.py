@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Callable, NamedTuple
 
 from ..protocol import frames
@@ -37,8 +38,9 @@ class Frame(NamedTuple):
 class _BufferedReader:
     """Exact-size reads from a socket through one reusable buffer."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, conn: "Connection | None" = None):
         self._sock = sock
+        self._conn = conn
         self._buf = bytearray(_READ_BUFFER)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
@@ -53,7 +55,12 @@ class _BufferedReader:
         n = self._sock.recv_into(self._view[self._end:])
         if n == 0:
             raise EOFError("connection closed by peer")
+        self._heard()
         self._end += n
+
+    def _heard(self) -> None:
+        if self._conn is not None:  # any bytes, even part of a long frame, show the peer lives
+            self._conn.last_received = time.monotonic()
 
     def read(self, n: int) -> bytes:
         while self._end - self._start < n:
@@ -70,6 +77,7 @@ class _BufferedReader:
             n = self._sock.recv_into(target[got:])
             if n == 0:
                 raise EOFError("connection closed by peer")
+            self._heard()
             got += n
 
     def read_large(self, n: int) -> bytes | bytearray:
@@ -98,6 +106,7 @@ class Connection:
         self._send_lock = threading.Lock()
         self._closed = threading.Event()
         self._reader: threading.Thread | None = None
+        self.last_received = time.monotonic()  # for heartbeats (runtime.heartbeat)
 
     def __repr__(self) -> str:
         return f"<Connection {self.name} pid={self.peer_pid}{' closed' if self.closed else ''}>"
@@ -150,7 +159,7 @@ class Connection:
             pass
 
     def _read_loop(self) -> None:
-        reader = _BufferedReader(self.sock)
+        reader = _BufferedReader(self.sock, self)
         error: BaseException | None = None
         try:
             while True:

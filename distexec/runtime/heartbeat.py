@@ -1,0 +1,93 @@
+"""Heartbeats: noticing a peer that is silent although its connection looks open.
+
+Owns the periodic PING to every linked peer and the verdict on peers that stopped talking.
+Imports ``distexec.protocol`` and the sibling runtime modules.
+
+    heartbeat thread, every interval ──► PING to each linked peer
+                                    └──► a peer heard nothing from for ``timeout`` seconds:
+                                         close its connection (its callers get
+                                         ProcessExitedException); hooks run (the master
+                                         SIGKILLs a local worker so it cannot come back)
+
+TCP alone does not notice a stopped process (SIGSTOP: its kernel still acknowledges), a host
+that vanished from the network, or a peer stuck halfway through a frame. Any bytes received
+count as life, so a long transfer is never mistaken for silence. A worker whose user code
+holds the GIL for longer than the timeout cannot answer and is treated as lost: the default
+timeout (60 s, ``DISTEXEC_HEARTBEAT_TIMEOUT``) is far above any normal pause.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from ..protocol.frames import Kind
+
+log = logging.getLogger("distexec")
+
+DEFAULT_INTERVAL = 2.0
+DEFAULT_TIMEOUT = 60.0
+
+
+def settings() -> tuple[float, float]:
+    """(interval, timeout) in seconds, from the environment (workers inherit it)."""
+    timeout = float(os.environ.get("DISTEXEC_HEARTBEAT_TIMEOUT", DEFAULT_TIMEOUT))
+    interval = float(os.environ.get("DISTEXEC_HEARTBEAT_INTERVAL",
+                                    min(DEFAULT_INTERVAL, timeout / 4)))
+    return interval, timeout
+
+
+class Heartbeat:
+    """One thread per process: pings peers and declares the silent ones lost."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.on_silent: list = []  # callables(record): what else to do with a silent peer
+
+    def ensure_started(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name="distexec-heartbeat")
+                self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        interval, timeout = settings()
+        while not self._stop.wait(interval):
+            interval, timeout = settings()  # read each time: a test or user may change them
+            self._beat(timeout)
+
+    def _beat(self, timeout: float) -> None:
+        now = time.monotonic()
+        with self._ctx.lock:
+            linked = [r for r in self._ctx.peers.values()
+                      if r.conn is not None and not r.conn.closed]
+        for record in linked:
+            silent_for = now - record.conn.last_received
+            if silent_for > timeout:
+                self._declare_lost(record, silent_for)
+                continue
+            try:
+                record.conn.send(Kind.PING)
+            except Exception:  # the reader thread reports the broken link
+                pass
+
+    def _declare_lost(self, record, silent_for: float) -> None:
+        log.warning("no message from process %d for %.1f s (heartbeat timeout); "
+                    "treating it as lost", record.pid, silent_for)
+        record.lost_reason = (f"no message for {silent_for:.1f} s (heartbeat timeout "
+                              "DISTEXEC_HEARTBEAT_TIMEOUT; stopped, hung or unreachable)")
+        for hook in list(self.on_silent):
+            try:
+                hook(record)
+            except Exception:
+                log.exception("error while giving up on process %d", record.pid)
+        record.conn.close()
