@@ -100,9 +100,14 @@ def _option_before_script(argv: list[str], option: str) -> int | None:
 def run_script(args) -> int:
     """Add the workers, run the script as ``__main__``, remove them; the script's exit status."""
     from . import api
+    from .errors import DistexecError
     target = _cluster_target(args)
     if target is not None:
-        api.addprocs(target)
+        try:
+            api.addprocs(target)
+        except DistexecError as exc:  # a launch failure is the user's to read, not a traceback
+            print(f"distexec run: could not start the workers: {exc}", file=sys.stderr)
+            return 1
     sys.argv = [args.script, *args.args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
     try:

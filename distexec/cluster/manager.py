@@ -103,7 +103,7 @@ class ClusterManager(abc.ABC):
             _kill_unjoined(config.process)
             return
         try:
-            remote_do(current_context(), exit_worker, pid, (), {})
+            remote_do(current_context(), exit_worker, pid, (), {}, background=True)
         except Exception:  # already gone or unreachable: nothing to ask
             pass
 

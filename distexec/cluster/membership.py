@@ -354,7 +354,7 @@ def _call_everywhere(ctx: ClusterContext, fn, pids, args: tuple) -> None:
     futures = []
     for pid in pids:
         try:
-            futures.append(remotecall(ctx, fn, pid, args, {}))
+            futures.append(remotecall(ctx, fn, pid, args, {}, background=True))
         except Exception:  # a worker that just died is handled by its own close
             pass
     if futures:

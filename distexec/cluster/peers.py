@@ -62,7 +62,7 @@ class PeerConnector:
             if record.connect_at is None:
                 raise DistributedError(f"peer {record.pid} has no known address")
             return connect_to_peer(ctx, record.pid, record.connect_at)
-        remote_do(ctx, _ask_to_connect, 1, (record.pid, ctx.myid), {})
+        remote_do(ctx, _ask_to_connect, 1, (record.pid, ctx.myid), {}, background=True)
         return _await_link(ctx, record.pid)
 
 
@@ -86,7 +86,7 @@ def _await_link(ctx: ClusterContext, pid: int) -> Connection:
 def _ask_to_connect(higher: int, lower: int) -> None:
     """On pid 1: ask worker ``higher`` to open its link to ``lower``."""
     ctx = current_context()
-    remote_do(ctx, _connect_back, higher, (lower,), {})
+    remote_do(ctx, _connect_back, higher, (lower,), {}, background=True)
 
 
 def _connect_back(lower: int) -> None:

@@ -409,11 +409,11 @@ class _Step:
         except subprocess.TimeoutExpired:
             code = None
         wanted = expected or self.ntasks
-        detail = f" (srun exit status {code})" if code is not None else ""
+        facts = [f"srun exit status {code}"] if code is not None else []
         if wanted is not None:
-            detail += f"; {ready} of {wanted} Slurm tasks reported an address"
-        lines = list(self.errors)[-15:]
-        tail = "".join(f"\n    {line}" for line in lines)
+            facts.append(f"{ready} of {wanted} Slurm tasks reported an address")
+        detail = f" ({'; '.join(facts)})" if facts else ""
+        tail = "".join(f"\n    {line}" for line in list(self.errors)[-15:])
         return f"{problem}{detail}" + (f"\nsrun said:{tail}" if tail else "")
 
     def _print_startup_lines(self) -> None:

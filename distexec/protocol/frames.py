@@ -52,6 +52,7 @@ class Flag(enum.IntFlag):
     NONE = 0
     ERROR = 1       # the payload is a RemoteException rather than a value
     NO_VALUE = 2    # a completion notice: no payload worth unpickling
+    BACKGROUND = 4  # cluster bookkeeping: keep it off the callee's main thread
 
 
 class RRID(NamedTuple):

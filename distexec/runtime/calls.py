@@ -74,7 +74,8 @@ def remotecall_fetch(ctx: ClusterContext, fn: Callable, pid: int, args: tuple, k
     return _wait(ctx, rrid, slot)
 
 
-def remotecall(ctx: ClusterContext, fn: Callable, pid: int, args: tuple, kwargs: dict):
+def remotecall(ctx: ClusterContext, fn: Callable, pid: int, args: tuple, kwargs: dict, *,
+               background: bool = False):
     """Start ``fn`` on ``pid``; return a Future for its result. Julia: ``remotecall``."""
     rrid = ctx.next_rrid()
     if pid == ctx.myid:
@@ -84,7 +85,7 @@ def remotecall(ctx: ClusterContext, fn: Callable, pid: int, args: tuple, kwargs:
         return future
     ctx.connection_for(pid)  # fail fast (unknown or dead pid) before making the Future
     future = refs.Future._existing(ctx, pid, rrid)
-    ctx.send(pid, Kind.CALL, (fn, args, kwargs), response=rrid)
+    ctx.send(pid, Kind.CALL, (fn, args, kwargs), response=rrid, flags=_flags(background))
     return future
 
 
@@ -112,12 +113,19 @@ def remotecall_wait(ctx: ClusterContext, fn: Callable, pid: int, args: tuple, kw
     return future
 
 
-def remote_do(ctx: ClusterContext, fn: Callable, pid: int, args: tuple, kwargs: dict) -> None:
+def remote_do(ctx: ClusterContext, fn: Callable, pid: int, args: tuple, kwargs: dict, *,
+              background: bool = False) -> None:
     """Run ``fn`` on ``pid`` without waiting; errors are printed there. Julia: ``remote_do``."""
     if pid == ctx.myid:
         ctx.runner.submit(lambda: _report_remote_do(ctx, *invoke(ctx, fn, args, kwargs)))
         return
-    ctx.send(pid, Kind.REMOTE_DO, (fn, args, kwargs))
+    ctx.send(pid, Kind.REMOTE_DO, (fn, args, kwargs), flags=_flags(background))
+
+
+def _flags(background: bool) -> Flag:
+    """``background``: the library's own bookkeeping, which must not occupy the callee's main
+    thread, where user calls run so that ``interrupt`` can stop them even in ``time.sleep``."""
+    return Flag.BACKGROUND if background else Flag.NONE
 
 
 def _send_with_waiter(ctx, pid, kind, obj, rrid, slot, **ids) -> None:

@@ -48,7 +48,8 @@ def _on_call(ctx: ClusterContext, conn, frame) -> None:
         from .refs import _Cell, lookup
         lookup(ctx, frame.header.response, _Cell)  # exists before any later release arrives
     source = conn.peer_pid
-    ctx.runner.submit(lambda: calls.run_incoming_call(ctx, source, frame))
+    ctx.runner.submit(lambda: calls.run_incoming_call(ctx, source, frame),
+                      main=not frame.header.flags & Flag.BACKGROUND)
 
 
 def _decode_value(ctx: ClusterContext, conn, frame):

@@ -63,11 +63,12 @@ class CallRunner:
         self._stopped = False
 
     # -- submitting --------------------------------------------------------------------------
-    def submit(self, task: Callable[[], None]) -> None:
+    def submit(self, task: Callable[[], None], *, main: bool = True) -> None:
+        """Run ``task`` soon; ``main=False`` keeps it off the main thread."""
         with self._lock:
             # The main thread takes the call if it is idle, or if its user code is done and it
             # is only sending a reply: then SIGINT can interrupt the call (see interrupt()).
-            if self._main_idle or (self._main_finishing and not self._main_queue):
+            if main and (self._main_idle or (self._main_finishing and not self._main_queue)):
                 self._main_idle = self._main_finishing = False
                 self._main_queue.append(task)
                 self._main_wake.notify()
