@@ -1,0 +1,336 @@
+"""The benchmark cases. Each runs in a fresh subprocess (``benchmarks.child``).
+
+A case is ``fn(backend_name, cfg) -> (metrics, info)``: ``metrics`` are the numbers the table
+shows (name -> float; see ``METRICS`` for units and direction), ``info`` says how they were
+taken (sizes, counts). Every loop is bounded in time: sizes come from issue 6, and a case
+whose backend is too slow for them within ``cfg.budget`` seconds measures fewer items
+(after a pilot run that estimates the rate) and says so in ``info``.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from dataclasses import dataclass
+
+from . import tasks
+from .backends import open_backend
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool = False
+
+    @property
+    def budget(self) -> float:
+        """Seconds one measured loop may take (roughly)."""
+        return 0.5 if self.quick else 2.0
+
+
+# metric -> (unit, higher_is_better, scale for display, format)
+METRICS = {
+    "startup_s": ("s", False, 1.0, "{:.3f}"),
+    "latency_us": ("µs", False, 1.0, "{:.0f}"),
+    "latency_p99_us": ("µs", False, 1.0, "{:.0f}"),
+    "submit_per_s": ("k/s", True, 1e-3, "{:.1f}"),
+    "map1_per_s": ("k items/s", True, 1e-3, "{:.1f}"),
+    "map100_per_s": ("k items/s", True, 1e-3, "{:.0f}"),
+    "map1000_per_s": ("k items/s", True, 1e-3, "{:.0f}"),
+    "bandwidth_MBps": ("MB/s", True, 1.0, "{:.0f}"),
+    "sleep_efficiency": ("", True, 1.0, "{:.3f}"),
+    "cpu_efficiency": ("", True, 1.0, "{:.3f}"),
+    "closure_s": ("s", False, 1.0, "{:.2f}"),
+    "closure_cached_pmap_s": ("s", False, 1.0, "{:.3f}"),
+    "closure_cached_fetch_s": ("s", False, 1.0, "{:.3f}"),
+    "remotecall_fetch_us": ("µs", False, 1.0, "{:.0f}"),
+    "remotecall_fetch_p99_us": ("µs", False, 1.0, "{:.0f}"),
+    "pingpong_us": ("µs", False, 1.0, "{:.0f}"),
+    "pingpong_p99_us": ("µs", False, 1.0, "{:.0f}"),
+    "tcp_MBps": ("MB/s", True, 1.0, "{:.0f}"),
+    "memcpy_MBps": ("MB/s", True, 1.0, "{:.0f}"),
+}
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def percentile(samples, q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def timed_calls(call, budget: float, n_max: int, n_min: int = 50, warmup: int = 20) -> list:
+    """Seconds per sequential ``call()``: up to ``n_max`` calls or ``budget`` seconds."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    clock = time.perf_counter
+    deadline = clock() + budget
+    while len(samples) < n_max and (len(samples) < n_min or clock() < deadline):
+        t0 = clock()
+        call()
+        samples.append(clock() - t0)
+    return samples
+
+
+def sized(run, n_full: int, n_pilot: int, budget: float, step: int = 1):
+    """Run ``run(n)`` (returns seconds) for ``n_full`` items, or fewer if that exceeds budget.
+
+    A pilot of ``n_pilot`` items (also the warm-up) estimates the rate. Returns (n, seconds).
+    """
+    n_pilot = min(n_pilot, n_full)
+    rate = n_pilot / run(n_pilot)
+    n = min(n_full, max(n_pilot, int(rate * budget)))
+    n = max(step, n // step * step)
+    return n, run(n)
+
+
+def warm_up(backend) -> None:
+    """Make sure both workers exist and have run something (lazy pools spawn on demand)."""
+    for f in [backend.submit(tasks.sleep, 0.05) for _ in range(4)]:
+        f.result()
+
+
+def with_backend(fn):
+    """Open the backend (not timed), warm it up, run the case, close it."""
+    @functools.wraps(fn)
+    def case(name: str, cfg: Config):
+        backend = open_backend(name)
+        try:
+            warm_up(backend)
+            return fn(backend, cfg)
+        finally:
+            backend.close()
+    return case
+
+
+# -- cases -----------------------------------------------------------------------------------
+def startup(name: str, cfg: Config):
+    """Construct the executor -> first result (imports done before the clock starts)."""
+    from .child import preimport
+    import_s = preimport(name)
+    t0 = time.perf_counter()
+    backend = open_backend(name)
+    backend.submit(tasks.noop).result()
+    elapsed = time.perf_counter() - t0
+    info = {"import_s": round(import_s, 4), **backend.versions()}
+    backend.close()
+    return {"startup_s": elapsed}, info
+
+
+@with_backend
+def latency(backend, cfg: Config):
+    """Sequential ``submit(noop).result()``."""
+    samples = timed_calls(lambda: backend.submit(tasks.noop).result(), cfg.budget,
+                          n_max=2000 if cfg.quick else 10000)
+    return ({"latency_us": statistics.median(samples) * 1e6,
+             "latency_p99_us": percentile(samples, 0.99) * 1e6}, {"calls": len(samples)})
+
+
+@with_backend
+def submit(backend, cfg: Config):
+    """``n`` submits of noop, then every result."""
+    def run(n):
+        t0 = time.perf_counter()
+        futures = [backend.submit(tasks.noop) for _ in range(n)]
+        for f in futures:
+            f.result()
+        return time.perf_counter() - t0
+
+    n, seconds = sized(run, 5000 if cfg.quick else 20000, 1000, cfg.budget)
+    return {"submit_per_s": n / seconds}, {"submits": n, "seconds": round(seconds, 3)}
+
+
+def _map_case(chunksize: int):
+    @with_backend
+    def case(backend, cfg: Config):
+        def run(n):
+            t0 = time.perf_counter()
+            count = last = 0
+            for last in backend.map(tasks.inc, range(n), chunksize):
+                count += 1
+            elapsed = time.perf_counter() - t0
+            assert count == n and last == n, (count, last, n)
+            return elapsed
+
+        n_full = 50_000 if cfg.quick else 200_000
+        n, seconds = sized(run, n_full, max(1000, 20 * chunksize), cfg.budget, step=chunksize)
+        return ({f"map{chunksize}_per_s": n / seconds},
+                {"items": n, "chunksize": chunksize, "seconds": round(seconds, 3)})
+    case.__name__ = case.__qualname__ = f"map{chunksize}"
+    case.__doc__ = f"``map(inc, range(n), chunksize={chunksize})``, every result consumed."
+    return case
+
+
+map1, map100, map1000 = _map_case(1), _map_case(100), _map_case(1000)
+
+
+@with_backend
+def bandwidth(backend, cfg: Config):
+    """A 64 MiB float64 array to a worker and back (``echo``); MB/s = 2 × 64 MiB / round trip."""
+    import numpy as np
+    array = np.random.default_rng(0).random(64 * MiB // 8)
+    backend.submit(tasks.echo, array).result()  # warm-up: the worker imports numpy
+    rounds = []
+    deadline = time.perf_counter() + cfg.budget
+    while len(rounds) < (3 if cfg.quick else 7) and (len(rounds) < 2
+                                                      or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        out = backend.submit(tasks.echo, array).result()
+        rounds.append(time.perf_counter() - t0)
+        assert out.shape == array.shape and out[-1] == array[-1]
+        del out
+    rtt = statistics.median(rounds)
+    return {"bandwidth_MBps": 2 * array.nbytes / rtt / 1e6}, {"rounds": len(rounds),
+                                                              "rtt_s": round(rtt, 4)}
+
+
+@with_backend
+def sleep(backend, cfg: Config):
+    """200 tasks of ``time.sleep(0.01)`` on 2 workers: ideal 1.0 s / measured."""
+    ntasks, seconds = 200, 0.01
+    t0 = time.perf_counter()
+    for f in [backend.submit(tasks.sleep, seconds) for _ in range(ntasks)]:
+        f.result()
+    elapsed = time.perf_counter() - t0
+    ideal = ntasks * seconds / 2
+    return {"sleep_efficiency": ideal / elapsed}, {"seconds": round(elapsed, 4)}
+
+
+@with_backend
+def cpu(backend, cfg: Config):
+    """Like ``sleep`` with 10 ms of CPU work per task (thread CPU time): ideal 1.0 s / measured.
+
+    Not in issue 6; added because a backend that runs two tasks at once on one worker
+    (threads) scores above 1 on ``sleep`` without being faster on real work.
+    """
+    ntasks, seconds = 200, 0.01
+    t0 = time.perf_counter()
+    for f in [backend.submit(tasks.spin, seconds) for _ in range(ntasks)]:
+        f.result()
+    elapsed = time.perf_counter() - t0
+    ideal = ntasks * seconds / 2
+    return {"cpu_efficiency": ideal / elapsed}, {"seconds": round(elapsed, 4)}
+
+
+def _closure_data():
+    import numpy as np
+    return np.random.default_rng(1).integers(0, 255, 10 * MiB, dtype=np.uint8)
+
+
+@with_backend
+def closure(backend, cfg: Config):
+    """One lambda capturing a 10 MiB array, called 100 times (all submitted, then gathered).
+
+    ProcessPoolExecutor cannot pickle a lambda: it gets ``functools.partial`` of a module
+    function with the same array, the same bytes on the wire.
+    """
+    data = _closure_data()
+    if backend.ships_lambdas:
+        fn = lambda: data.nbytes  # noqa: E731  (the point: a closure, pickled by value)
+    else:
+        fn = functools.partial(tasks.nbytes_plus, data)
+    calls = 25 if cfg.quick else 100
+    t0 = time.perf_counter()
+    for f in [backend.submit(fn) for _ in range(calls)]:
+        assert f.result() == data.nbytes
+    elapsed = time.perf_counter() - t0
+    return {"closure_s": elapsed * 100 / calls}, {"calls": calls, "seconds": round(elapsed, 3)}
+
+
+@with_backend
+def closure_cached(backend, cfg: Config):
+    """distexec only: the closure case through ``CachingPool`` (pmap, and remotecall_fetch)."""
+    import distexec
+    data = _closure_data()
+    calls = 100  # cheap once cached; the first call per worker ships the array
+
+    fn = lambda x: data.nbytes + x  # noqa: E731
+    pool = distexec.CachingPool(backend.workers())
+    t0 = time.perf_counter()
+    out = distexec.pmap(fn, range(calls), pool=pool)
+    pmap_s = time.perf_counter() - t0
+    assert out == [data.nbytes + x for x in range(calls)]
+    pool.clear()
+
+    fn2 = lambda: data.nbytes  # noqa: E731
+    pool = distexec.CachingPool(backend.workers())
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        assert distexec.remotecall_fetch(fn2, pool) == data.nbytes
+    fetch_s = time.perf_counter() - t0
+    pool.clear()
+    return ({"closure_cached_pmap_s": pmap_s, "closure_cached_fetch_s": fetch_s},
+            {"calls": calls})
+
+
+def remotecall(name: str, cfg: Config):
+    """distexec only, Julia style: ``addprocs(2)``, then ``remotecall_fetch(noop, 2)``."""
+    import distexec
+    pids = distexec.addprocs(2)
+    try:
+        pid = pids[0]
+        samples = timed_calls(lambda: distexec.remotecall_fetch(tasks.noop, pid), cfg.budget,
+                              n_max=2000 if cfg.quick else 10000)
+    finally:
+        distexec.rmprocs(pids)
+    return ({"remotecall_fetch_us": statistics.median(samples) * 1e6,
+             "remotecall_fetch_p99_us": percentile(samples, 0.99) * 1e6},
+            {"calls": len(samples)})
+
+
+def pingpong(name: str, cfg: Config):
+    from . import limits
+    return limits.pingpong(cfg)
+
+
+def tcp(name: str, cfg: Config):
+    from . import limits
+    return limits.tcp_transfer(cfg)
+
+
+def memcpy(name: str, cfg: Config):
+    from . import limits
+    return limits.memcpy(cfg)
+
+
+PEERS = ("distexec", "pp-fork", "pp-forkserver", "loky", "dask")
+
+#: case -> the metrics it reports
+CASE_METRICS = {
+    "startup": ("startup_s",),
+    "latency": ("latency_us", "latency_p99_us"),
+    "submit": ("submit_per_s",),
+    "map1": ("map1_per_s",),
+    "map100": ("map100_per_s",),
+    "map1000": ("map1000_per_s",),
+    "bandwidth": ("bandwidth_MBps",),
+    "sleep": ("sleep_efficiency",),
+    "cpu": ("cpu_efficiency",),
+    "closure": ("closure_s",),
+    "closure_cached": ("closure_cached_pmap_s", "closure_cached_fetch_s"),
+    "remotecall": ("remotecall_fetch_us", "remotecall_fetch_p99_us"),
+    "pingpong": ("pingpong_us", "pingpong_p99_us"),
+    "tcp": ("tcp_MBps",),
+    "memcpy": ("memcpy_MBps",),
+}
+
+#: case -> (function, backends it runs on), in table order
+CASES = {
+    "startup": (startup, PEERS),
+    "latency": (latency, PEERS),
+    "submit": (submit, PEERS),
+    "map1": (map1, PEERS),
+    "map100": (map100, PEERS),
+    "map1000": (map1000, PEERS),
+    "bandwidth": (bandwidth, PEERS),
+    "sleep": (sleep, PEERS),
+    "cpu": (cpu, PEERS),
+    "closure": (closure, PEERS),
+    "closure_cached": (closure_cached, ("distexec",)),
+    "remotecall": (remotecall, ("distexec",)),
+    "pingpong": (pingpong, ("machine",)),
+    "tcp": (tcp, ("machine",)),
+    "memcpy": (memcpy, ("machine",)),
+}

@@ -1,0 +1,48 @@
+"""One measurement in a fresh process: ``python -m benchmarks.child CASE BACKEND [--quick]``.
+
+Prints one line ``BENCH-RESULT {json}`` on stdout: the case's metrics and info.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+MARKER = "BENCH-RESULT "
+
+
+def preimport(backend: str) -> float:
+    """Import what the backend needs (so startup measures the executor, not imports)."""
+    t0 = time.perf_counter()
+    if backend == "distexec":
+        import distexec  # noqa: F401
+    elif backend.startswith("pp-"):
+        import concurrent.futures.process  # noqa: F401
+        import multiprocessing.context  # noqa: F401
+    elif backend == "loky":
+        import loky  # noqa: F401
+    elif backend == "dask":
+        import dask.distributed  # noqa: F401
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("case")
+    parser.add_argument("backend")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+
+    from .cases import CASES, Config
+    fn, _backends = CASES[args.case]
+    if args.case != "startup":
+        preimport(args.backend)
+    metrics, info = fn(args.backend, Config(quick=args.quick))
+    print(MARKER + json.dumps({"metrics": metrics, "info": info}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
