@@ -19,7 +19,7 @@ from .cluster import membership as _membership
 from .cluster.local import LocalManager
 from .cluster.manager import ClusterManager
 from .cluster.ssh import SSHManager
-from .errors import CompositeException, DistributedError, RemoteException
+from .errors import DistributedError, RemoteException
 from .protocol import secret as _secret
 from . import pools as _pools
 from .pools import AbstractWorkerPool
@@ -368,13 +368,7 @@ def remotecall_eval(code, procs, *, module: str = "__main__"):
                                              {}))
         except Exception as exc:
             errors.append(exc)
-    for fut in futures:
-        try:
-            fut.wait()
-        except Exception as exc:
-            errors.append(exc)
-    if errors:
-        raise CompositeException(errors)
+    _sync.wait_all(futures, errors)
     return None
 
 

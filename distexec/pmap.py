@@ -390,16 +390,8 @@ def distributed_for(body: Callable, iterable, reducer: Callable | None = None):
         return functools.reduce(reducer, (f.fetch() for f in futures))
 
     def run_all() -> None:
-        errors = []
-        futures = [calls.remotecall(ctx, _run_chunk, pids[i % len(pids)],
-                                    (body, *_part(seq, c), None), {})
-                   for i, c in enumerate(chunks)]
-        for f in futures:
-            try:
-                f.wait()
-            except Exception as exc:
-                errors.append(exc)
-        if errors:
-            raise CompositeException(errors)
+        sync_mod.wait_all([calls.remotecall(ctx, _run_chunk, pids[i % len(pids)],
+                                            (body, *_part(seq, c), None), {})
+                           for i, c in enumerate(chunks)])
 
     return sync_mod.register(in_thread(run_all, name="distexec-distributed-for"))

@@ -35,8 +35,13 @@ def sync():
         yield pending
     finally:
         _active.reset(token)
-    errors = []
-    for handle in pending:
+    wait_all(pending)
+
+
+def wait_all(handles, errors: list | None = None) -> None:
+    """Wait for every handle; raise a CompositeException of all failures (and ``errors``)."""
+    errors = list(errors or ())
+    for handle in handles:
         try:
             _wait(handle)
         except Exception as exc:
