@@ -32,6 +32,8 @@ def on_frame(ctx: ClusterContext, conn, frame) -> None:
     kind = frame.header.kind
     source = conn.peer_pid
     if source is None:  # only the cluster layer's join/identify may come before an identity
+        if kind == Kind.PING:
+            return  # harmless from an authenticated peer that is still joining
         handler = ctx.handlers.get(kind)
         if handler is None:
             raise ProtocolError(f"{kind.name} message before the peer identified itself")

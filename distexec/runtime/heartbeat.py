@@ -24,6 +24,7 @@ import threading
 import time
 
 from ..protocol.frames import Kind
+from .context import WorkerState
 
 log = logging.getLogger("distexec")
 
@@ -68,8 +69,10 @@ class Heartbeat:
     def _beat(self, timeout: float) -> None:
         now = time.monotonic()
         with self._ctx.lock:
+            # Only joined peers: a worker still being set up must see JOIN before anything else.
             linked = [r for r in self._ctx.peers.values()
-                      if r.conn is not None and not r.conn.closed]
+                      if r.conn is not None and not r.conn.closed
+                      and r.state in (WorkerState.CONNECTED, WorkerState.TERMINATING)]
         for record in linked:
             silent_for = now - record.conn.last_received
             if silent_for > timeout:

@@ -107,3 +107,12 @@ def test_workers_leave_a_master_stopped_longer_than_the_timeout():
         os.kill(master.pid, signal.SIGCONT)
         _end(master)
     assert all(not psutil.pid_exists(p) or is_gone(p) for p in workers)
+
+
+def test_heartbeats_never_reach_a_worker_before_its_join(monkeypatch, add_workers):
+    """A worker still joining must see JOIN first: a PING then would make it drop the master."""
+    monkeypatch.setenv("DISTEXEC_HEARTBEAT_TIMEOUT", "30")
+    monkeypatch.setenv("DISTEXEC_HEARTBEAT_INTERVAL", "0.001")
+    for _ in range(3):
+        pids = add_workers(3)
+        assert [distexec.remotecall_fetch(distexec.myid, p) for p in pids] == pids
