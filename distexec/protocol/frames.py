@@ -22,6 +22,7 @@ final memory without copies.
 from __future__ import annotations
 
 import enum
+import os
 import struct
 from typing import NamedTuple
 
@@ -79,6 +80,12 @@ class Header(NamedTuple):
     @property
     def body_len(self) -> int:
         return self.payload_len + sum(self.buffer_lens)
+
+
+def configured_max_message_size() -> int:
+    """``DISTEXEC_MAX_MESSAGE_SIZE`` (bytes; workers inherit it), else the default (1 TiB)."""
+    value = os.environ.get("DISTEXEC_MAX_MESSAGE_SIZE")
+    return int(value) if value else DEFAULT_MAX_MESSAGE_SIZE
 
 
 def encode_header(kind: Kind, payload_len: int, buffer_lens=(), *, flags: Flag = Flag.NONE,

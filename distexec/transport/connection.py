@@ -93,14 +93,15 @@ class Connection:
 
     def __init__(self, sock: socket.socket, *, on_frame: Callable[["Connection", Frame], None],
                  on_close: Callable[["Connection", BaseException | None], None],
-                 name: str = "peer", max_message_size: int = frames.DEFAULT_MAX_MESSAGE_SIZE):
+                 name: str = "peer", max_message_size: int | None = None):
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
         self.sock = sock
         self.name = name
         self.peer_pid: int | None = None
-        self.max_message_size = max_message_size
+        self.max_message_size = (frames.configured_max_message_size() if max_message_size is None
+                                 else max_message_size)
         self._on_frame = on_frame
         self._on_close = on_close
         self._send_lock = threading.Lock()

@@ -1,0 +1,38 @@
+"""Oversized messages (fault S10): refused before any byte is sent, failing only that call.
+
+``DISTEXEC_MAX_MESSAGE_SIZE`` caps every message a process sends or accepts; workers inherit
+the master's setting.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import distexec
+from distexec import MessageTooLarge, RemoteException
+
+pytestmark = pytest.mark.timeout(60)
+
+LIMIT = 1 << 20
+
+
+@pytest.fixture
+def small_messages(monkeypatch):
+    monkeypatch.setenv("DISTEXEC_MAX_MESSAGE_SIZE", str(LIMIT))
+
+
+def test_an_oversized_argument_fails_in_the_caller_and_nothing_is_sent(small_messages,
+                                                                       add_workers):
+    (pid,) = add_workers(1)
+    with pytest.raises(MessageTooLarge, match="max_message_size=1048576"):
+        distexec.remotecall_fetch(len, pid, bytes(2 * LIMIT))
+    assert distexec.remotecall_fetch(len, pid, bytes(LIMIT // 2)) == LIMIT // 2
+
+
+def test_an_oversized_result_fails_that_call_only(small_messages, add_workers):
+    (pid,) = add_workers(1)
+    with pytest.raises(RemoteException, match="max_message_size") as info:
+        distexec.remotecall_fetch(bytes, pid, 2 * LIMIT)
+    assert info.value.pid == pid
+    assert distexec.remotecall_fetch(bytes, pid, 10) == bytes(10)
+    assert pid in distexec.workers()
