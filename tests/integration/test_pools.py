@@ -13,6 +13,7 @@ and through the pool layer's ``distexec.pools.pool_remotecall*`` (the ``via`` fi
 
 from __future__ import annotations
 
+import concurrent.futures
 import pickle
 import sys
 from types import SimpleNamespace
@@ -81,7 +82,7 @@ def blocks(future, seconds: float = BLOCKED) -> bool:
     """Whether ``future`` (from ``in_thread``) is still pending after ``seconds``."""
     try:
         future.result(timeout=seconds)
-    except TimeoutError:
+    except (TimeoutError, concurrent.futures.TimeoutError):  # two types on Python 3.10
         return True
     except Exception:
         return False
