@@ -45,13 +45,15 @@ stop_all() {
     log "stopped"
 }
 
+# iptables: the partition test (fault W12) drops a namespace host's packets.
 install_packages() {
-    if [ -x /usr/sbin/sshd ] && command -v ssh >/dev/null && command -v ip >/dev/null; then
+    if [ -x /usr/sbin/sshd ] && command -v ssh >/dev/null && command -v ip >/dev/null \
+            && command -v iptables >/dev/null; then
         return
     fi
-    log "installing openssh-server, openssh-client, iproute2"
+    log "installing openssh-server, openssh-client, iproute2, iptables"
     export DEBIAN_FRONTEND=noninteractive
-    local pkgs=(openssh-server openssh-client iproute2)
+    local pkgs=(openssh-server openssh-client iproute2 iptables)
     apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null \
         || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null; }
 }

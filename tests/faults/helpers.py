@@ -1,10 +1,12 @@
 """Helpers for the fault-injection tests (spec/faults.md §2).
 
 Import them as ``from tests.faults.helpers import ...``. They find a worker's listening
-address, kill a process, mark and watch a call that is to be interrupted, and build in-process
-listeners whose sockets count what the server reads before authentication. Finding a worker's
-OS process, watching it exit and running a blocking call on a thread are shared with other
-areas: ``os_pid``, ``is_gone`` and ``in_thread`` in ``tests/helpers.py``.
+address, kill a process, mark and watch a call that is to be interrupted, stand in for the
+kernel's OOM killer (``MemoryWatchdog``), build in-process listeners whose sockets count what
+the server reads before authentication, and count unpickling (``UnpicklingCounter``, also on a
+worker). Finding a worker's OS process, watching it exit and running a blocking call on a
+thread are shared with other areas: ``os_pid``, ``is_gone`` and ``in_thread`` in
+``tests/helpers.py``.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
+import threading
+import time
+
+import psutil
 
 import distexec
 from distexec.runtime.context import default_context
+from tests.faults.catalogue import T_DET
 from tests.helpers import wait_until
 
-DEATH_BUDGET = 2.0
+DEATH_BUDGET = T_DET
 """``T_det``: seconds from a worker's death to its callers' exceptions (spec/faults.md)."""
 
 
@@ -26,6 +34,18 @@ def connect_at(pid: int) -> tuple[str, int]:
     record = default_context().record(pid)
     assert record is not None and record.connect_at is not None
     return tuple(record.connect_at)
+
+
+def bytes_received_from(pid: int) -> int:
+    """Bytes the master's connection to worker ``pid`` has received so far (TCP_INFO).
+
+    ``tcpi_bytes_received`` (Linux 4.1+) sits at offset 128 of ``struct tcp_info``. Socket
+    traffic does not show in ``/proc/PID/io``, so this is how a test sees a transfer's progress.
+    """
+    import struct
+    sock = default_context().record(pid).conn.sock
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("Q", info, 128)[0]
 
 
 def kill(os_pid_: int, sig: int = signal.SIGKILL) -> None:
@@ -50,6 +70,66 @@ def sleep_marked(marker: str, seconds: float) -> None:
     import time
     setattr(builtins, marker, True)
     time.sleep(seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# A stand-in for the kernel's OOM killer
+# --------------------------------------------------------------------------------------------
+class MemoryWatchdog:
+    """SIGKILLs a process once its resident memory exceeds ``limit`` bytes, as the OOM killer
+    (or a cgroup limit, or dask's nanny at ``terminate: 0.95``) would.
+
+    Polls on a daemon thread; ``killed`` is set, and ``killed_at`` (``time.monotonic()``)
+    recorded, the moment the signal is sent. Use as a context manager so the thread stops with
+    the test.
+    """
+
+    def __init__(self, os_pid_: int, limit: int, interval: float = 0.005):
+        self.process = psutil.Process(os_pid_)
+        self.limit = limit
+        self.killed = threading.Event()
+        self.killed_at: float | None = None
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="memory-watchdog")
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                rss = self.process.memory_info().rss
+            except psutil.NoSuchProcess:
+                return
+            if rss > self.limit:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.killed_at = time.monotonic()
+                self.killed.set()
+                return
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> MemoryWatchdog:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def grow_memory(step: int, limit: int, hold: float = 30.0) -> int:
+    """Runs on a worker: allocate and write ``step`` bytes at a time, up to ``limit`` bytes,
+    then hold them for ``hold`` seconds.
+
+    One step per 20 ms, so a :class:`MemoryWatchdog` polling every few ms catches the growth
+    early (and a late one still finds the memory held); returns the bytes held if nothing
+    stopped it.
+    """
+    import time as time_
+    held = []
+    while len(held) * step < limit:
+        held.append(b"\x01" * step)  # written, so resident (untouched zero pages would not be)
+        time_.sleep(0.02)
+    time_.sleep(hold)
+    return len(held) * step
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,3 +172,96 @@ def counting_listen_socket() -> CountingListenSocket:
     sock.bind(("127.0.0.1", 0))
     sock.listen(256)
     return sock
+
+
+# --------------------------------------------------------------------------------------------
+# Counting unpickling (spec/faults.md P3, G6)
+# --------------------------------------------------------------------------------------------
+class UnpicklingCounter:
+    """Counts unpickling in this process while it is on (``with counter: ...``).
+
+    Two witnesses: calls to ``loads`` (pickle's, which the serializer's goes through, and the
+    serializer's and cloudpickle's own names for it, patched while on), and ``pickle.find_class``
+    audit events, which every unpickler raises when it resolves a global, however it was
+    reached. Audit hooks cannot be removed, so one hook per process is installed on first use and
+    counts into whichever counters are on. With ``thread_prefixes``, only what happens on threads
+    whose name starts with one of them is counted (on a worker that keeps serving its master).
+    """
+
+    def __init__(self, thread_prefixes: tuple[str, ...] | None = None):
+        self.thread_prefixes = thread_prefixes
+        self.loads_calls = 0
+        self.find_class_events = 0
+        self._saved: list = []
+
+    @property
+    def total(self) -> int:
+        return self.loads_calls + self.find_class_events
+
+    def __enter__(self) -> UnpicklingCounter:
+        import pickle
+
+        import cloudpickle
+
+        from distexec.protocol import serialization
+        _install_audit_hook()
+        for module in (pickle, serialization, cloudpickle):
+            original = module.loads
+            self._saved.append((module, original))
+            module.loads = self._counting(original)
+        _ACTIVE_COUNTERS.append(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        _ACTIVE_COUNTERS.remove(self)
+        while self._saved:
+            module, original = self._saved.pop()
+            module.loads = original
+
+    def _counts_here(self) -> bool:
+        if self.thread_prefixes is None:
+            return True
+        return threading.current_thread().name.startswith(self.thread_prefixes)
+
+    def _counting(self, loads):
+        def counted(*args, **kwargs):
+            if self._counts_here():
+                self.loads_calls += 1
+            return loads(*args, **kwargs)
+        return counted
+
+
+_ACTIVE_COUNTERS: list[UnpicklingCounter] = []
+_HOOK_INSTALLED: list[bool] = []
+
+
+def _install_audit_hook() -> None:
+    if not _HOOK_INSTALLED:
+        _HOOK_INSTALLED.append(True)
+        sys.addaudithook(_on_audit_event)
+
+
+def _on_audit_event(event: str, _args) -> None:
+    if event == "pickle.find_class" and _ACTIVE_COUNTERS:
+        for counter in list(_ACTIVE_COUNTERS):
+            if counter._counts_here():
+                counter.find_class_events += 1
+
+
+PREAUTH_THREADS = ("distexec-accept", "distexec-handshake")
+"""Names of the threads a worker's listener runs before a peer has authenticated."""
+
+_worker_counter: list[UnpicklingCounter] = []
+
+
+def count_preauth_unpickling() -> None:
+    """Runs on a worker: start counting unpickling on its listener's pre-auth threads."""
+    counter = UnpicklingCounter(PREAUTH_THREADS)
+    counter.__enter__()
+    _worker_counter.append(counter)
+
+
+def preauth_unpickling_seen() -> tuple[int, int]:
+    """Runs on a worker: (loads calls, find_class events) since ``count_preauth_unpickling``."""
+    (counter,) = _worker_counter
+    return counter.loads_calls, counter.find_class_events

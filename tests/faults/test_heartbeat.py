@@ -1,8 +1,8 @@
 """Heartbeats: a peer that stops talking while its connection stays open (faults W11, M5).
 
 A stopped process (SIGSTOP) keeps its sockets open and its kernel acknowledges our bytes, so
-only the application's heartbeats notice it. Budget: ``DISTEXEC_HEARTBEAT_TIMEOUT`` (2 s
-here, set before the workers start so they inherit it) plus one heartbeat interval.
+only the application's heartbeats notice it. Budget ``T_hb + 1 s``, with ``T_hb`` the
+``DISTEXEC_HEARTBEAT_TIMEOUT`` (2 s here, set before the workers start so they inherit it).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from tests.helpers import is_gone, wait_gone
 pytestmark = pytest.mark.timeout(60)
 
 TIMEOUT = 2.0
+"""``T_hb`` in these tests."""
+BUDGET = TIMEOUT + 1.0
+"""``T_hb + 1 s``: the silence, one heartbeat interval to notice it, and the clean-up."""
 
 
 @pytest.fixture
@@ -32,6 +35,7 @@ def short_heartbeats(monkeypatch):
     monkeypatch.setenv("DISTEXEC_HEARTBEAT_INTERVAL", "0.25")
 
 
+@pytest.mark.fault("W11")
 def test_a_stopped_worker_fails_its_calls_and_is_killed(short_heartbeats, add_workers):
     stopped, alive = add_workers(2)
     os_pid = distexec.remotecall_fetch(os.getpid, stopped)
@@ -40,7 +44,7 @@ def test_a_stopped_worker_fails_its_calls_and_is_killed(short_heartbeats, add_wo
     start = time.monotonic()
     with pytest.raises(ProcessExitedException) as info:
         call.fetch(timeout=20)
-    assert time.monotonic() - start < TIMEOUT + 2
+    assert time.monotonic() - start < BUDGET
     assert info.value.worker_id == stopped
     assert "heartbeat" in str(info.value)
     assert stopped not in distexec.workers()
@@ -82,6 +86,7 @@ def _end(master: subprocess.Popen) -> None:
     master.stdout.close()
 
 
+@pytest.mark.fault("M5")
 def test_workers_survive_a_short_stop_of_the_master():
     master, workers = _start_master(TIMEOUT)
     try:
@@ -96,13 +101,14 @@ def test_workers_survive_a_short_stop_of_the_master():
     wait_gone(workers, 10)
 
 
+@pytest.mark.fault("M5")
 def test_workers_leave_a_master_stopped_longer_than_the_timeout():
     master, workers = _start_master(TIMEOUT)
     try:
         os.kill(master.pid, signal.SIGSTOP)
         start = time.monotonic()
-        wait_gone(workers, TIMEOUT + 5)
-        assert time.monotonic() - start < TIMEOUT + 5
+        wait_gone(workers, BUDGET)
+        assert time.monotonic() - start < BUDGET
     finally:
         os.kill(master.pid, signal.SIGCONT)
         _end(master)

@@ -45,7 +45,7 @@ def hold_the_gil(flag):
     # the GIL, so no Python thread of this worker (reader, stdin lifeline) can run.
     re.match(r"(a+)+$", "a" * 64 + "b")
 
-pids = distexec.addprocs(2)
+pids = distexec.addprocs(int(sys.argv[4]))
 os_pids = [distexec.remotecall_fetch(os.getpid, p) for p in pids]
 if sys.argv[1] == "busy":
     for p in pids:
@@ -81,15 +81,17 @@ def _read_line(process: subprocess.Popen, timeout: float) -> str:
     return process.stdout.readline().decode()
 
 
-def _start_master(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", MASTER, *args], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+def _start_master(state: str, ending: str, tmp_path, n: int) -> subprocess.Popen:
+    """A master with ``n`` workers in ``state`` (idle, busy, gil) that exits or waits."""
+    return subprocess.Popen([sys.executable, "-c", MASTER, state, ending, str(tmp_path), str(n)],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
 
 
-def _worker_pids(master: subprocess.Popen) -> list[int]:
+def _worker_pids(master: subprocess.Popen, n: int) -> list[int]:
     line = _read_line(master, timeout=30)
     os_pids = [int(word) for word in line.split()]
-    assert len(os_pids) == 2, line
+    assert len(os_pids) == n, line
     return os_pids
 
 
@@ -102,11 +104,14 @@ def _assert_all_gone(os_pids: list[int]) -> None:
                 os.kill(p, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("state", ["busy", "gil"])
-def test_workers_exit_when_their_master_is_sigkilled(state, tmp_path):
-    master = _start_master(state, "wait", str(tmp_path))
+@pytest.mark.parametrize(("state", "n"), [
+    pytest.param("busy", 4, id="M1-4-busy-in-python", marks=pytest.mark.fault("M1")),
+    pytest.param("gil", 2, id="M2-holding-the-gil-in-c", marks=pytest.mark.fault("M2")),
+])
+def test_workers_exit_when_their_master_is_sigkilled(state, n, tmp_path):
+    master = _start_master(state, "wait", tmp_path, n)
     try:
-        os_pids = _worker_pids(master)
+        os_pids = _worker_pids(master, n)
         assert not any(is_gone(p) for p in os_pids)
         master.kill()
         master.wait()
@@ -117,11 +122,12 @@ def test_workers_exit_when_their_master_is_sigkilled(state, tmp_path):
     _assert_all_gone(os_pids)
 
 
+@pytest.mark.fault("M4")
 @pytest.mark.parametrize("state", ["idle", "busy"])
 def test_workers_exit_when_their_master_exits_without_rmprocs(state, tmp_path):
-    master = _start_master(state, "exit", str(tmp_path))
+    master = _start_master(state, "exit", tmp_path, 2)
     try:
-        os_pids = _worker_pids(master)
+        os_pids = _worker_pids(master, 2)
         assert master.wait(timeout=20) == 0
     finally:
         master.kill()
@@ -130,6 +136,7 @@ def test_workers_exit_when_their_master_exits_without_rmprocs(state, tmp_path):
     _assert_all_gone(os_pids)
 
 
+@pytest.mark.fault("L5")
 def test_worker_that_no_master_connects_to_exits_on_its_own():
     timeout = 1.0
     worker = subprocess.Popen([sys.executable, "-m", "distexec", "worker"], cwd=ROOT,

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import psutil
 import pytest
@@ -175,14 +177,17 @@ def test_an_executor_runs_on_ssh_workers_and_removes_them(ssh_hosts, empty_clust
 # --------------------------------------------------------------------------------------------
 # several hosts
 # --------------------------------------------------------------------------------------------
+@pytest.mark.fault("L1")
 def test_an_unreachable_host_fails_within_the_connect_timeout(ssh_workers, ssh_namespaces):
     host2 = ssh_namespaces.hosts["dxh2"]
+    connect_timeout = 2
     with _link_cut("dxh2"):
         start = time.monotonic()
         with pytest.raises(LaunchWorkerError, match="Unable to read host:port string"):
             ssh_workers([host2, ssh_namespaces.local],
-                        sshflags=[*ssh_namespaces.sshflags, "-o", "ConnectTimeout=2"])
-        assert time.monotonic() - start < 2 + 5
+                        sshflags=[*ssh_namespaces.sshflags, "-o",
+                                  f"ConnectTimeout={connect_timeout}"])
+        assert time.monotonic() - start < connect_timeout + 2  # spec L1
     (pid,) = d.workers()
     assert current_context().record(pid).connect_at[0] == "127.0.0.1"
 
@@ -196,6 +201,48 @@ def test_workers_on_two_hosts_call_each_other(ssh_workers, ssh_namespaces):
     assert d.remotecall_fetch(lambda p: d.remotecall_fetch(_where, p)[2], a, b) == \
         d.remotecall_fetch(lambda: _where()[2], b)
     assert d.remotecall_fetch(lambda p: d.remotecall_fetch(d.myid, p), b, a) == a
+
+
+def _link_types() -> dict[int, str]:
+    """Runs on a worker: the type of the channel under each of its links."""
+    ctx = current_context()
+    with ctx.lock:
+        return {p: type(r.conn.sock).__name__ for p, r in ctx.peers.items() if r.conn}
+
+
+def test_tls_workers_on_two_hosts_get_the_key_on_stdin_only(ssh_workers, ssh_namespaces):
+    host1, host2 = ssh_namespaces.hosts["dxh1"], ssh_namespaces.hosts["dxh2"]
+    security = d.Security.temporary()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", d.SecurityWarning)  # beyond loopback, but encrypted
+        a, b = ssh_workers([host1, host2], security=security)
+    assert d.remotecall_fetch(lambda p: d.remotecall_fetch(d.myid, p), b, a) == a
+    assert {p: type(current_context().record(p).conn.sock).__name__ for p in (a, b)} == \
+        {a: "TLSChannel", b: "TLSChannel"}
+    assert d.remotecall_fetch(_link_types, b) == {1: "TLSChannel", a: "TLSChannel"}
+    key_line = security._key.splitlines()[1].encode()
+    processes = [psutil.Process(os_pid(p)) for p in (a, b)]
+    processes += [psutil.Process(ssh_process(p).pid) for p in (a, b)]
+    for process in processes:
+        for name in ("cmdline", "environ"):
+            with open(f"/proc/{process.pid}/{name}", "rb") as f:
+                assert key_line not in f.read(), (process, name)
+
+
+@pytest.mark.fault("N14")
+@pytest.mark.parametrize(("params", "warns"), [
+    ({}, True), ({"tunnel": True}, False), ({"security": "temporary"}, False),
+], ids=["plaintext-warns", "tunnel", "tls"])
+def test_a_worker_on_another_host_warns_unless_encrypted(ssh_workers, ssh_namespaces,
+                                                          params, warns):
+    if params.get("security") == "temporary":
+        params = {"security": d.Security.temporary()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (pid,) = ssh_workers([ssh_namespaces.hosts["dxh1"]], **params)
+    messages = [str(w.message) for w in caught if issubclass(w.category, d.SecurityWarning)]
+    expected = [f"workers [{pid}] listen on {ssh_namespaces.hosts['dxh1']}, beyond loopback"]
+    assert [m.split(", without")[0] for m in messages] == (expected if warns else [])
 
 
 def test_a_cut_link_fails_calls_in_bounded_time(ssh_workers, ssh_namespaces):
@@ -217,6 +264,65 @@ def test_a_cut_link_fails_calls_in_bounded_time(ssh_workers, ssh_namespaces):
     wait_until(lambda: not psutil.pid_exists(remote) or
                psutil.Process(remote).status() == psutil.STATUS_ZOMBIE, 20,
                message="the cut-off worker to exit")
+
+
+HEARTBEAT_TIMEOUT = 2.0
+"""``T_hb`` of the partition test: the master and the remote worker both use it."""
+
+
+@pytest.mark.fault("W12")
+def test_a_partition_is_caught_by_heartbeats_on_both_sides(ssh_workers, ssh_namespaces,
+                                                            monkeypatch):
+    # Set before the worker starts: SSH workers get the master's DISTEXEC_* variables. ssh's
+    # own keepalive (15 s by default) is slower, so the heartbeats are what is tested here.
+    monkeypatch.setenv("DISTEXEC_HEARTBEAT_TIMEOUT", str(HEARTBEAT_TIMEOUT))
+    monkeypatch.setenv("DISTEXEC_HEARTBEAT_INTERVAL", "0.25")
+    (pid,) = ssh_workers([ssh_namespaces.hosts["dxh2"]])
+    remote = os_pid(pid)
+    channel = d.RemoteChannel(1, 10)
+    call = d.remotecall(_signal_then_sleep, pid, channel, 60)
+    assert channel.take(timeout=10) == "running"
+    budget = HEARTBEAT_TIMEOUT + 1  # spec W12: T_hb + 1 s, on each side
+
+    with _partitioned("dxh2"):
+        start = time.monotonic()
+        with pytest.raises(ProcessExitedException) as info:
+            call.fetch(timeout=20)
+        assert time.monotonic() - start < budget
+        assert info.value.worker_id == pid
+        assert "heartbeat" in str(info.value)
+        assert pid not in d.workers()
+        # The worker, cut off too, gives up on its master after its own heartbeat timeout.
+        wait_until(lambda: not psutil.pid_exists(remote) or
+                   psutil.Process(remote).status() == psutil.STATUS_ZOMBIE,
+                   budget - (time.monotonic() - start), message="the cut-off worker to exit")
+
+
+@contextlib.contextmanager
+def _partitioned(namespace: str, heal_after: int = 40):
+    """Drop every packet into and out of the namespace host (iptables), loopback aside.
+
+    Nothing is refused or reset: packets vanish, as in a real partition. A detached shell
+    removes the rules after ``heal_after`` s even if this process dies first (see
+    :func:`_link_cut`).
+    """
+    if shutil.which("iptables") is None:
+        pytest.skip("iptables is not installed; run .ci/setup-sshd.sh (as root)")
+    rules = [["INPUT", "!", "-i", "lo", "-j", "DROP"], ["OUTPUT", "!", "-o", "lo", "-j", "DROP"]]
+    delete = " ; ".join(f"ip netns exec {namespace} iptables -D {' '.join(rule)}"
+                        for rule in rules)
+    healer = subprocess.Popen(["sh", "-c", f"sleep {heal_after}; {delete}"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for rule in rules:
+            subprocess.run(["ip", "netns", "exec", namespace, "iptables", "-A", *rule],
+                           check=True, timeout=10)
+        yield
+    finally:
+        subprocess.run(["sh", "-c", delete], capture_output=True, timeout=10)
+        os.killpg(healer.pid, signal.SIGKILL)
+        healer.wait()
 
 
 @contextlib.contextmanager
@@ -276,6 +382,7 @@ def test_the_remote_command_survives_a_real_posix_shell(tmp_path):
         tricky]
 
 
+@pytest.mark.fault("M3")
 def test_remote_workers_exit_when_the_master_is_killed(ssh_hosts):
     master = subprocess.Popen([sys.executable, "-c", MASTER, ssh_hosts.local, *ssh_hosts.sshflags],
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
