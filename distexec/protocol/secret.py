@@ -7,6 +7,7 @@ cluster connection.
 
 from __future__ import annotations
 
+import hmac
 import secrets
 import string
 
@@ -31,6 +32,11 @@ class ClusterSecret(str):
     def key(self) -> bytes:
         """The HMAC key: the cookie's bytes."""
         return self.encode("ascii")
+
+
+def same(a: str, b: str) -> bool:
+    """Whether two cookies are equal, compared in constant time (as every secret is)."""
+    return hmac.compare_digest(a.encode("ascii"), b.encode("ascii"))
 
 
 def generate() -> ClusterSecret:

@@ -4,28 +4,20 @@ The original exception type comes back, with the remote traceback as frames (so
 ``traceback.extract_tb`` shows the remote function), as text in ``__cause__`` (which survives
 code that drops ``__traceback__``, as joblib does) and with a note naming the worker. An
 exception that cannot be rebuilt on the master arrives as ``RemoteException``; a falsey
-exception still raises; a task whose argument or result cannot be pickled fails alone.
+exception still raises. Arguments, results and exceptions that cannot cross the wire (each
+failing its task alone) are the table of tests/faults/test_serialization.py (faults S1-S13).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import threading
 import traceback
 
 import pytest
 
-from distexec import RemoteException
 from tests.executor.helpers import Boom, raise_boom, square
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class NeedsTwoArgs(Exception):
-    """Pickles as ``NeedsTwoArgs(message)``: rebuilding it raises TypeError."""
-
-    def __init__(self, a, b):
-        super().__init__(f"{a}/{b}")
 
 
 class FalseyError(Exception):
@@ -36,10 +28,6 @@ class FalseyError(Exception):
 class EmptyError(Exception):
     def __len__(self):
         return 0
-
-
-def raise_needs_two_args():
-    raise NeedsTwoArgs("left", "right")
 
 
 def raise_falsey():
@@ -100,15 +88,6 @@ def test_a_note_names_the_worker(executor):
     assert again is exc and len(getattr(again, "__notes__", [])) == len(notes)
 
 
-def test_an_exception_that_cannot_be_rebuilt_arrives_as_remote_exception(executor):
-    exc = _raised(executor.submit(raise_needs_two_args))
-    assert isinstance(exc, RemoteException)
-    assert exc.pid in executor.workers()
-    text = str(exc)
-    assert "NeedsTwoArgs" in text and "left/right" in text and "raise_needs_two_args" in text
-    assert executor.submit(square, 4).result(timeout=10) == 16
-
-
 @pytest.mark.parametrize("fn, kind", [(raise_falsey, FalseyError), (raise_empty, EmptyError)])
 def test_a_falsey_exception_still_raises(executor, fn, kind):
     future = executor.submit(fn)
@@ -118,21 +97,6 @@ def test_a_falsey_exception_still_raises(executor, fn, kind):
     done, not_done = cf.wait([future, executor.submit(square, 1)],
                              return_when=cf.FIRST_EXCEPTION, timeout=10)
     assert future in done
-
-
-def test_an_unpicklable_argument_fails_only_its_task(executor):
-    future = executor.submit(square, threading.Lock())
-    with pytest.raises(TypeError, match="pickle"):
-        future.result(timeout=10)
-    assert executor.submit(square, 5).result(timeout=10) == 25
-
-
-def test_an_unpicklable_result_fails_only_its_task(executor):
-    future = executor.submit(threading.Lock)
-    exc = _raised(future)
-    assert "pickle" in str(exc)
-    assert "lock" in str(exc)
-    assert executor.submit(square, 6).result(timeout=10) == 36
 
 
 def test_map_raises_the_original_exception_at_its_item(executor):

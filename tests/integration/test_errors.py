@@ -1,7 +1,10 @@
 """How failures of remote calls reach the caller, between real processes.
 
 Each test checks what the caller observes (exception type, attributes, text) and, for the
-failures that could break a connection, that the same worker serves the next call.
+failures that could break a connection, that the same worker serves the next call. The
+serialization faults of spec/faults.md (S1-S13), through both the Julia-style layer and the
+executor, are the tables of tests/faults/test_serialization.py; the tests here add the other
+call forms (``remotecall``, ``remotecall_wait``, ``remote_do``, ``remotecall_eval``).
 """
 
 from __future__ import annotations
@@ -38,21 +41,6 @@ class CustomError(Exception):
         return f"{self.args[0]} (code {self.code})"
 
 
-class UnpicklableError(Exception):
-    """An exception carrying an attribute that cannot be pickled."""
-
-    def __init__(self, message):
-        super().__init__(message)
-        self.lock = threading.Lock()
-
-
-class TwoArgumentError(Exception):
-    """Pickles, but cannot be rebuilt: its ``args`` do not match its ``__init__``."""
-
-    def __init__(self, what, why):
-        super().__init__(f"{what} failed because {why}")
-
-
 def _refuse_to_unpickle():
     raise RuntimeError("this object refuses to be unpickled")
 
@@ -78,14 +66,6 @@ class FailsToPickleHere:
 
 def raise_custom(message, code):
     raise CustomError(message, code)
-
-
-def raise_unpicklable(message):
-    raise UnpicklableError(message)
-
-
-def raise_two_argument(what, why):
-    raise TwoArgumentError(what, why)
 
 
 def call_and_fail(pid, message):
@@ -184,6 +164,7 @@ def test_nested_failures_keep_both_levels(shared_workers):
     assert f"On worker {b}:" in str(outer)
 
 
+@pytest.mark.fault("S7")
 def test_exception_class_defined_only_on_the_worker(shared_workers):
     pid = shared_workers[0]
     module = f"distexec_test_only_on_worker_{os.getpid()}"
@@ -206,34 +187,10 @@ def test_exception_class_defined_only_on_the_worker(shared_workers):
     assert "defined over there" in str(exc)
 
 
-def test_exception_with_unpicklable_attributes_arrives_with_its_message(shared_workers):
-    pid = shared_workers[1]
-    with pytest.raises(RemoteException) as info:
-        distexec.remotecall_fetch(raise_unpicklable, pid, "cannot travel whole")
-    exc = info.value
-    assert exc.pid == pid
-    assert isinstance(exc.captured.ex, RemoteDeserializationError)
-    assert exc.captured.ex.message == "cannot travel whole"
-    assert exc.captured.ex.type_name == f"{UnpicklableError.__module__}.UnpicklableError"
-    assert "raise_unpicklable" in exc.captured.ex.traceback_text
-    assert "cannot travel whole" in str(exc)
-    assert distexec.remotecall_fetch(worker_facts, pid)[0] == pid
-
-
-def test_exception_that_cannot_be_rebuilt_arrives_with_its_message(shared_workers):
-    pid = shared_workers[0]
-    with pytest.raises(RemoteException) as info:
-        distexec.remotecall_fetch(raise_two_argument, pid, "the job", "of reasons")
-    stand_in = info.value.captured.ex
-    assert isinstance(stand_in, RemoteDeserializationError)
-    assert stand_in.type_name.endswith("TwoArgumentError")
-    assert stand_in.message == "the job failed because of reasons"
-    assert "raise_two_argument" in stand_in.traceback_text
-
-
 # --------------------------------------------------------------------------------------------
 # Pickling failures fail one call, never the connection
 # --------------------------------------------------------------------------------------------
+@pytest.mark.fault("S1", "S2")
 @pytest.mark.parametrize("call", [distexec.remotecall, distexec.remotecall_fetch,
                                   distexec.remotecall_wait, distexec.remote_do],
                          ids=lambda f: f.__name__)
@@ -250,16 +207,7 @@ def test_unpicklable_argument_raises_in_the_caller_and_sends_nothing(shared_work
     assert distexec.remotecall_fetch(get_global, pid, name) == "sent"
 
 
-def test_unpicklable_result_fails_that_call_only(shared_workers):
-    pid = shared_workers[1]
-    with pytest.raises(RemoteException) as info:
-        distexec.remotecall_fetch(return_a_lock, pid)
-    assert info.value.pid == pid
-    assert "could not be sent" in str(info.value)
-    assert "lock" in str(info.value)
-    assert distexec.remotecall_fetch(worker_facts, pid)[0] == pid
-
-
+@pytest.mark.fault("S5")
 def test_unpicklable_result_of_a_future_fails_its_fetch_only(shared_workers):
     pid = shared_workers[1]
     future = distexec.remotecall(return_a_lock, pid)
@@ -269,6 +217,7 @@ def test_unpicklable_result_of_a_future_fails_its_fetch_only(shared_workers):
     assert distexec.remotecall(worker_facts, pid).fetch(timeout=DEADLINE)[0] == pid
 
 
+@pytest.mark.fault("S3")
 def test_argument_that_fails_to_unpickle_on_the_worker(shared_workers):
     pid = shared_workers[0]
     with pytest.raises(RemoteException) as info:

@@ -144,6 +144,16 @@ def test_pickling_error_is_raised_from_dumps():
         dumps({"lock": threading.Lock()}, 2)
 
 
+def test_sys_exit_while_pickling_becomes_a_pickling_error():
+    class _Exits:
+        def __reduce__(self):
+            raise SystemExit(4)
+
+    with pytest.raises(pickle.PicklingError, match=r"pickling called sys.exit\(4\)") as info:
+        dumps([_Exits()], 2)
+    assert type(info.value.__cause__) is SystemExit
+
+
 def test_lambdas_and_local_functions_pickle_by_value():
     def local(x, *, k):
         return x * k
