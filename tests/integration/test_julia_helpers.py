@@ -608,13 +608,14 @@ def test_composite_exception_is_an_exception_group():
     ("pmap", "fn *iterables pool distributed batch_size on_error retry_delays retry_check "
              "progress"),
     ("rmprocs", "*pids waitfor"),
-    ("interrupt", "*pids"),
+    ("interrupt", "*pids grace"),
     ("getstatus", "pid"),
     ("setstatus", "x pid"),
     ("cluster_cookie", "cookie"),
 ])
 def test_api_signature(fn, params):
-    """The parameter names and kinds of API.md §2 (``rmprocs`` adds ``callback_timeout``)."""
+    """The parameter names and kinds of API.md §2; keyword-only additions are listed here:
+    ``rmprocs`` adds ``callback_timeout`` (filtered below), ``interrupt`` adds ``grace``."""
     described = _signature_tokens(getattr(distexec, fn))
     assert [t for t in described if t != "callback_timeout"] == params.split()
 
