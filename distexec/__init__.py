@@ -12,7 +12,7 @@ from .cluster.slurm import SlurmManager
 from .cluster.ssh import SSHManager
 from .cluster.manager import ClusterManager, WorkerConfig, default_addprocs_params
 from .cluster.worker import init_worker, process_messages, start_worker
-from .errors import (AuthenticationError, CapturedException, ChannelClosedError,
+from .errors import (AllWorkersExited, AuthenticationError, CapturedException, ChannelClosedError,
                      CompositeException, DistexecError, DistributedError, InvalidStateError,
                      LaunchWorkerError, MessageTooLarge, ProcessExitedException, ProtocolError,
                      RemoteDeserializationError, RemoteException, SecurityWarning,
@@ -26,6 +26,7 @@ from .protocol.serialization import current_destination
 from .runtime.channel import Channel
 from .runtime.context import ClusterContext, WorkerState
 from .runtime.refs import Future, RemoteChannel, channel_from_id, remoteref_id
+from .transport.tls import Security
 
 __version__ = "0.1.0"
 
@@ -38,9 +39,9 @@ __all__ = [
     "init_worker", "start_worker", "process_messages", "RRID", "current_destination", "Channel",
     "ClusterContext", "WorkerState", "Future", "RemoteChannel", "channel_from_id", "remoteref_id",
     "DistexecError", "DistributedError", "RemoteException", "CapturedException",
-    "RemoteDeserializationError", "ProcessExitedException", "CompositeException",
+    "RemoteDeserializationError", "ProcessExitedException", "AllWorkersExited", "CompositeException",
     "LaunchWorkerError", "AuthenticationError", "ProtocolError", "MessageTooLarge",
-    "ChannelClosedError", "InvalidStateError", "SecurityWarning", "WaitTimeout",
+    "ChannelClosedError", "InvalidStateError", "SecurityWarning", "WaitTimeout", "Security",
 ]
 
 from .integrations import _joblib_hook

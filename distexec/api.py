@@ -12,7 +12,8 @@ import functools
 import numbers
 import socket as _socket
 import sys
-from typing import Any, Callable
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any, Callable, Literal, TypeVar, cast
 
 from .cluster import callbacks as _callbacks
 from .cluster import membership as _membership
@@ -22,14 +23,16 @@ from .cluster.ssh import SSHManager
 from .errors import DistributedError, RemoteException
 from .protocol import secret as _secret
 from . import pools as _pools
-from .pools import AbstractWorkerPool
+from .pools import AbstractWorkerPool, CachingPool
 from .runtime import calls as _calls
 from .runtime import sync as _sync
 from .runtime.channel import Channel
-from .runtime.context import current_context
+from .runtime.context import ClusterContext, current_context
 from .runtime.refs import Future, RemoteChannel
 from .runtime.sync import sync
 from .pmap import distributed_for
+
+_T = TypeVar("_T")
 
 __all__ = [
     "addprocs", "rmprocs", "procs", "workers", "other_procs", "other_workers", "nprocs",
@@ -46,14 +49,16 @@ __all__ = [
 
 
 # -- membership ------------------------------------------------------------------------------
-def addprocs(n_or_machines_or_manager=None, /, **params) -> list[int]:
+def addprocs(n_or_machines_or_manager: int | Sequence[str | tuple[str, int | str]]
+             | ClusterManager | None = None, /, **params: Any) -> list[int]:
     """Add workers; returns their pids, sorted.
 
     ``addprocs(4)`` starts 4 local workers (``restrict=False`` binds them beyond loopback);
     ``addprocs(["host1", ("user@host2", 4)], sshflags=[...])`` starts workers over SSH;
     ``addprocs(manager)`` launches through any :class:`ClusterManager`. Keywords are checked
     against ``default_addprocs_params`` for the integer and machine-list forms.
-    Julia: ``addprocs``.
+    ``security=Security(...)`` makes every link of the cluster TLS (docs/security.md); workers
+    listening beyond loopback without it bring a ``SecurityWarning``. Julia: ``addprocs``.
     """
     target = n_or_machines_or_manager
     if isinstance(target, ClusterManager):
@@ -83,7 +88,8 @@ def _check_keywords(manager: ClusterManager, params: dict) -> None:
             raise ValueError(f"Invalid keyword argument {name}")
 
 
-def rmprocs(*pids, waitfor: float | None = None, callback_timeout: float = 10.0):
+def rmprocs(*pids: int | Iterable[int], waitfor: float | None = None,
+            callback_timeout: float = 10.0) -> _cf.Future[None]:
     """Remove workers (pids as arguments or one iterable). Julia: ``rmprocs``.
 
     Returns a ``concurrent.futures.Future``: already finished, or still running when
@@ -92,9 +98,16 @@ def rmprocs(*pids, waitfor: float | None = None, callback_timeout: float = 10.0)
     return _membership.rmprocs(current_context(), pids, waitfor, callback_timeout)
 
 
-def interrupt(*pids) -> None:
-    """Interrupt the calls running on ``pids`` (default: all workers). Julia: ``interrupt``."""
-    _membership.interrupt(current_context(), pids)
+def interrupt(*pids: int | Iterable[int], grace: float | None = None) -> None:
+    """Interrupt the calls running on ``pids`` (default: all workers). Julia: ``interrupt``.
+
+    The calls fail with ``KeyboardInterrupt`` (in a ``RemoteException``) and the worker serves
+    on. A worker still running one of them ``grace`` seconds later (it ignores SIGINT, or is
+    stuck in C code) is terminated: SIGTERM, then SIGKILL, and its callers get
+    ``ProcessExitedException``. ``grace=None`` reads ``DISTEXEC_INTERRUPT_GRACE`` (default
+    10 s); ``math.inf`` never terminates. Returns once the interrupts are sent.
+    """
+    _membership.interrupt(current_context(), pids, grace)
 
 
 def myid() -> int:
@@ -117,18 +130,25 @@ def procs(pid: int | None = None) -> list[int]:
     return _same_host(ctx, pid)
 
 
-def _same_host(ctx, pid: int) -> list[int]:
+def _same_host(ctx: ClusterContext, pid: int) -> list[int]:
     record = ctx.record(pid)
     if pid != 1 and record is None:
         raise KeyError(pid)
     live = ctx.live_pids()
     if pid == 1 or pid in ctx.local_launched:
         return [p for p in live if p == 1 or p in ctx.local_launched]
+    assert record is not None  # pid != 1 here
     host = record.connect_at[0] if record.connect_at else None
-    return [p for p in live if p != 1 and (ctx.record(p).connect_at or (None,))[0] == host]
+    return [p for p in live if p != 1 and _host_of(ctx, p) == host]
+
+
+def _host_of(ctx: ClusterContext, pid: int) -> str | None:
+    record = ctx.record(pid)
+    return record.connect_at[0] if record is not None and record.connect_at else None
 
 
 def other_procs(pid: int | None = None) -> list[int]:
+    """``procs(pid)`` without the calling process. Julia: ``other_procs``."""
     me = myid()
     return [p for p in procs(pid) if p != me]
 
@@ -142,11 +162,13 @@ def workers() -> list[int]:
 
 
 def other_workers() -> list[int]:
+    """``workers()`` without the calling process. Julia: ``other_workers``."""
     me = myid()
     return [p for p in workers() if p != me]
 
 
 def nprocs() -> int:
+    """Number of processes, the master included. Julia: ``nprocs()``."""
     return len(procs())
 
 
@@ -165,15 +187,17 @@ def cluster_cookie(cookie: str | None = None) -> str:
     ctx = current_context()
     if cookie is not None:
         validated = _secret.validate(cookie)
-        if len(ctx.live_pids()) > 1 and validated != ctx.cookie:
+        if (len(ctx.live_pids()) > 1 and ctx.cookie is not None
+                and not _secret.same(validated, ctx.cookie)):
             raise DistributedError("cannot change the cluster cookie while workers exist: "
                                    "new workers could not link to the running ones")
         ctx.cookie = validated
     _membership.init_multi(ctx)
+    assert ctx.cookie is not None  # init_multi created it
     return ctx.cookie
 
 
-def getstatus(pid: int | None = None):
+def getstatus(pid: int | None = None) -> Any:
     """The status set for worker ``pid`` (default: this process), or None. Julia: ``getstatus``."""
     ctx = current_context()
     pid = ctx.myid if pid is None else pid
@@ -182,7 +206,7 @@ def getstatus(pid: int | None = None):
     return _callbacks.get_status(ctx, pid)
 
 
-def setstatus(x, pid: int | None = None):
+def setstatus(x: _T, pid: int | None = None) -> _T:
     """Store ``x`` as the status of worker ``pid`` (kept on the master); returns ``x``."""
     ctx = current_context()
     pid = ctx.myid if pid is None else pid
@@ -192,7 +216,7 @@ def setstatus(x, pid: int | None = None):
     return x
 
 
-def _ask_master(fn: Callable, *args):
+def _ask_master(fn: Callable, *args: Any) -> Any:
     """Run a master-only function there; its ValueError stays a ValueError on this worker."""
     try:
         return remotecall_fetch(fn, 1, *args)
@@ -202,11 +226,11 @@ def _ask_master(fn: Callable, *args):
         raise
 
 
-def _callback_pair(kind: str):
-    def add(fn: Callable, key=None):
+def _callback_pair(kind: str) -> tuple[Callable[..., Hashable], Callable[[Hashable], None]]:
+    def add(fn: Callable[..., Any], key: Hashable | None = None) -> Hashable:
         return _callbacks.add_callback(current_context(), kind, fn, key)
 
-    def remove(key) -> None:
+    def remove(key: Hashable) -> None:
         _callbacks.remove_callback(current_context(), kind, key)
 
     add.__name__, remove.__name__ = f"add_worker_{kind}_callback", f"remove_worker_{kind}_callback"
@@ -222,25 +246,27 @@ add_worker_exited_callback, remove_worker_exited_callback = _callback_pair("exit
 
 
 # -- calls -----------------------------------------------------------------------------------
-def _is_pid(x) -> bool:
+def _is_pid(x: object) -> bool:
     """Whether ``x`` is one worker id: any integer (numpy's too), but not a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _check_target(target) -> int:
+def _check_target(target: Any) -> int:
     if not _is_pid(target):
         raise TypeError("a call's target must be a worker id (int) or a worker pool, "
                         f"not {type(target).__name__}")
     return int(target)
 
 
-def _call(how: Callable, pool_how: Callable, fn: Callable, target, args, kwargs):
+def _call(how: Callable, pool_how: Callable, fn: Callable, target: int | AbstractWorkerPool,
+          args: tuple, kwargs: dict) -> Any:
     if isinstance(target, AbstractWorkerPool):
         return pool_how(fn, target, args, kwargs)
     return how(current_context(), fn, _check_target(target), args, kwargs)
 
 
-def remotecall(fn: Callable, target, /, *args, **kwargs) -> Future:
+def remotecall(fn: Callable, target: int | AbstractWorkerPool, /, *args: Any,
+               **kwargs: Any) -> Future:
     """Run ``fn(*args, **kwargs)`` on ``target`` and return a Future at once. Julia: same name.
 
     ``target`` is a pid or a pool; through a pool the worker stays taken until the Future
@@ -249,7 +275,8 @@ def remotecall(fn: Callable, target, /, *args, **kwargs) -> Future:
     return _call(_calls.remotecall, _pools.pool_remotecall, fn, target, args, kwargs)
 
 
-def remotecall_fetch(fn: Callable, target, /, *args, **kwargs) -> Any:
+def remotecall_fetch(fn: Callable, target: int | AbstractWorkerPool, /, *args: Any,
+                     **kwargs: Any) -> Any:
     """Run ``fn`` on ``target`` (pid or pool) and return its value. Julia: same name.
 
     Raises RemoteException when ``fn`` raised, ProcessExitedException when the worker died.
@@ -257,12 +284,14 @@ def remotecall_fetch(fn: Callable, target, /, *args, **kwargs) -> Any:
     return _call(_calls.remotecall_fetch, _pools.pool_remotecall_fetch, fn, target, args, kwargs)
 
 
-def remotecall_wait(fn: Callable, target, /, *args, **kwargs) -> Future:
+def remotecall_wait(fn: Callable, target: int | AbstractWorkerPool, /, *args: Any,
+                    **kwargs: Any) -> Future:
     """Run ``fn`` on ``target`` (pid or pool), wait for it, return the Future. Julia: same name."""
     return _call(_calls.remotecall_wait, _pools.pool_remotecall_wait, fn, target, args, kwargs)
 
 
-def remote_do(fn: Callable, target, /, *args, **kwargs) -> None:
+def remote_do(fn: Callable, target: int | AbstractWorkerPool, /, *args: Any,
+              **kwargs: Any) -> None:
     """Run ``fn`` on ``target`` (pid or pool) without waiting; errors print there.
 
     Julia: same name.
@@ -275,7 +304,7 @@ def remote(fn: Callable, pool: AbstractWorkerPool | None = None) -> Callable:
 
     Julia: ``remote([pool], f)``.
     """
-    def call_remotely(*args, **kwargs):
+    def call_remotely(*args: Any, **kwargs: Any) -> Any:
         target = pool if pool is not None else _pools.default_worker_pool()
         return _pools.pool_remotecall_fetch(fn, target, args, kwargs)
     call_remotely.__name__ = f"remote_{getattr(fn, '__name__', 'fn')}"
@@ -288,7 +317,7 @@ def _nextproc() -> int:
     return pids[current_context().next_round_robin() % len(pids)]
 
 
-def spawnat(p, fn: Callable, /, *args, **kwargs) -> Future:
+def spawnat(p: int | Literal["any"], fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
     """Run ``fn`` on ``p`` (a pid, or ``"any"`` for round robin); returns a Future.
 
     Inside ``with sync():`` the block waits for it. Julia: ``@spawnat p expr``.
@@ -300,28 +329,31 @@ def spawnat(p, fn: Callable, /, *args, **kwargs) -> Future:
     return _sync.register(remotecall(fn, p, *args, **kwargs))
 
 
-def spawn(fn: Callable, /, *args, **kwargs) -> Future:
+def spawn(fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
     """``spawnat("any", fn, ...)``. Julia: ``@spawn``."""
     return spawnat("any", fn, *args, **kwargs)
 
 
-def fetchfrom(p: int, fn: Callable, /, *args, **kwargs) -> Any:
+def fetchfrom(p: int, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
     """``remotecall_fetch(fn, p, ...)``. Julia: ``@fetchfrom p expr``."""
     return remotecall_fetch(fn, p, *args, **kwargs)
 
 
-def fetchany(fn: Callable, /, *args, **kwargs) -> Any:
+def fetchany(fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
     """Run ``fn`` on the next worker in round robin and return its value. Julia: ``@fetch``."""
     return remotecall_fetch(fn, _nextproc(), *args, **kwargs)
 
 
-def everywhere(code_or_fn, /, *args, procs=None, module: str = "__main__", **kwargs):
+def everywhere(code_or_fn: str | Callable[..., Any], /, *args: Any,
+               procs: int | Iterable[int] | None = None, module: str = "__main__",
+               **kwargs: Any) -> Any:
     """Run code (source text or a callable) on every process, the master included.
 
     ``procs`` narrows it (one pid returns the value). Runs concurrently and waits for all;
     failures are collected in a CompositeException. Processes added later do not get it.
     Julia: ``@everywhere [procs] expr``.
     """
+    code: str | Callable[..., Any]
     if callable(code_or_fn) and (args or kwargs):
         code = functools.partial(code_or_fn, *args, **kwargs)
     elif args or kwargs:
@@ -332,15 +364,22 @@ def everywhere(code_or_fn, /, *args, procs=None, module: str = "__main__", **kwa
     return remotecall_eval(code, targets, module=module)
 
 
-def clear(names_or_pool, procs=None, *, module: str = "__main__"):
+def clear(names_or_pool: str | Iterable[str] | CachingPool,
+          procs: int | Iterable[int] | None = None, *,
+          module: str = "__main__") -> CachingPool | None:
     """Set globals ``names`` to None in ``module`` on ``procs`` (default: workers), or clear a
     CachingPool. Julia: ``clear!``.
     """
     if isinstance(names_or_pool, _pools.CachingPool):
         return names_or_pool.clear()
     names = [names_or_pool] if isinstance(names_or_pool, str) else list(names_or_pool)
-    targets = workers() if procs is None else ([procs] if _is_pid(procs) else procs)
-    remotecall_eval(functools.partial(_clear_names, names, module), list(targets), module=module)
+    if procs is None:
+        targets = workers()
+    elif _is_pid(procs):
+        targets = [_check_target(procs)]
+    else:
+        targets = list(cast("Iterable[int]", procs))  # not one pid: several
+    remotecall_eval(functools.partial(_clear_names, names, module), targets, module=module)
     return None
 
 
@@ -351,7 +390,8 @@ def _clear_names(names: list[str], module: str) -> None:
             namespace[name] = None
 
 
-def remotecall_eval(code, procs, *, module: str = "__main__"):
+def remotecall_eval(code: str | Callable[[], Any], procs: int | Iterable[int], *,
+                    module: str = "__main__") -> Any:
     """Evaluate ``code`` (source text or a callable) in ``module`` on ``procs``.
 
     With one pid, returns the value (errors as RemoteException). With several, runs them
@@ -359,10 +399,10 @@ def remotecall_eval(code, procs, *, module: str = "__main__"):
     Julia: ``remotecall_eval``.
     """
     if _is_pid(procs):
-        return remotecall_fetch(_evaluate, procs, code, module)
+        return remotecall_fetch(_evaluate, _check_target(procs), code, module)
     ctx = current_context()
     futures, errors = [], []
-    for pid in procs:
+    for pid in cast("Iterable[int]", procs):  # not one pid: several
         try:
             futures.append(_calls.remotecall(ctx, _evaluate, _check_target(pid), (code, module),
                                              {}))
@@ -372,7 +412,7 @@ def remotecall_eval(code, procs, *, module: str = "__main__"):
     return None
 
 
-def _evaluate(code, module: str):
+def _evaluate(code: str | Callable[[], Any], module: str) -> Any:
     if callable(code):
         return code()
     namespace = sys.modules[module].__dict__ if module in sys.modules else _new_module(module)
@@ -391,7 +431,7 @@ def _new_module(name: str) -> dict:
 
 
 # -- generic operations on references and channels --------------------------------------------
-def fetch(x, timeout: float | None = None):
+def fetch(x: Any, timeout: float | None = None) -> Any:
     """The value of a Future/RemoteChannel; any other object is returned as is. Julia: ``fetch``."""
     method = getattr(x, "fetch", None)
     if method is None or not isinstance(x, (Future, RemoteChannel, Channel)):
@@ -401,22 +441,23 @@ def fetch(x, timeout: float | None = None):
     return method(timeout=timeout)
 
 
-def put(ref, value):
+def put(ref: Any, value: Any) -> Any:
     """``put!``: set a Future once, or append to a channel. Returns ``ref``."""
     ref.put(value)
     return ref
 
 
-def take(ref):
+def take(ref: Any) -> Any:
     """``take!``: remove and return the first value of a channel."""
     return ref.take()
 
 
-def isready(x) -> bool:
+def isready(x: Any) -> bool:
+    """Whether a Future has its value, or a channel holds one. Julia: ``isready``."""
     return x.isready()
 
 
-def wait(x, timeout: float | None = None):
+def wait(x: Any, timeout: float | None = None) -> Any:
     """Block until ``x`` has a value (Future, channel) and return ``x``. Julia: ``wait``."""
     if isinstance(x, (Future, RemoteChannel, Channel)):
         x.wait(timeout=timeout)
@@ -427,17 +468,19 @@ def wait(x, timeout: float | None = None):
     return x.wait(timeout)
 
 
-def close(ref) -> None:
+def close(ref: Any) -> None:
+    """Close a channel: later puts fail, takes drain what is left. Julia: ``close``."""
     ref.close()
 
 
-def worker_id_from_socket(s) -> int:
+def worker_id_from_socket(s: object) -> int:
     """The pid of the peer connected through ``s`` (a socket or connection); -1 if unknown."""
     ctx = current_context()
     with ctx.lock:
         for pid, record in ctx.peers.items():
             conn = record.conn
-            if conn is not None and (conn is s or conn.sock is s):
+            if conn is not None and (conn is s or conn.sock is s
+                                     or getattr(conn.sock, "ssl_socket", None) is s):
                 return pid
     if not isinstance(s, _socket.socket) and not hasattr(s, "sock"):
         return ctx.myid

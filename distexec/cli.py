@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         "worker", help="start a worker: reads the cookie from stdin, prints its address, serves")
     worker.add_argument("--bind-to", metavar="ADDR[:PORT|:[HINT]]", default=None,
                         help="interface (and port, or port hint) to listen on; default 127.0.0.1")
+    worker.add_argument("--tls", action="store_true",
+                        help="use TLS: read the certificate line (Security.stdin_line()) from "
+                             "stdin after the cookie line")
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     worker.add_argument("--die-with-stdin", action="store_true", help=argparse.SUPPRESS)
     run = commands.add_parser(
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         args.slurm = srun_tokens if args.slurm else None
     if args.command == "worker":
         start_worker(bind_to=args.bind_to, parent_pid=args.parent_pid,
-                     die_with_stdin=args.die_with_stdin)
+                     die_with_stdin=args.die_with_stdin, tls_from_stdin=args.tls)
         return 0
     return run_script(args)
 
@@ -138,9 +141,9 @@ def _cluster_target(args):
     return None
 
 
-def read_machine_file(path: str) -> list:
+def read_machine_file(path: str) -> list[str | tuple[str, int | str]]:
     """Julia's machine file: ``[count*][user@]host[:port] [bind_addr[:port]]`` per line."""
-    machines = []
+    machines: list[str | tuple[str, int | str]] = []
     with open(path) as lines:
         for line in lines:
             line = line.split("#", 1)[0].strip()
@@ -162,6 +165,7 @@ def srun_options(text: str) -> dict:
     tokens = shlex.split(text)
     while tokens:
         token = tokens.pop(0)
+        value: str | bool
         if token.startswith("--"):
             key, eq, value = token[2:].partition("=")
             if not eq:

@@ -10,11 +10,14 @@ Two families, in the h11 spirit: errors the *caller* caused (bad arguments get t
 from __future__ import annotations
 
 import signal as _signal
-import sys as _sys
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import concurrent.futures as _cf
 
-if _sys.version_info < (3, 11):  # pragma: no cover - the backport provides it on 3.10
+# ``sys.version_info`` by that exact name: mypy decides which branch exists only from it.
+if sys.version_info < (3, 11):  # pragma: no cover - the backport provides it on 3.10
     from exceptiongroup import ExceptionGroup
 
     class WaitTimeout(_cf.TimeoutError, TimeoutError):
@@ -30,6 +33,7 @@ __all__ = [
     "CapturedException",
     "RemoteDeserializationError",
     "ProcessExitedException",
+    "AllWorkersExited",
     "CompositeException",
     "LaunchWorkerError",
     "AuthenticationError",
@@ -61,11 +65,11 @@ class DistributedError(DistexecError, RuntimeError):
 class InvalidStateError(DistexecError):
     """An operation on an object in a state that does not allow it. Julia: ``InvalidStateException``."""
 
-    def __init__(self, message: str, state: str):
+    def __init__(self, message: str, state: str) -> None:
         super().__init__(message)
         self.state = state
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.state))
 
 
@@ -76,7 +80,7 @@ class ChannelClosedError(InvalidStateError):
     owner is another process, by :class:`~distexec.RemoteChannel`.
     """
 
-    def __init__(self, message: str = "Channel is closed.", state: str = "closed"):
+    def __init__(self, message: str = "Channel is closed.", state: str = "closed") -> None:
         super().__init__(message, state)
 
 
@@ -93,7 +97,8 @@ class CapturedException:
     Julia: ``CapturedException``.
     """
 
-    def __init__(self, ex: BaseException, traceback_text: str = "", type_name: str | None = None):
+    def __init__(self, ex: BaseException, traceback_text: str = "",
+                 type_name: str | None = None) -> None:
         self.ex = ex
         self.traceback_text = traceback_text
         self.type_name = type_name or _qualname(type(ex))
@@ -114,7 +119,7 @@ class RemoteException(DistexecError):
     traceback shows the remote frames. Julia: ``RemoteException``.
     """
 
-    def __init__(self, pid: int, captured: CapturedException):
+    def __init__(self, pid: int, captured: CapturedException) -> None:
         super().__init__(pid, captured)
         self.pid = pid
         self.captured = captured
@@ -131,7 +136,7 @@ class RemoteException(DistexecError):
             return f"{head} {self.captured.type_name}: {_safe_str(self.captured.ex)}"
         return f"{head}\n{text}"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.pid, self.captured))
 
 
@@ -143,7 +148,8 @@ class RemoteDeserializationError(DistexecError):
     ``__cause__``.
     """
 
-    def __init__(self, type_name: str, message: str, traceback_text: str = "", pid: int | None = None):
+    def __init__(self, type_name: str, message: str, traceback_text: str = "",
+                 pid: int | None = None) -> None:
         where = f" from worker {pid}" if pid is not None else ""
         super().__init__(
             f"Error deserializing a remote exception{where}: remote exception of type "
@@ -154,7 +160,7 @@ class RemoteDeserializationError(DistexecError):
         self.traceback_text = traceback_text
         self.pid = pid
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.type_name, self.message, self.traceback_text, self.pid))
 
 
@@ -167,7 +173,7 @@ class ProcessExitedException(DistexecError):
     """
 
     def __init__(self, worker_id: int = -1, exitcode: int | None = None, signal: int | None = None,
-                 reason: str | None = None):
+                 reason: str | None = None) -> None:
         super().__init__(worker_id, exitcode, signal)
         self.worker_id = worker_id
         self.exitcode = exitcode
@@ -186,8 +192,21 @@ class ProcessExitedException(DistexecError):
             text += f" (exit code {self.exitcode})"
         return text + "."
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.worker_id, self.exitcode, self.signal, self.reason))
+
+
+class AllWorkersExited(ProcessExitedException, _cf.BrokenExecutor):
+    """Every worker of a ``DistributedExecutor`` has exited, so a queued task had nowhere to run.
+
+    The executor's queued futures fail with it. It is both the ``ProcessExitedException`` of
+    the last worker lost (its id, and exit code or signal) and a
+    ``concurrent.futures.BrokenExecutor``, so code that catches either sees it; a ``submit``
+    afterwards raises a plain ``BrokenExecutor``.
+    """
+
+    def __str__(self) -> str:
+        return f"All workers of this executor have exited; the last: {super().__str__()}"
 
 
 class CompositeException(DistexecError, ExceptionGroup):
@@ -197,16 +216,19 @@ class CompositeException(DistexecError, ExceptionGroup):
     Julia: ``CompositeException``.
     """
 
-    def __new__(cls, exceptions, message: str = "multiple errors"):
+    def __new__(cls, exceptions: Iterable[Exception],
+                message: str = "multiple errors") -> CompositeException:
         return super().__new__(cls, message, list(exceptions))
 
-    def __init__(self, exceptions, message: str = "multiple errors"):
+    def __init__(self, exceptions: Iterable[Exception], message: str = "multiple errors") -> None:
         super().__init__(message, list(exceptions))
 
-    def derive(self, excs):
+    # The builtin also derives groups of BaseExceptions; a CompositeException holds only
+    # Exceptions, so its parts do too (on 3.10 the backport has no types: unused there).
+    def derive(self, excs: Sequence[Exception]) -> CompositeException:  # type: ignore[override,unused-ignore]
         return CompositeException(excs, self.message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (list(self.exceptions), self.message))
 
 

@@ -6,6 +6,8 @@ Owns task queueing, load balancing over workers, the executor futures and their 
 
     submit ──► queue ──► pump: a worker with a free slot (MAX_IN_FLIGHT per worker)
                           └─► one CALL_FETCH ──► RESULT ──► reader thread completes the future
+                          └─► a backlog of short tasks: several in one CALL_FETCH (a batch,
+                              runtime.batches), each pickled alone, each with its own outcome
     worker dies ──► only its in-flight futures fail (ProcessExitedException); the queue
                     goes on to the other workers
     shutdown ──► (cancel queued) ──► wait ──► remove the workers this executor launched
@@ -19,24 +21,32 @@ import concurrent.futures as cf
 import functools
 import itertools
 import logging
+import pickle
 import sys
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from .cluster import membership
 from .cluster.local import LocalManager
-from .errors import (ProcessExitedException, RemoteDeserializationError, RemoteException,
-                     WaitTimeout)
+from .errors import (AllWorkersExited, MessageTooLarge, ProcessExitedException,
+                     RemoteDeserializationError, RemoteException, WaitTimeout)
 from .pools import AbstractWorkerPool, WorkerPool
 from .protocol import serialization
-from .protocol.frames import Kind
-from .runtime import calls
+from .protocol.frames import Kind, configured_max_message_size
+from .runtime import batches, calls
 from .runtime.context import ClusterContext, current_context
+from .runtime.refs import invoke_callbacks_guarded
+
+if TYPE_CHECKING:  # annotations only
+    from .cluster.manager import ClusterManager
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 __all__ = ["DistributedExecutor", "BrokenExecutor"]
 
@@ -92,10 +102,10 @@ def original_exception(remote: RemoteException) -> BaseException:
     note = f"(raised on worker {remote.pid})"
     notes = getattr(ex, "__notes__", None)
     if notes is None or note not in notes:
-        try:
+        if sys.version_info >= (3, 11):
             ex.add_note(note)
-        except AttributeError:  # Python 3.10: the exceptiongroup backport displays __notes__
-            ex.__notes__ = [*(notes or ()), note]
+        else:  # Python 3.10: the exceptiongroup backport displays __notes__
+            ex.__notes__ = [*(notes or ()), note]  # type: ignore[attr-defined]  # 3.11+ in stubs
     return ex
 
 
@@ -106,12 +116,16 @@ class _ExecutorFuture(cf.Future):
     whose ``__bool__`` or ``__len__`` says False made ``result()`` return None.
     """
 
+    def _invoke_callbacks(self) -> None:  # on a reader thread: sys.exit in one must not end it
+        invoke_callbacks_guarded(self)
+
     def _Future__get_result(self):  # the name-mangled private method result() calls
         if self._exception is not None:
             try:
                 raise self._exception
             finally:
-                self = None  # break the cycle through the exception's traceback
+                # break the cycle through the exception's traceback (the stdlib's idiom)
+                self = None  # type: ignore[assignment]
         return self._result
 
     if sys.version_info < (3, 11):  # 3.10: raise a timeout that is also the builtin one
@@ -131,31 +145,83 @@ class _ExecutorFuture(cf.Future):
 
 
 class _Task:
-    __slots__ = ("future", "fn", "args", "kwargs")
+    __slots__ = ("future", "fn", "args", "kwargs", "started")
 
     def __init__(self, future, fn, args, kwargs):
         self.future, self.fn, self.args, self.kwargs = future, fn, args, kwargs
+        self.started = False
+
+    def start(self) -> bool:
+        """Mark the future running unless it was cancelled; False: drop the task.
+
+        A started task that could not be sent is queued again, and starts only once.
+        """
+        if not self.started:
+            self.started = self.future.set_running_or_notify_cancel()
+        return self.started
+
+
+def _complete(future: cf.Future, is_error: bool, value: Any) -> None:
+    if is_error:
+        future.set_exception(original_exception(value) if isinstance(value, RemoteException)
+                             else value)
+    else:
+        future.set_result(value)
 
 
 class _TaskWaiter:
     """Receives one task's RESULT (in the reader thread) and completes its future."""
 
-    __slots__ = ("waitingfor", "task", "executor")
+    __slots__ = ("waitingfor", "task", "executor", "sent")
 
     def __init__(self, executor: DistributedExecutor, pid: int, task: _Task):
         self.waitingfor, self.task, self.executor = pid, task, executor
+        self.sent = time.perf_counter()
 
     def deliver(self, value: Any, is_error: bool) -> None:
-        future = self.task.future
-        if is_error:
-            future.set_exception(original_exception(value) if isinstance(value, RemoteException)
-                                 else value)
-        else:
-            future.set_result(value)
+        self.executor._sizer.measured_alone(self.task.fn, time.perf_counter() - self.sent)
+        _complete(self.task.future, is_error, value)
         self.executor._task_done(self.waitingfor)
 
     def fail(self, exc: BaseException) -> None:
         self.task.future.set_exception(exc)
+        self.executor._task_done(self.waitingfor)
+
+
+class _BatchWaiter:
+    """Receives a batch's outcomes (one RESULT, or one per task) and completes each future."""
+
+    __slots__ = ("waitingfor", "tasks", "executor", "rrid", "received")
+
+    def __init__(self, executor: DistributedExecutor, pid: int, tasks: list[_Task], rrid):
+        self.waitingfor, self.tasks, self.executor, self.rrid = pid, tasks, executor, rrid
+        self.received = 0
+
+    def deliver(self, value: Any, is_error: bool) -> None:
+        executor, pid = self.executor, self.waitingfor
+        if not is_error and type(value) is not batches.Outcomes:  # a worker of another version?
+            value, is_error = TypeError(f"a batch came back as {type(value).__name__}"), True
+        if is_error:  # the batch message itself failed on the worker: so did each of its tasks
+            for task in self.tasks[self.received:]:
+                _complete(task.future, True, value)
+            executor._task_done(pid)
+            return
+        for k in range(len(value.items)):
+            failed, result = value.load(executor._ctx, pid, k)
+            _complete(self.tasks[value.start + k].future, failed, result)
+        self.received += len(value.items)
+        if self.received < len(self.tasks):  # the rest follows in further messages
+            try:
+                executor._ctx.add_waiter(self.rrid, self)
+            except ProcessExitedException as exc:
+                self.fail(exc)
+            return
+        executor._sizer.measured_batch([task.fn for task in self.tasks], value.longest)
+        executor._task_done(pid)
+
+    def fail(self, exc: BaseException) -> None:
+        for task in self.tasks[self.received:]:
+            task.future.set_exception(exc)
         self.executor._task_done(self.waitingfor)
 
 
@@ -168,8 +234,8 @@ class DistributedExecutor(cf.Executor):
     """
 
     def __init__(self, max_workers: int | None = None, *, pool: AbstractWorkerPool | None = None,
-                 manager=None, initializer: Callable | None = None, initargs: tuple = (),
-                 **addprocs_params):
+                 manager: ClusterManager | None = None, initializer: Callable | None = None,
+                 initargs: tuple = (), **addprocs_params: Any) -> None:
         if max_workers is not None and (isinstance(max_workers, bool) or max_workers <= 0):
             raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
@@ -177,7 +243,10 @@ class DistributedExecutor(cf.Executor):
         self._ctx: ClusterContext = current_context()
         self._lock = threading.Lock()
         self._queue: deque[_Task] = deque()
-        self._in_flight: dict[int, int] = {}
+        self._in_flight: dict[int, int] = {}  # messages (single tasks or batches) per worker
+        self._targets_cache: tuple = (None, [])
+        self._sizer = batches.BatchSizer()
+        self._batch_bytes = min(batches.BATCH_BYTES, configured_max_message_size() // 2)
         self._idle = threading.Condition(self._lock)
         self._shutdown = False
         self._broken: str | bool = False
@@ -185,6 +254,7 @@ class DistributedExecutor(cf.Executor):
         self._initialized = initializer is None
         self._initializing = False
         self._owned: list[int] = []
+        self._last_lost: int | None = None  # the last of this executor's workers that died
         self._release_lock = threading.Lock()
         self.pool = pool if pool is not None else self._launch(max_workers, manager,
                                                                addprocs_params)
@@ -210,7 +280,8 @@ class DistributedExecutor(cf.Executor):
         """The worker pids this executor sends tasks to."""
         return self._targets()
 
-    def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args,
+               **kwargs: _P.kwargs) -> cf.Future[_T]:
         """Schedule ``fn(*args, **kwargs)``; returns a ``concurrent.futures.Future``."""
         with self._lock:
             if self._broken:
@@ -220,17 +291,21 @@ class DistributedExecutor(cf.Executor):
             if _interpreter_exiting:
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             future: cf.Future = _ExecutorFuture()
+            # Tasks queued already mean every slot is taken: each slot that frees up pumps.
+            backlog = bool(self._queue)
             self._queue.append(_Task(future, fn, args, kwargs))
             start_init = not self._initialized and not self._initializing
             self._initializing = self._initializing or start_init
         if start_init:
             threading.Thread(target=self._run_initializer, daemon=True,
                              name="distexec-initializer").start()
-        self._pump()
+        if not backlog:
+            self._pump()
         return future
 
-    def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1,
-            buffersize: int | None = None, progress: bool = False) -> Iterator:
+    def map(self, fn: Callable[..., _T], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1, buffersize: int | None = None,
+            progress: bool = False) -> Iterator[_T]:
         """Like ``Executor.map``, with Python 3.14's ``buffersize`` on every Python.
 
         Without ``buffersize`` every input is submitted now; with it, at most ``buffersize``
@@ -248,6 +323,10 @@ class DistributedExecutor(cf.Executor):
         deadline = None if timeout is None else time.monotonic() + timeout
         if chunksize == 1:
             results = _map_results(self, fn, zip(*iterables, strict=False), deadline, buffersize)
+        elif len(iterables) == 1:  # chunks of plain items: fn(x), no 1-tuples to build or ship
+            chunks = _batched(iterables[0], chunksize)
+            results = _chain(_map_results(self, functools.partial(_process_items, fn), chunks,
+                                          deadline, buffersize, splat=False))
         else:
             chunks = _batched(zip(*iterables, strict=False), chunksize)
             results = _chain(_map_results(self, functools.partial(_process_chunk, fn), chunks,
@@ -271,8 +350,14 @@ class DistributedExecutor(cf.Executor):
 
     # -- dispatching -------------------------------------------------------------------------
     def _targets(self) -> list[int]:
-        live = set(self._ctx.live_pids())
-        return [p for p in self.pool.workers() if p in live]
+        workers = self.pool.workers()
+        key = (self._ctx.membership_version, workers)
+        cached_key, targets = self._targets_cache
+        if key != cached_key:  # kept until a worker comes, goes or changes state
+            live = set(self._ctx.live_pids())
+            targets = [p for p in workers if p in live]
+            self._targets_cache = (key, targets)
+        return targets
 
     def _pump(self) -> None:
         """Send queued tasks to workers with a free slot, least loaded first."""
@@ -285,58 +370,123 @@ class DistributedExecutor(cf.Executor):
                     doomed = self._mark_broken("all workers of this executor have exited")
                 else:
                     doomed = None
-                    pid = min(targets, key=lambda p: self._in_flight.get(p, 0))
-                    if self._in_flight.get(pid, 0) >= MAX_IN_FLIGHT:
+                    in_flight = self._in_flight
+                    pid = min(targets, key=lambda p: in_flight.get(p, 0))
+                    if in_flight.get(pid, 0) >= MAX_IN_FLIGHT:
                         return
-                    task = self._queue.popleft()
-                    if not task.future.set_running_or_notify_cancel():
-                        continue
-                    self._in_flight[pid] = self._in_flight.get(pid, 0) + 1
+                    tasks = self._take_tasks(targets)
+                    if not tasks:
+                        continue  # all cancelled
+                    in_flight[pid] = in_flight.get(pid, 0) + 1
             if doomed is not None:
-                _fail_all(doomed, self._broken)
+                _fail_all(doomed, self._all_exited_error)
                 return
-            self._dispatch(pid, task)
+            self._dispatch(pid, tasks)
 
-    def _dispatch(self, pid: int, task: _Task) -> None:
+    def _take_tasks(self, targets: list[int]) -> list[_Task]:
+        """With the lock held: the next task, or a batch of them when a backlog waits.
+
+        A batch holds tasks of one function only, sized by ``runtime.batches.BatchSizer``.
+        """
+        queue = self._queue
+        if len(queue) == 1:  # the common case of a task submitted to an idle executor
+            task = queue.popleft()
+            return [task] if task.start() else []
+        slots = len(targets) * MAX_IN_FLIGHT
+        free = slots - sum(self._in_flight.get(p, 0) for p in targets)
+        first = queue[0].fn
+        limit = self._sizer.limit(first, len(queue), free, slots)
+        tasks: list[_Task] = []
+        while queue and len(tasks) < limit:
+            fn = queue[0].fn
+            if fn is not first and batches.cost_key(fn) != batches.cost_key(first):
+                break
+            task = queue.popleft()
+            if task.start():
+                tasks.append(task)
+        return tasks
+
+    def _dispatch(self, pid: int, tasks: list[_Task]) -> None:
+        """Send ``tasks`` to ``pid``: one message, a task alone or a batch, each task pickled
+        on its own; several messages when together they exceed the batch size in bytes."""
         ctx = self._ctx
         if pid == ctx.myid:  # a pool that hands out the master itself
-            ctx.runner.submit(lambda: self._run_here(pid, task))
+            ctx.runner.submit(lambda: self._run_here(pid, tasks))
             return
-        try:
-            payload, buffers = serialization.dumps((task.fn, task.args, task.kwargs), pid)
-        except BaseException as exc:  # an argument that cannot be pickled fails this task only
-            task.future.set_exception(exc)
+        messages = batches.by_size(self._pickle_tasks(pid, tasks), self._batch_bytes)
+        if not messages:
             self._task_done(pid)
             return
-        waiter, rrid = _TaskWaiter(self, pid, task), ctx.next_rrid()
+        if len(messages) > 1:  # pickled for this worker already: they all go there
+            with self._lock:
+                self._in_flight[pid] = self._in_flight.get(pid, 0) + len(messages) - 1
+        for pickled in messages:
+            self._send(pid, pickled)
+
+    def _pickle_tasks(self, pid: int, tasks: list[_Task]) -> list[tuple]:
+        """(task, payload, buffers) for each task; one whose arguments cannot be pickled
+        fails alone."""
+        pickled = []
+        for task in tasks:
+            try:
+                payload, buffers = serialization.dumps((task.fn, task.args, task.kwargs), pid)
+            except BaseException as exc:  # an argument that cannot be pickled fails this task only
+                task.future.set_exception(exc)
+                continue
+            pickled.append((task, payload, buffers))
+        return pickled
+
+    def _send(self, pid: int, pickled: list[tuple]) -> None:
+        ctx = self._ctx
+        rrid = ctx.next_rrid()
+        if len(pickled) == 1:
+            task, payload, buffers = pickled[0]
+            waiter: _TaskWaiter | _BatchWaiter = _TaskWaiter(self, pid, task)
+        else:
+            waiter = _BatchWaiter(self, pid, [task for task, _, _ in pickled], rrid)
+            sent = [(payload, [pickle.PickleBuffer(b) for b in buffers])
+                    for _, payload, buffers in pickled]
+            payload, buffers = serialization.dumps((batches.run_batch, (sent, ctx.myid), {}), pid)
         try:
             ctx.add_waiter(rrid, waiter)
             ctx.send(pid, Kind.CALL_FETCH, payload=payload, buffers=buffers, notify=rrid)
         except (ProcessExitedException, OSError):
             ctx.pop_waiter(rrid)  # it never reached the worker: another one runs it
-            with self._lock:
-                self._in_flight[pid] -= 1
-                self._queue.appendleft(task)
-            self._pump()
+            self._requeue(pid, [task for task, _, _ in pickled])
+        except MessageTooLarge as exc:  # a single task (batches stay under half the limit)
+            ctx.pop_waiter(rrid)
+            waiter.fail(exc)
 
-    def _run_here(self, pid: int, task: _Task) -> None:
-        is_error, value = calls.invoke(self._ctx, task.fn, task.args, task.kwargs)
-        _TaskWaiter(self, pid, task).deliver(value, is_error)
+    def _requeue(self, pid: int, tasks: list[_Task]) -> None:
+        with self._lock:
+            self._in_flight[pid] = self._in_flight.get(pid, 1) - 1
+            self._queue.extendleft(reversed(tasks))
+        self._pump()
+
+    def _run_here(self, pid: int, tasks: list[_Task]) -> None:
+        for task in tasks:
+            is_error, value = calls.invoke(self._ctx, task.fn, task.args, task.kwargs)
+            _complete(task.future, is_error, value)
+        self._task_done(pid)
 
     def _task_done(self, pid: int) -> None:
         with self._lock:
             self._in_flight[pid] = self._in_flight.get(pid, 1) - 1
-            if not self._queue and not any(self._in_flight.values()):
-                self._idle.notify_all()
+            if not self._queue:  # nothing to pump
+                if not any(self._in_flight.values()):
+                    self._idle.notify_all()
+                return
         self._pump()
 
     def _worker_lost(self, pid: int) -> None:
         with self._lock:
-            self._in_flight.pop(pid, None)
+            if self._in_flight.pop(pid, None) is not None:  # one of ours: it was sent work
+                self._last_lost = pid
         self._pump()  # queued work moves to the others (or the executor breaks if none is left)
 
     # -- initializer and breaking ------------------------------------------------------------
     def _run_initializer(self) -> None:
+        assert self._initializer is not None  # submit() starts this only for an initializer
         futures = [calls.remotecall(self._ctx, self._initializer, pid, self._initargs, {})
                    for pid in self._targets()]
         for future in futures:
@@ -355,7 +505,14 @@ class DistributedExecutor(cf.Executor):
     def _break(self, reason: str) -> None:
         with self._lock:
             doomed = self._mark_broken(reason)
-        _fail_all(doomed, reason)
+        _fail_all(doomed, lambda: BrokenExecutor(reason))
+
+    def _all_exited_error(self) -> BaseException:
+        """What a queued task gets once no worker is left: the last death, as BrokenExecutor."""
+        dead = None if self._last_lost is None else self._ctx.deleted.get(self._last_lost)
+        if dead is None:
+            return BrokenExecutor(self._broken)
+        return AllWorkersExited(dead.pid, dead.exitcode, dead.signal, dead.lost_reason)
 
     def _mark_broken(self, reason: str) -> list[_Task]:
         """Called with the lock held; returns the queued tasks to fail outside it."""
@@ -384,10 +541,10 @@ class DistributedExecutor(cf.Executor):
         self._release_workers()
 
 
-def _fail_all(tasks: list[_Task], reason: str) -> None:
+def _fail_all(tasks: list[_Task], error: Callable[[], BaseException]) -> None:
     for task in tasks:
-        if task.future.set_running_or_notify_cancel():
-            task.future.set_exception(BrokenExecutor(reason))
+        if task.start():
+            task.future.set_exception(error())
 
 
 def _lost_listener(executor: DistributedExecutor):
@@ -407,10 +564,14 @@ def _map_results(executor, fn, args_iter, deadline, buffersize, *, splat: bool =
     def submit(target, args):
         return target.submit(fn, *args) if splat else target.submit(fn, args)
 
-    if buffersize:
-        futures = deque(submit(executor, a) for a in itertools.islice(args_iter, buffersize))
-    else:
-        futures = deque(submit(executor, a) for a in args_iter)
+    futures: deque = deque()
+    try:
+        for args in itertools.islice(args_iter, buffersize) if buffersize else args_iter:
+            futures.append(submit(executor, args))
+    except BaseException:  # a bad input, a refused submit, or Ctrl-C: run none of the map
+        for future in futures:
+            future.cancel()
+        raise
     # Only a weak reference: a pending lazy map must not keep the executor alive.
     executor_ref = weakref.ref(executor)
     return _yield_results(futures, args_iter if buffersize else None, submit, executor_ref,
@@ -450,17 +611,19 @@ def _process_chunk(fn, chunk):
     return [fn(*args) for args in chunk]
 
 
+def _process_items(fn, items):
+    return list(map(fn, items))
+
+
 def _batched(iterable, size: int):
     iterator = iter(iterable)
-    while chunk := tuple(itertools.islice(iterator, size)):
+    while chunk := list(itertools.islice(iterator, size)):
         yield chunk
 
 
 def _chain(chunk_results):
     for chunk in chunk_results:
-        chunk.reverse()
-        while chunk:
-            yield chunk.pop()
+        yield from chunk
 
 
 def _with_progress(results, progress: bool, iterables):

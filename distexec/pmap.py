@@ -7,6 +7,7 @@ Julia: ``pmap``, ``retry``, ``ExponentialBackOff``, ``batchsplit``, ``@distribut
 
     pmap(fn, xs) ──► wrap fn: on_error (runs on the worker) ─► through the pool ─► retry
                  ──► nworkers(pool) feeder threads pull items, call, store by index
+                     (the caller only waits: a Ctrl-C leaves at once, starting nothing more)
                  ──► results in input order (the first unhandled error stops the map)
     batch_size > 1 ──► consecutive items per call; failed items re-processed on the caller
 """
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import random
+import reprlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from .errors import CompositeException, ProcessExitedException, RemoteException
 from .pools import AbstractWorkerPool, CachingPool, pool_remotecall_fetch
@@ -29,6 +32,8 @@ from .runtime.runner import in_thread
 __all__ = ["pmap", "ExponentialBackOff", "BatchProcessingError", "splitrange", "batchsplit",
            "retry", "distributed_for"]
 
+log = logging.getLogger("distexec")
+
 
 class ExponentialBackOff:
     """``n`` delays growing by ``factor`` (± ``jitter``), capped at ``max_delay``.
@@ -37,7 +42,7 @@ class ExponentialBackOff:
     """
 
     def __init__(self, n: int = 1, first_delay: float = 0.05, max_delay: float = 10.0,
-                 factor: float = 5.0, jitter: float = 0.1):
+                 factor: float = 5.0, jitter: float = 0.1) -> None:
         if n < 0 or first_delay < 0 or max_delay < 0 or factor <= 0 or jitter < 0:
             raise ValueError(
                 "ExponentialBackOff needs n >= 0, delays >= 0, factor > 0, jitter >= 0")
@@ -61,7 +66,7 @@ class ExponentialBackOff:
 class BatchProcessingError(Exception):
     """One element of a batch failed: ``data`` is its arguments, ``ex`` the error."""
 
-    def __init__(self, data, ex: BaseException):
+    def __init__(self, data: Any, ex: BaseException) -> None:
         super().__init__(data, ex)
         self.data, self.ex = data, ex
 
@@ -77,9 +82,15 @@ def retry(fn: Callable, delays: Iterable[float] = (), check: Callable | None = N
     ``check`` returns a bool or ``(new_state, bool)``; after the delays run out, one last
     attempt is made whose error propagates.
     """
+    return _retrying(fn, delays, check)
+
+
+def _retrying(fn: Callable, delays: Iterable[float], check: Callable | None,
+              stop: threading.Event | None = None) -> Callable:
+    """``retry(fn, delays, check)``; once ``stop`` is set, the last error propagates at once."""
     def retrying(*args, **kwargs):
         state = None
-        for delay in delays:
+        for attempt, delay in enumerate(delays, 1):
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
@@ -89,9 +100,19 @@ def retry(fn: Callable, delays: Iterable[float] = (), check: Callable | None = N
                         state, verdict = verdict
                     if not verdict:
                         raise
-            time.sleep(delay)
+                log.warning("Retrying %s in %.3g s (retry %d) after %s: %s", reprlib.repr(args),
+                            delay, attempt, type(exc).__name__, exc)
+                if _stopped_during(delay, stop):
+                    raise  # the map was abandoned (Ctrl-C, or another element failed)
         return fn(*args, **kwargs)
     return retrying
+
+
+def _stopped_during(delay: float, stop: threading.Event | None) -> bool:
+    if stop is None:
+        time.sleep(delay)
+        return False
+    return stop.wait(delay)
 
 
 def _with_on_error(fn: Callable, on_error: Callable) -> Callable:
@@ -112,7 +133,8 @@ def _unwrapping(fn: Callable) -> Callable:
     return call
 
 
-def pmap(fn: Callable, *iterables, pool: AbstractWorkerPool | None = None,
+def pmap(fn: Callable, *iterables: Iterable[Any] | AbstractWorkerPool,
+         pool: AbstractWorkerPool | None = None,
          distributed: bool = True, batch_size: int | str = 1, on_error: Callable | None = None,
          retry_delays: Iterable[float] = (), retry_check: Callable | None = None,
          progress: bool = False) -> list:
@@ -126,9 +148,12 @@ def pmap(fn: Callable, *iterables, pool: AbstractWorkerPool | None = None,
         pool, iterables = iterables[0], iterables[1:]
     if not iterables:
         raise TypeError("pmap needs at least one iterable")
-    items: Iterable[tuple] = zip(*iterables, strict=False)  # the shortest wins
-    own_pool = pool is None
-    pool = CachingPool(_workers()) if own_pool else pool
+    # Only the first may be a pool (Julia's ``pmap(f, pool, c...)``): zip refuses any other.
+    columns = cast("tuple[Iterable[Any], ...]", iterables)
+    items: Iterable[tuple] = zip(*columns, strict=False)  # the shortest wins
+    own_pool: CachingPool | None = None
+    if pool is None:
+        pool = own_pool = CachingPool(_workers())
     if not _has_other_workers(pool):
         distributed = False
     retry_delays = list(retry_delays)
@@ -147,8 +172,8 @@ def pmap(fn: Callable, *iterables, pool: AbstractWorkerPool | None = None,
     finally:
         if bar is not None:
             bar.close()
-        if own_pool:
-            pool.clear()  # the workers drop the functions this map shipped
+        if own_pool is not None:
+            own_pool.clear()  # the workers drop the functions this map shipped
 
 
 def _workers() -> list[int]:
@@ -167,14 +192,16 @@ def _map_each(fn, items, pool, distributed, on_error, retry_delays, retry_check,
     if distributed:
         remote_call = call
         call = lambda *args: pool_remotecall_fetch(remote_call, pool, args, {})  # noqa: E731
+    stop = threading.Event()  # set when the map is abandoned: pending retries give up
     if retry_delays:
-        call = retry(_unwrapping(call), retry_delays, retry_check)
+        call = _retrying(_unwrapping(call), retry_delays, retry_check, stop)
     if distributed and on_error is not None:
         # outside the retries: a death is retried first, like any failure (Julia)
         call = _local_on_error_for_deaths(call, on_error)
     ntasks = pool.nworkers() if distributed else 1
     tick = None if bar is None else (lambda _args: bar.update(1))
-    return _ordered_async_map(lambda args: call(*args), items, ntasks, tick)
+    return _ordered_async_map(lambda args: call(*args), items, ntasks, tick,
+                              caller_feeds=not distributed, stop=stop)
 
 
 def _local_on_error_for_deaths(call: Callable, on_error: Callable) -> Callable:
@@ -188,16 +215,27 @@ def _local_on_error_for_deaths(call: Callable, on_error: Callable) -> Callable:
 
 
 def _ordered_async_map(call: Callable, items: Iterable, ntasks: int,
-                       tick: Callable | None = None) -> list:
+                       tick: Callable | None = None, *, caller_feeds: bool = True,
+                       stop: threading.Event | None = None) -> list:
     """Run ``call`` over ``items`` with ``ntasks`` threads; results in input order.
 
-    The first error stops every thread from starting new items and is raised. ``tick(item)``
-    runs after each item (progress bars).
+    The first error stops every thread from starting new items and is raised once the items
+    already started have ended. ``tick(item)`` runs after each item (progress bars).
+    ``caller_feeds``: the calling thread is one of the ``ntasks`` (local work, which a
+    Ctrl-C then interrupts); otherwise it only waits, so a Ctrl-C (``KeyboardInterrupt``)
+    lands in that wait, never inside a send, and leaves at once: no further item starts,
+    and the items still running finish on their threads with their results discarded.
+    ``stop`` is set as soon as the map is abandoned either way.
     """
     source = iter(enumerate(items))
     lock = threading.Lock()
     results: dict[int, Any] = {}
     failure: list[BaseException] = []
+    stop = stop if stop is not None else threading.Event()
+
+    def fail(exc: BaseException) -> None:
+        failure.append(exc)  # list.append is atomic: safe from the caller's Ctrl-C handler too
+        stop.set()
 
     def feed():
         while True:
@@ -209,25 +247,30 @@ def _ordered_async_map(call: Callable, items: Iterable, ntasks: int,
                 except StopIteration:
                     return
                 except BaseException as exc:  # the input iterator itself failed
-                    failure.append(exc)
+                    fail(exc)
                     return
             try:
                 value = call(item)
             except BaseException as exc:
                 with lock:
-                    failure.append(exc)
+                    fail(exc)
                 return
             results[index] = value
             if tick is not None:
                 tick(item)
 
     threads = [threading.Thread(target=feed, daemon=True, name="distexec-pmap")
-               for _ in range(max(1, ntasks) - 1)]
-    for t in threads:
-        t.start()
-    feed()  # the calling thread feeds too (and so stays interruptible by Ctrl-C)
-    for t in threads:
-        t.join()
+               for _ in range(max(1, ntasks) - (1 if caller_feeds else 0))]
+    try:
+        for t in threads:
+            t.start()
+        if caller_feeds:
+            feed()
+        for t in threads:
+            t.join()
+    except BaseException as exc:  # Ctrl-C while the caller waits: abandon the map now
+        fail(exc)
+        raise
     if failure:
         raise failure[0]
     return [results[i] for i in range(len(results))]
@@ -263,7 +306,7 @@ def _map_batches(fn, items, pool, batch_size, on_error, retry_delays, retry_chec
 
     tick = None if bar is None else (lambda batch: bar.update(len(batch)))
     results = list(itertools.chain.from_iterable(
-        _ordered_async_map(run, batches, pool.nworkers(), tick)))
+        _ordered_async_map(run, batches, pool.nworkers(), tick, caller_feeds=False)))
     failed = [i for i, r in enumerate(results) if isinstance(r, BatchProcessingError)]
     if failed:
         _reprocess(fn, results, failed, pool, on_error, retry_delays, retry_check)
@@ -278,6 +321,8 @@ def _reprocess(fn, results, failed, pool, on_error, retry_delays, retry_check) -
         retry_check is None or all(_verdict(retry_check(None, unwrap(e))) for e in errors))
     if retry_all:
         failed_args = [results[i].data for i in failed]
+        log.warning("Retrying %d failed element(s) of pmap's batches one by one; first error: "
+                    "%s: %s", len(failed), type(errors[0]).__name__, errors[0])
         again = pmap(fn, *zip(*failed_args, strict=True), pool=pool, batch_size=1,
                      on_error=on_error, retry_delays=retry_delays[1:], retry_check=retry_check)
     elif on_error is not None:
@@ -368,7 +413,8 @@ def _part(seq, chunk: range) -> tuple:
     return seq, chunk.start, chunk.stop
 
 
-def distributed_for(body: Callable, iterable, reducer: Callable | None = None):
+def distributed_for(body: Callable, iterable: Iterable[Any],
+                    reducer: Callable | None = None) -> Any:
     """Run ``body(x)`` for each ``x`` of ``iterable``, split in contiguous chunks over workers.
 
     With ``reducer``, blocks and returns ``reducer``-folded results in iteration order.
@@ -377,7 +423,8 @@ def distributed_for(body: Callable, iterable, reducer: Callable | None = None):
     """
     from .runtime import calls
     from .runtime import sync as sync_mod
-    seq = iterable if hasattr(iterable, "__getitem__") and hasattr(iterable, "__len__") \
+    # Indexable and sized (a list, a range, a numpy array: not always a Sequence), or a copy.
+    seq: Any = iterable if hasattr(iterable, "__getitem__") and hasattr(iterable, "__len__") \
         else list(iterable)
     ctx = current_context()
     pids = _workers()

@@ -175,7 +175,7 @@ class WorkerPool(AbstractWorkerPool):
         return (_pool_proxy, (self._owner, self._id, type(self).__name__))
 
 
-def _pool_registry(ctx: ClusterContext) -> weakref.WeakValueDictionary:
+def _pool_registry(ctx: ClusterContext) -> weakref.WeakValueDictionary[int, WorkerPool]:
     with ctx.lock:
         registry = ctx.pools
         if registry is None:
@@ -185,6 +185,7 @@ def _pool_registry(ctx: ClusterContext) -> weakref.WeakValueDictionary:
 
 
 def _notify_pools(ctx: ClusterContext, pid: int) -> None:
+    assert ctx.pools is not None  # _pool_registry created it before adding this hook
     for pool in list(ctx.pools.values()):
         pool._worker_lost(pid)
 
@@ -282,7 +283,7 @@ class CachingPool(WorkerPool):
         with self._cache_lock:
             entry = self._cache.get(key)
             first = entry is None
-            if first:
+            if entry is None:
                 entry = self._cache[key] = (fn, RemoteChannel(pid))
         chan = entry[1]
         return _call_cached, (chan, fn if first else None)

@@ -12,6 +12,7 @@ import inspect
 import logging
 import time
 import uuid
+from collections.abc import Hashable
 from typing import Callable
 
 from ..runtime.context import ClusterContext
@@ -27,7 +28,8 @@ KINDS = {  # kind -> (example arguments for the signature check, their descripti
 }
 
 
-def add_callback(ctx: ClusterContext, kind: str, fn: Callable, key=None) -> str:
+def add_callback(ctx: ClusterContext, kind: str, fn: Callable,
+                 key: Hashable | None = None) -> Hashable:
     args, described = KINDS[kind]
     try:
         inspect.signature(fn).bind(*args)
@@ -46,13 +48,13 @@ def add_callback(ctx: ClusterContext, kind: str, fn: Callable, key=None) -> str:
     return key
 
 
-def remove_callback(ctx: ClusterContext, kind: str, key) -> None:
+def remove_callback(ctx: ClusterContext, kind: str, key: Hashable) -> None:
     with ctx.lock:
         ctx.callbacks[kind].pop(key, None)
 
 
 def run_callbacks(ctx: ClusterContext, kind: str, argsets, *, timeout: float | None = None,
-                  warning_interval: float = 10.0) -> list[tuple[str, BaseException]]:
+                  warning_interval: float = 10.0) -> list[tuple[Hashable, BaseException]]:
     """Run every ``kind`` callback once per argument tuple, concurrently.
 
     Returns the errors as ``(key, exception)`` pairs.
@@ -63,14 +65,14 @@ def run_callbacks(ctx: ClusterContext, kind: str, argsets, *, timeout: float | N
         registry = dict(ctx.callbacks[kind])
     if not registry:
         return []
-    running: dict[cf.Future, str] = {}
+    running: dict[cf.Future, Hashable] = {}
     for key, fn in registry.items():
         for args in argsets:
             running[in_thread(fn, *args, name="distexec-callback")] = key
     return _collect(kind, running, timeout, warning_interval)
 
 
-def _collect(kind, running, timeout, warning_interval) -> list[tuple[str, BaseException]]:
+def _collect(kind, running, timeout, warning_interval) -> list[tuple[Hashable, BaseException]]:
     deadline = None if timeout is None else time.monotonic() + timeout
     pending = set(running)
     while pending:

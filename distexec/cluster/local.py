@@ -4,7 +4,8 @@ Owns starting ``python -m distexec worker`` processes and signalling them (inter
 exit escalation). Imports the other cluster modules, ``distexec.runtime`` and below.
 Julia: ``LocalManager``.
 
-Each worker gets the cookie on stdin (never argv or environ), the master's ``sys.path`` and
+Each worker gets the cookie (and, with TLS, the certificate line) on stdin, never in argv or
+environ; it gets the master's ``sys.path`` and
 working directory, its own session (a terminal Ctrl-C reaches only the master), and three
 ways to die with the master: the master connection's EOF, its stdin's EOF, and
 ``PR_SET_PDEATHSIG``.
@@ -18,11 +19,10 @@ import signal
 import subprocess
 import sys
 import threading
-import warnings
 
 from ..errors import LaunchWorkerError
-from ..errors import SecurityWarning
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
+from .security import worker_flags, worker_stdin
 
 log = logging.getLogger("distexec")
 
@@ -30,7 +30,11 @@ _BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS
 
 
 class LocalManager(ClusterManager):
-    """Launches ``n`` workers on this host, bound to 127.0.0.1 unless ``restrict=False``."""
+    """Launches ``n`` workers on this host, bound to 127.0.0.1 unless ``restrict=False``.
+
+    ``restrict=False`` binds every interface (0.0.0.0); ``addprocs`` then warns
+    (``SecurityWarning``) unless the cluster uses TLS (``security=``).
+    """
 
     def __init__(self, n: int, restrict: bool = True):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -41,12 +45,9 @@ class LocalManager(ClusterManager):
     def __repr__(self) -> str:
         return "LocalManager()"
 
-    def launch(self, params, launched, launch_ntfy) -> None:
+    def launch(self, params: dict, launched: list[WorkerConfig],
+               launch_ntfy: threading.Condition) -> None:
         bind_to = "127.0.0.1" if self.restrict else "0.0.0.0"
-        if not self.restrict and self.n:
-            warnings.warn("LocalManager(restrict=False): workers listen on every interface; "
-                          "connections are authenticated but not encrypted", SecurityWarning,
-                          stacklevel=2)
         for _ in range(self.n):
             process = self._start(params, bind_to)
             config = WorkerConfig(io=process.stdout, process=process,
@@ -60,7 +61,8 @@ class LocalManager(ClusterManager):
         exeflags = params["exeflags"]
         exeflags = [exeflags] if isinstance(exeflags, str) else list(exeflags)
         cmd = [str(params["exename"]), *exeflags, "-m", "distexec", "worker",
-               "--bind-to", bind_to, "--parent-pid", str(os.getpid()), "--die-with-stdin"]
+               "--bind-to", bind_to, "--parent-pid", str(os.getpid()), "--die-with-stdin",
+               *worker_flags(params.get("security"))]
         try:
             process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, cwd=params["dir"],
@@ -68,7 +70,8 @@ class LocalManager(ClusterManager):
         except OSError as exc:  # bad exename or dir: a launch failure like any other
             raise LaunchWorkerError(f"Unable to start worker process {cmd[0]!r}: {exc}") from exc
         from ..runtime.context import current_context
-        process.stdin.write(str(current_context().cookie).encode() + b"\n")
+        assert process.stdin is not None  # stdin=PIPE
+        process.stdin.write(worker_stdin(current_context().cookie, params.get("security")))
         process.stdin.flush()  # stays open: its EOF tells the worker the master is gone
         return process
 

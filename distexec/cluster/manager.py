@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import LaunchWorkerError
 from ..runtime.context import current_context
 from .launch import read_worker_host_port, worker_timeout
 
@@ -67,6 +68,7 @@ def default_addprocs_params(manager: "ClusterManager | None" = None) -> dict:
         "lazy": True,
         "callback_warning_interval": 10.0,
         "exit_timeout": 15.0,
+        "security": None,  # a distexec.Security: TLS for every link (cluster/security.py)
     }
 
 
@@ -107,7 +109,7 @@ class ClusterManager(abc.ABC):
         except Exception:  # already gone or unreachable: nothing to ask
             pass
 
-    def connect(self, pid: int, config: WorkerConfig):
+    def connect(self, pid: int, config: WorkerConfig) -> tuple[Any, Any]:
         """Open a connection to worker ``pid``; returns ``(reader, writer)``.
 
         The master then authenticates over it (the cookie challenge) before anything else.
@@ -116,6 +118,8 @@ class ClusterManager(abc.ABC):
         ``config.connect_at``, else to the address the worker printed on ``config.io``, else
         to ``config.host``/``config.port``.
         """
+        host: str | None
+        port: int | None
         if config.connect_at is not None:
             host, port = config.connect_at
         else:
@@ -124,6 +128,9 @@ class ClusterManager(abc.ABC):
                 host = bind_addr if config.host is None or config.tunnel else bind_addr
             else:
                 host, port = config.host or config.bind_addr, config.port
+            if host is None or port is None:
+                raise LaunchWorkerError(f"cannot connect to worker {pid}: its WorkerConfig has "
+                                        "no connect_at, io, or host and port")
             config.host, config.port = host, port
             config.bind_addr = config.bind_addr or host
             config.connect_at = (config.bind_addr, port)

@@ -18,13 +18,14 @@ import atexit
 import concurrent.futures as cf
 import logging
 import queue
+import socket
 import subprocess
 import sys
 import threading
 import time
 import weakref
 
-from ..errors import CompositeException, DistributedError
+from ..errors import AuthenticationError, CompositeException, DistributedError, ProtocolError
 from ..protocol import secret as secret_mod
 from ..protocol import serialization
 from ..protocol.frames import Kind
@@ -35,9 +36,10 @@ from ..runtime.context import ClusterContext, WorkerRecord, WorkerState, DEAD_ST
 from ..transport import sockets
 from ..transport.connection import Connection
 from ..transport.streams import as_transport, expire_after
-from . import callbacks, peers
+from . import callbacks, interrupts, peers
+from . import security as security_mod
 from .launch import worker_timeout
-from .manager import WorkerConfig, default_addprocs_params
+from .manager import ClusterManager, WorkerConfig, default_addprocs_params
 
 log = logging.getLogger("distexec")
 
@@ -113,8 +115,10 @@ def addprocs(ctx: ClusterContext, manager, params: dict) -> list[int]:
         raise errors[0][1]
     with ctx.worker_lock:
         _set_topology(ctx, params)
+        params["security"] = security_mod.resolve(ctx, params.get("security"))
         new_pids, failures = _launch_and_join(ctx, manager, params)
         _announce_new_workers(ctx, new_pids)
+    security_mod.warn_if_exposed(ctx, new_pids, params["security"])
     errors = callbacks.run_callbacks(ctx, "started", [(p,) for p in new_pids],
                                      warning_interval=params["callback_warning_interval"])
     failures.extend(error for _key, error in errors)
@@ -158,8 +162,9 @@ def _launch_and_join(ctx: ClusterContext, manager, params: dict):
             new_pids.append(setup.result())
         except BaseException as exc:
             failures.append(exc)
-    if launch_done.exception() is not None:
-        failures.append(launch_done.exception())
+    launch_error = launch_done.exception()
+    if launch_error is not None:
+        failures.append(launch_error)
     return new_pids, failures
 
 
@@ -193,14 +198,16 @@ def _launcher_loop(jobs: queue.SimpleQueue) -> None:
             future.set_exception(exc)
 
 
-def create_worker(ctx: ClusterContext, manager, config: WorkerConfig, params: dict) -> int:
+def create_worker(ctx: ClusterContext, manager: ClusterManager, config: WorkerConfig,
+                  params: dict) -> int:
     """Connect to one launched worker and make it join. Julia: ``create_worker``."""
     pid = ctx.next_pid()
     # Registered before connecting, as Julia does: a higher pid joining eagerly waits for it.
     record = WorkerRecord(pid, WorkerState.CREATED, config=config, manager=manager)
     ctx.register(record)
     try:
-        transport = _authenticated_link(ctx, *manager.connect(pid, config), config)
+        reader, writer = manager.connect(pid, config)
+        transport = _authenticated_link(ctx, reader, writer, config)
     except BaseException:
         _discard(ctx, manager, pid, config)
         raise
@@ -225,6 +232,8 @@ def create_worker(ctx: ClusterContext, manager, config: WorkerConfig, params: di
     if getattr(manager, "is_local", type(manager).__name__ == "LocalManager"):
         ctx.local_launched.add(pid)
     ctx.set_state(record, WorkerState.CONNECTED)
+    log.info("Worker %d started: os pid %s%s, via %r", pid, os_pid,
+             f" on {config.host}" if config.host else "", manager)
     pool = ctx.default_pool
     if pool is not None:  # a WorkerPool may be filling itself concurrently: push only once
         getattr(pool, "push_if_new", pool.push)(pid)
@@ -237,16 +246,39 @@ def create_worker(ctx: ClusterContext, manager, config: WorkerConfig, params: di
 
 
 def _authenticated_link(ctx: ClusterContext, reader, writer, config: WorkerConfig):
-    """Authenticate as the initiator over what ``manager.connect`` returned."""
+    """Authenticate as the initiator over what ``manager.connect`` returned (TLS first when
+    the cluster uses it)."""
     transport = as_transport(reader, writer)
     peer = (f"worker at {config.host}:{config.port}" if config.port is not None
             else f"worker via {transport!r}")
+    # Streams cannot time out by themselves (a socket has its own timeouts): expire them.
     timer = expire_after(transport, worker_timeout()) if transport is not reader else None
     try:
+        transport = _secure(ctx, transport, peer)
+        assert ctx.cookie is not None  # addprocs started multi-process mode
         sockets.initiate_handshake(transport, ctx.cookie.key, worker_timeout(), peer)
     finally:
         if timer is not None:
             timer.cancel()
+    return transport
+
+
+def _secure(ctx: ClusterContext, transport, peer: str):
+    """Run TLS over ``transport`` when the cluster's Security has certificates.
+
+    A custom manager's pair of streams cannot carry TLS: allowed as plaintext unless the
+    cluster requires encryption.
+    """
+    security = ctx.security
+    if security is None or not security.tls:
+        return transport
+    if isinstance(transport, socket.socket):
+        deadline = time.monotonic() + worker_timeout()
+        return sockets.connect_tls(transport, security.client_context(), deadline, peer)
+    if security.require_encryption:
+        transport.close()
+        raise AuthenticationError(f"{peer}: require_encryption=True, but the manager's "
+                                  "connect() returned streams, which cannot carry TLS")
     return transport
 
 
@@ -265,6 +297,7 @@ def _join(ctx: ClusterContext, record: WorkerRecord, params: dict):
     slot, notify = ReplySlot(record.pid), ctx.next_rrid()
     ctx.add_waiter(notify, slot)
     payload, _ = serialization.dumps((record.pid, peer_list, ctx.topology, ctx.lazy), record.pid)
+    assert record.conn is not None  # create_worker linked it
     record.conn.send(Kind.JOIN, payload, notify=notify)
     threading.Thread(target=_manage_quietly, args=(record, "register"), daemon=True).start()
     timeout = worker_timeout()
@@ -377,6 +410,9 @@ def on_connection_closed(ctx: ClusterContext, conn: Connection, error) -> None:
     record = ctx.record(pid)
     if record is None or record.conn is not conn:
         return
+    if isinstance(error, ProtocolError) and record.lost_reason is None:
+        # We hung up on it (a bad frame header): its exit that follows is our doing.
+        record.lost_reason = f"it sent an invalid message ({error}); its connection was closed"
     _observe_exit(record)
     unexpected = record.state != WorkerState.TERMINATING
     if not ctx.peer_lost(record):
@@ -401,6 +437,7 @@ def _observe_exit(record: WorkerRecord) -> None:
 
 
 def _after_worker_gone(ctx: ClusterContext, record: WorkerRecord, unexpected: bool) -> None:
+    _log_exit(ctx, record, unexpected)
     if unexpected and not ctx.closed:
         try:
             print(f"Worker {record.pid} terminated.", file=sys.stderr, flush=True)
@@ -408,6 +445,18 @@ def _after_worker_gone(ctx: ClusterContext, record: WorkerRecord, unexpected: bo
             pass
     threading.Thread(target=_cleanup_worker, args=(ctx, record), daemon=True,
                      name=f"distexec-exited-{record.pid}").start()
+
+
+def _log_exit(ctx: ClusterContext, record: WorkerRecord, unexpected: bool) -> None:
+    """One line per worker that left: a WARNING for a death (how it died), INFO for a removal."""
+    if unexpected and not ctx.closed:  # "Worker 3 has exited (terminated by SIGKILL(-9))."
+        log.warning("%s", record.exited_exception())
+    elif record.signal is not None:
+        log.info("Worker %d stopped (signal %d)", record.pid, record.signal)
+    elif record.exitcode is not None:
+        log.info("Worker %d stopped (exit code %d)", record.pid, record.exitcode)
+    else:
+        log.info("Worker %d stopped", record.pid)
 
 
 def _cleanup_worker(ctx: ClusterContext, record: WorkerRecord) -> None:
@@ -445,7 +494,8 @@ def rmprocs(ctx: ClusterContext, pids, waitfor: float | None = None,
     if waitfor == 0:
         return in_thread(_remove, ctx, pids, None, callback_timeout, name="distexec-rmprocs")
     done: cf.Future = cf.Future()
-    done.set_result(_remove(ctx, pids, waitfor, callback_timeout))
+    _remove(ctx, pids, waitfor, callback_timeout)
+    done.set_result(None)
     return done
 
 
@@ -499,10 +549,15 @@ def _wait_gone(ctx: ClusterContext, pids: list[int], deadline, waitfor) -> None:
             ctx.changed.wait(left)
 
 
-def interrupt(ctx: ClusterContext, pids) -> None:
-    """Interrupt the calls running on ``pids`` (all workers if empty). Julia: ``interrupt``."""
+def interrupt(ctx: ClusterContext, pids, grace: float | None = None) -> None:
+    """Interrupt the calls running on ``pids`` (all workers if empty). Julia: ``interrupt``.
+
+    A worker still running one of those calls ``grace`` seconds later is terminated
+    (``cluster.interrupts``); ``grace=None`` reads ``DISTEXEC_INTERRUPT_GRACE``.
+    """
     if ctx.myid != 1:
         raise DistributedError("interrupt can only be called on process 1")
+    grace = interrupts.interrupt_grace(grace)
     pids = _flatten(pids) or [p for p in ctx.live_pids() if p != 1]
     records = []
     for pid in pids:
@@ -510,8 +565,14 @@ def interrupt(ctx: ClusterContext, pids) -> None:
         if record is None:
             raise KeyError(f"no worker with id {pid}")
         records.append(record)
-    threads = [threading.Thread(target=_manage_quietly, args=(r, "interrupt")) for r in records]
+    threads = [threading.Thread(target=_interrupt_one, args=(ctx, r, grace)) for r in records]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+
+
+def _interrupt_one(ctx: ClusterContext, record: WorkerRecord, grace: float) -> None:
+    _manage_quietly(record, "interrupt")
+    # Timed after delivery: a call that begins later was not interrupted and must not count.
+    interrupts.watch(ctx, record, grace, time.monotonic())

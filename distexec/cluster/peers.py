@@ -99,7 +99,10 @@ def connect_to_peer(ctx: ClusterContext, pid: int, connect_at) -> Connection:
     """Open and identify a link from this worker to worker ``pid``. Julia: same name."""
     from .worker import _on_close
     host, port = connect_at
-    sock = sockets.connect(host, port, ctx.cookie.key, worker_timeout())
+    security = ctx.security
+    tls = security.client_context() if security is not None and security.tls else None
+    assert ctx.cookie is not None  # init_worker set it
+    sock = sockets.connect(host, port, ctx.cookie.key, worker_timeout(), tls=tls)
     conn = Connection(sock, on_frame=lambda c, f: dispatch.on_frame(ctx, c, f),
                       on_close=lambda c, e: _on_close(ctx, c, e), name=f"worker-{pid}")
     conn.peer_pid = pid

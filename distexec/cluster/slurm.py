@@ -42,11 +42,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import LaunchWorkerError
 from .launch import ADDRESS_LINE, MAX_STARTUP_LINES, worker_timeout
 from .local import worker_environment
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
+from .security import worker_flags, worker_stdin
 
 log = logging.getLogger("distexec")
 
@@ -88,7 +90,7 @@ class SlurmManager(ClusterManager):
     Julia: ``SlurmManager(np)`` / ``addprocs_slurm(np; kw...)`` of ClusterManagers.jl.
     """
 
-    def __init__(self, ntasks: int | None = None, **srun_options):
+    def __init__(self, ntasks: int | None = None, **srun_options: Any) -> None:
         if ntasks is not None and (isinstance(ntasks, bool) or not isinstance(ntasks, int)
                                    or ntasks < 1):
             raise ValueError(f"ntasks must be a positive int or None, got {ntasks!r}")
@@ -107,7 +109,8 @@ class SlurmManager(ClusterManager):
     def default_addprocs_params(self) -> dict:
         return {**default_addprocs_params(), "bind_to": "0.0.0.0"}
 
-    def launch(self, params, launched, launch_ntfy) -> None:
+    def launch(self, params: dict, launched: list[WorkerConfig],
+               launch_ntfy: threading.Condition) -> None:
         env = worker_environment(params)
         step = _Step.start(self.srun_command(params, env), env, self._owns_job(env),
                            float(params["exit_timeout"]))
@@ -118,6 +121,7 @@ class SlurmManager(ClusterManager):
             step.abandon()  # idempotent: after a failed wait the step has already ended
             raise
         for task in step.ordered_tasks():
+            assert task.address is not None  # ordered_tasks() lists tasks with an address
             host, port = task.address
             config = WorkerConfig(host=host, port=port, bind_addr=host,
                                   enable_threaded_blas=params["enable_threaded_blas"],
@@ -136,7 +140,8 @@ class SlurmManager(ClusterManager):
         exeflags = params["exeflags"]
         exeflags = [exeflags] if isinstance(exeflags, str) else list(exeflags)
         worker = [str(params["exename"]), *exeflags, "-m", "distexec", "worker",
-                  "--bind-to", str(params.get("bind_to") or "0.0.0.0"), "--die-with-stdin"]
+                  "--bind-to", str(params.get("bind_to") or "0.0.0.0"), "--die-with-stdin",
+                  *worker_flags(params.get("security"))]
         # --kill-on-bad-exit=0 and --wait=0 whatever the site's defaults: one worker that
         # exits (rmprocs, a crash) must not take the other tasks of the step with it.
         # No --unbuffered: with it srun labels every chunk a task writes as a line of its
@@ -289,7 +294,9 @@ class _Step:
                              (step._read_stderr, "distexec-srun-err")):
             threading.Thread(target=target, name=name, daemon=True).start()
         try:
-            process.stdin.write(str(current_context().cookie).encode() + b"\n")
+            ctx = current_context()  # the cookie (and TLS) line, broadcast to every task
+            assert process.stdin is not None  # stdin=PIPE
+            process.stdin.write(worker_stdin(ctx.cookie, ctx.security))
             process.stdin.flush()  # stays open: its EOF tells every task the master is gone
         except OSError:  # srun already exited: its output says why
             pass
@@ -298,6 +305,7 @@ class _Step:
     # ---- reading srun's output ------------------------------------------------------------
     def _read_stdout(self) -> None:
         stream = self.process.stdout
+        assert stream is not None  # stdout=PIPE
         try:
             for raw in iter(stream.readline, b""):
                 line = raw.decode(errors="replace").rstrip("\r\n")
@@ -343,6 +351,7 @@ class _Step:
 
     def _read_stderr(self) -> None:
         stream = self.process.stderr
+        assert stream is not None  # stderr=PIPE
         try:
             for raw in iter(stream.readline, b""):
                 self._on_error_line(raw.decode(errors="replace").rstrip("\r\n"))
@@ -521,11 +530,13 @@ def _close_quietly(stream) -> None:
 # --------------------------------------------------------------------------------------------
 def _translate_wildcards(step: _Step) -> None:
     """Replace a worker's wildcard address (it listens everywhere) by its node's address."""
-    tasks = [t for t in step.ordered_tasks() if t.address[0] in _WILDCARDS]
+    tasks = [t for t in step.ordered_tasks() if t.address is not None
+             and t.address[0] in _WILDCARDS]
     if not tasks:
         return
     addresses = _node_addresses(sorted({t.node for t in tasks if t.node}))
     for task in tasks:
+        assert task.address is not None  # ordered_tasks() lists tasks with an address
         wildcard, port = task.address
         family = socket.AF_INET6 if ":" in wildcard else socket.AF_INET
         name = addresses.get(task.node or "", task.node or "localhost")
@@ -549,6 +560,7 @@ def _node_addresses(nodes: list[str]) -> dict[str, str]:
 
 def _resolve(name: str, family: int) -> str:
     try:
-        return socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)[0][4][0]
+        # an AF_INET/AF_INET6 sockaddr: the host is a string
+        return str(socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)[0][4][0])
     except OSError:  # leave it to the connection attempt to say what is wrong
         return name

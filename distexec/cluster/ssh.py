@@ -26,12 +26,15 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterable
+from typing import Any
 
 from ..errors import LaunchWorkerError
 from ..runtime.calls import remote_do, remotecall_fetch
 from ..runtime.context import DEAD_STATES, WorkerState, current_context
 from .launch import OutputRelay, read_worker_host_port, worker_timeout
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
+from .security import worker_flags, worker_stdin
 from .ssh_commands import (
     CONNECT_TIMEOUT,
     SHELLS,
@@ -94,7 +97,7 @@ class SSHManager(ClusterManager):
 
     is_local = False
 
-    def __init__(self, machines):
+    def __init__(self, machines: Iterable[str | tuple[str, int | str]]) -> None:
         self.machines = merge_machines(machines)
 
     def __repr__(self) -> str:
@@ -105,7 +108,8 @@ class SSHManager(ClusterManager):
                 "tunnel": False, "multiplex": False, "max_parallel": 10, "env": {}}
 
     # -- launch ----------------------------------------------------------------------------
-    def launch(self, params, launched, launch_ntfy) -> None:
+    def launch(self, params: dict, launched: list[WorkerConfig],
+               launch_ntfy: threading.Condition) -> None:
         _check_params(params)
         ctx = current_context()
         sessions = []
@@ -122,13 +126,15 @@ class SSHManager(ClusterManager):
         _await_extra_workers(sessions)
 
     # -- connect ---------------------------------------------------------------------------
-    def connect(self, pid: int, config: WorkerConfig):
+    def connect(self, pid: int, config: WorkerConfig) -> tuple[Any, Any]:
         session = _session_of(config)
         if config.connect_at is not None or session is None:
             return super().connect(pid, config)
         if config.io is not None:
             bind_addr, port = read_worker_host_port(config.io, config)
         else:  # an extra worker: its first worker read the address for us
+            # _additional_config filled both in
+            assert config.bind_addr is not None and config.port is not None
             bind_addr, port = config.bind_addr, config.port
         config.bind_addr, config.port = bind_addr, port
         config.connect_at = (bind_addr, port)
@@ -163,14 +169,15 @@ class SSHManager(ClusterManager):
     def kill(self, pid: int, config: WorkerConfig) -> None:
         """Ask the worker to exit; end its ssh session after ``exit_timeout`` if it lingers."""
         session = _session_of(config)
-        owns_ssh = session is not None and config.process is session.process
-        if owns_ssh:
-            session.closing = True
-            session.extra_done.set()  # a first worker that never joined starts no others
+        # The ssh session of this worker's own (an extra worker's belongs to its first worker).
+        owned = session if session is not None and config.process is session.process else None
+        if owned is not None:
+            owned.closing = True
+            owned.extra_done.set()  # a first worker that never joined starts no others
         super().kill(pid, config)  # never joined: kills the ssh process at once
-        if owns_ssh and config.os_pid is not None:
-            timeout = _exit_timeout(session.params)
-            threading.Thread(target=_end_session_later, args=(pid, session, timeout),
+        if owned is not None and config.os_pid is not None:
+            timeout = _exit_timeout(owned.params)
+            threading.Thread(target=_end_session_later, args=(pid, owned, timeout),
                              daemon=True, name=f"distexec-kill-{pid}").start()
 
 
@@ -221,9 +228,11 @@ def _start_ssh(session: _Session) -> WorkerConfig:
                                    stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as exc:
         raise LaunchWorkerError(f"Unable to start ssh ({cmd[0]!r}): {exc}") from exc
-    # The cookie goes through ssh's stdin, never argv; stdin stays open as the worker's lifeline.
+    # The cookie (and the TLS line) go through ssh's stdin, never argv; stdin stays open as
+    # the worker's lifeline.
+    assert process.stdin is not None  # stdin=PIPE
     try:
-        process.stdin.write(str(session.ctx.cookie).encode() + b"\n")
+        process.stdin.write(worker_stdin(session.ctx.cookie, params.get("security")))
         process.stdin.flush()
     except BrokenPipeError:
         pass  # ssh already gave up: reading the worker's address reports how
@@ -271,6 +280,7 @@ def start_additional_workers(ctx, manager, pid: int, config: WorkerConfig) -> No
     try:
         n = _additional_count(config)
         if n > 0:
+            assert config.bind_addr is not None  # connect() recorded the first worker's address
             hint = bind_hint(session.bind_to, config.bind_addr)
             addresses = remotecall_fetch(ctx, launch_additional, pid,
                                          (n, config.exename, config.exeflags, hint), {})
@@ -308,17 +318,20 @@ _additional: dict[int, tuple[subprocess.Popen, OutputRelay]] = {}
 def launch_additional(n: int, exename, exeflags, bind_to: str) -> list[tuple[str, int]]:
     """Worker side of ``count > 1``: start ``n`` workers on this host; returns their addresses.
 
-    Each gets this worker's cookie on stdin; their output is relayed to this worker's stdout
-    (which the master relays in turn). Julia: ``launch_additional``.
+    Each gets this worker's cookie (and TLS line) on stdin; their output is relayed to this
+    worker's stdout (which the master relays in turn). Julia: ``launch_additional``.
     """
-    cookie = str(current_context().cookie).encode() + b"\n"
-    argv = [*words(exename), *words(exeflags), "-m", "distexec", "worker", "--bind-to", bind_to]
+    ctx = current_context()
+    cookie = worker_stdin(ctx.cookie, ctx.security)  # this worker's own TLS line, if any
+    argv = [*words(exename), *words(exeflags), "-m", "distexec", "worker", "--bind-to", bind_to,
+            *worker_flags(ctx.security)]
     started: list[subprocess.Popen] = []
     try:
         for _ in range(n):
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, start_new_session=True)
             started.append(process)
+            assert process.stdin is not None  # stdin=PIPE
             process.stdin.write(cookie)
             process.stdin.close()
         addresses = []
@@ -365,6 +378,7 @@ def _interrupt(session: _Session, pid: int, config: WorkerConfig) -> None:
 
 def _end_session_later(pid: int, session: _Session, timeout: float) -> None:
     process = session.process
+    assert process is not None  # kill() found this worker's process to be the session's
     try:
         process.wait(timeout)
         return
@@ -387,7 +401,9 @@ def _watch_session(session: _Session) -> None:
     unreachable (ssh's keepalives went unanswered): close every connection of the session so
     pending calls fail instead of waiting for TCP to give up.
     """
-    session.process.wait()
+    process = session.process
+    assert process is not None  # _start_ssh set it before starting this thread
+    process.wait()
     first = session.first_pid
     if session.closing or first is None:
         return
@@ -402,7 +418,7 @@ def _watch_session(session: _Session) -> None:
         with session.lock:
             pids = sorted(session.pids)
     log.warning("ssh session to %s ended (status %s): workers %s are unreachable",
-                session.host, session.process.returncode, pids)
+                session.host, process.returncode, pids)
     for pid in pids:
         record = ctx.record(pid)
         if record is not None and record.conn is not None:
@@ -425,6 +441,7 @@ def _connect_tunnel(session: _Session, pid: int, config: WorkerConfig):
     ssh prints a line through ``LocalCommand`` once its forward listens, so nothing is polled.
     The remote ``sleep 60`` lets ssh end by itself once the tunnel carries no connection.
     """
+    assert config.bind_addr is not None  # connect() set it
     target = f"{bracketed(config.bind_addr)}:{config.port}"
     with session.tunnel_slots:
         for _attempt in range(100):
@@ -446,6 +463,7 @@ def _start_tunnel(session: _Session, forward: str) -> subprocess.Popen | None:
     cmd[cmd.index("ClearAllForwardings=yes")] = "ClearAllForwardings=no"
     process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True)
+    assert process.stdout is not None and process.stderr is not None  # both PIPE
     line = process.stdout.readline()
     if b"distexec-tunnel-ready" in line:
         return process
@@ -472,4 +490,5 @@ def _close_tunnel(session: _Session, pid: int) -> None:
         process.terminate()
     process.wait()
     for stream in (process.stdout, process.stderr):
-        stream.close()
+        if stream is not None:  # always: both are pipes (_start_tunnel)
+            stream.close()

@@ -3,7 +3,8 @@
 Owns the machine-spec grammar (``[user@]host[:port] [bind_addr[:bind_port]]``, counts and
 their merging), the remote worker command for POSIX shells and csh, the forwarded
 environment, and the ``ssh`` command line. Imports ``distexec.transport`` (bind-address
-parsing). Julia: ``parse_machine``, ``SSHManager``'s constructor, ``launch_on_machine``.
+parsing) and ``cluster.security`` (the worker's TLS flag). Julia: ``parse_machine``,
+``SSHManager``'s constructor, ``launch_on_machine``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shlex
 from collections.abc import Iterable, Sequence
 
 from ..transport import sockets
+from .security import worker_flags
 
 SHELLS = ("posix", "csh")
 CONNECT_TIMEOUT = 10
@@ -96,7 +98,7 @@ def merge_machines(machines: Iterable) -> dict[str, int | str]:
         split_machine(spec)
         spec = " ".join(spec.split())
         current = merged.get(spec, 0)
-        if count == "auto":
+        if isinstance(count, str):  # "auto", the only string _spec_and_count returns
             merged[spec] = "auto"
         else:
             merged[spec] = current + count if isinstance(current, int) else count
@@ -148,9 +150,9 @@ def remote_environment(params: dict) -> dict[str, str]:
 
 
 def worker_argv(params: dict, bind_to: str | None) -> list[str]:
-    """``EXENAME EXEFLAGS -m distexec worker --die-with-stdin [--bind-to B]``."""
+    """``EXENAME EXEFLAGS -m distexec worker --die-with-stdin [--tls] [--bind-to B]``."""
     argv = [*words(params["exename"]), *words(params.get("exeflags")),
-            "-m", "distexec", "worker", "--die-with-stdin"]
+            "-m", "distexec", "worker", "--die-with-stdin", *worker_flags(params.get("security"))]
     return argv + (["--bind-to", bind_to] if bind_to else [])
 
 

@@ -1,12 +1,14 @@
 """The worker side: ``start_worker``, joining a cluster, and serving until the master leaves.
 
 Owns a worker process's life: reading the cookie, listening, printing the address line,
-accepting the master's JOIN and peers' IDENTIFY, the startup deadline, the lifelines to the
-master, interrupts (SIGINT) and exit. Imports the other cluster modules, ``distexec.runtime``
-and below. Julia: ``start_worker``, ``init_worker``, ``handle_msg(::JoinPGRPMsg)``.
+accepting the master's JOIN and peers' IDENTIFY (and closing links that never identify
+themselves), the startup deadline, the lifelines to the master, interrupts (SIGINT) and exit.
+Imports the other cluster modules, ``distexec.runtime`` and below. Julia: ``start_worker``,
+``init_worker``, ``handle_msg(::JoinPGRPMsg)``.
 
     stdin (cookie) ──► listen ──► print distexec_worker:PORT#ADDR ──► main thread runs calls
     master connects ──► handshake ──► JOIN(pid, peers, topology, lazy) ──► RESULT(cpus, os pid)
+    any authenticated link without JOIN/IDENTIFY by its deadline ──► closed, logged
     master connection EOF / stdin EOF / parent death ──► exit
 """
 
@@ -14,13 +16,15 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import pickle
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING, Any, TextIO
 
-from ..errors import ProtocolError
+from ..errors import DistributedError, ProtocolError
 from ..protocol import secret as secret_mod
 from ..protocol import serialization
 from ..protocol.frames import Flag, Kind
@@ -32,14 +36,23 @@ from ..transport.connection import Connection
 from ..transport.streams import as_transport, expire_after
 from .launch import worker_timeout
 
+if TYPE_CHECKING:  # annotations only
+    from ..transport.tls import Security
+    from .manager import ClusterManager
+
 log = logging.getLogger("distexec")
 
 EXIT_MASTER_LOST = 1
 EXIT_STDIN_CLOSED = 70
 
 
-def init_worker(cookie: str, manager=None, ctx: ClusterContext | None = None) -> ClusterContext:
-    """Make this process a worker of the cluster whose cookie is ``cookie``. Julia: same name."""
+def init_worker(cookie: str, manager: ClusterManager | None = None,
+                ctx: ClusterContext | None = None, *,
+                security: Security | None = None) -> ClusterContext:
+    """Make this process a worker of the cluster whose cookie is ``cookie``. Julia: same name.
+
+    ``security`` (a :class:`~distexec.Security` with certificates) makes its links use TLS.
+    """
     from .membership import install_handlers
     from .peers import PeerConnector
 
@@ -50,34 +63,42 @@ def init_worker(cookie: str, manager=None, ctx: ClusterContext | None = None) ->
         ctx.role = "worker"
         ctx.myid = 0  # unknown until the master's JOIN
         ctx.cookie = secret_mod.ClusterSecret(cookie.strip())
+        ctx.security = security
         ctx.connector = PeerConnector(manager)
     install_handlers(ctx)
     ctx.handlers[Kind.JOIN] = _on_join
     return ctx
 
 
-def start_worker(out=None, cookie: str | None = None, *, close_stdin: bool = True,
+def start_worker(out: TextIO | None = None, cookie: str | None = None, *,
+                 close_stdin: bool = True,
                  stderr_to_stdout: bool = True, bind_to: str | None = None,
-                 die_with_stdin: bool = False, parent_pid: int | None = None) -> None:
+                 die_with_stdin: bool = False, parent_pid: int | None = None,
+                 security: Security | None = None, tls_from_stdin: bool = False) -> None:
     """Run this process as a worker until the master goes away (never returns normally).
 
     Reads the cookie from the first line of stdin unless given, listens on ``bind_to``
     (``ADDR``, ``ADDR:PORT`` or ``ADDR:[PORT_HINT]``; default 127.0.0.1), prints
-    ``distexec_worker:PORT#ADDR`` to ``out`` and serves calls. Julia: ``start_worker``.
+    ``distexec_worker:PORT#ADDR`` to ``out`` and serves calls. With ``security`` (or
+    ``tls_from_stdin``: the TLS line that follows the cookie line, ``distexec worker --tls``)
+    every link is TLS. Julia: ``start_worker``.
     """
     out = out or sys.stdout
-    if cookie is None:
-        cookie = sys.stdin.buffer.readline().decode("ascii", "replace").strip()
+    if cookie is None or tls_from_stdin:
+        cookie, security = _read_stdin(cookie, security, tls_from_stdin)
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     if stderr_to_stdout:
         os.dup2(out.fileno() if hasattr(out, "fileno") else 1, 2)
     if close_stdin:
         _detach_stdin(die_with_stdin)
-    ctx = init_worker(cookie)
+    ctx = init_worker(cookie, security=security)
+    assert ctx.cookie is not None  # init_worker set it
     host, port, hint = sockets.parse_bind_to(bind_to)
+    tls = security.server_context() if security is not None and security.tls else None
     listener = sockets.Listener(sockets.bind_listener(host, port, hint), ctx.cookie.key,
-                                lambda sock, _v: _accept(ctx, sock))
+                                lambda sock, _v: _accept(ctx, sock),
+                                handshake_timeout=handshake_timeout(), tls=tls)
     ctx.listener = listener
     listener.start()
     host, port = listener.address
@@ -91,14 +112,71 @@ def start_worker(out=None, cookie: str | None = None, *, close_stdin: bool = Tru
     _exit(0)
 
 
+def _read_stdin(cookie: str | None, security: Security | None,
+                tls: bool) -> tuple[str, Security | None]:
+    """The cookie line (unless given) and, with ``tls``, the TLS line after it."""
+    from .security import read_tls_line
+    if cookie is None:
+        cookie = sys.stdin.buffer.readline().decode("ascii", "replace").strip()
+    if tls:
+        try:
+            security = read_tls_line(sys.stdin.buffer)
+        except ValueError as exc:  # never a traceback: the line holds a key
+            print(f"distexec worker: {exc}", file=sys.stderr, flush=True)
+            _exit(1)
+    return cookie, security
+
+
+def handshake_timeout() -> float:
+    """Seconds an incoming connection gets to authenticate, and then to identify itself.
+
+    ``DISTEXEC_HANDSHAKE_TIMEOUT`` (workers inherit the master's environment), else 10 s.
+    """
+    value = os.environ.get("DISTEXEC_HANDSHAKE_TIMEOUT")
+    if not value:
+        return sockets.DEFAULT_HANDSHAKE_TIMEOUT
+    try:
+        timeout = float(value)
+    except ValueError:
+        timeout = math.nan
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError("DISTEXEC_HANDSHAKE_TIMEOUT must be a positive number of seconds, "
+                         f"got {value!r}")
+    return timeout
+
+
 def _accept(ctx: ClusterContext, sock) -> Connection:
     conn = Connection(sock, on_frame=lambda c, f: dispatch.on_frame(ctx, c, f),
                       on_close=lambda c, e: _on_close(ctx, c, e), name="incoming")
     conn.start()
+    _expect_identity(ctx, conn)
     return conn
 
 
-def process_messages(reader, writer, incoming: bool = True) -> threading.Thread:
+def _expect_identity(ctx: ClusterContext, conn: Connection) -> None:
+    """Close ``conn`` unless its peer says who it is (JOIN or IDENTIFY) before a deadline.
+
+    Passing the handshake proves that a peer knows the cookie, not that it will ever use the
+    link: one that never identifies itself would otherwise hold a socket and a reader thread
+    for as long as this worker lives (fault N11). Until this worker has joined, the connection
+    may be the master's, which can wait for other workers to join before it sends JOIN, so it
+    gets the startup deadline instead (the same one after which an unjoined worker exits).
+    """
+    timeout = handshake_timeout() if ctx.joined.is_set() else worker_timeout()
+    timer = threading.Timer(timeout, _close_if_unidentified, args=(ctx, conn, timeout))
+    timer.daemon = True
+    timer.name = "distexec-identify-deadline"
+    timer.start()
+
+
+def _close_if_unidentified(ctx: ClusterContext, conn: Connection, timeout: float) -> None:
+    if conn.peer_pid is None and not conn.closed:
+        log.warning("Process %d - closing an authenticated connection that did not identify "
+                    "itself within %.1f seconds", ctx.myid, timeout)
+        conn.close()
+
+
+def process_messages(reader: Any, writer: Any, incoming: bool = True) -> threading.Thread:
     """Serve the cluster protocol over a pair of streams (a custom transport).
 
     ``incoming=True`` (a worker serving its master's link): this side answers the cookie
@@ -108,8 +186,11 @@ def process_messages(reader, writer, incoming: bool = True) -> threading.Thread:
     Julia: ``process_messages``.
     """
     ctx = current_context()
+    if ctx.cookie is None:
+        raise DistributedError("process_messages: no cluster cookie yet; call "
+                               "init_worker(cookie) first on a worker")
     transport = as_transport(reader, writer)
-    timeout = sockets.DEFAULT_HANDSHAKE_TIMEOUT
+    timeout = handshake_timeout()
     timer = expire_after(transport, timeout) if transport is not reader else None
     try:
         if incoming:
@@ -119,7 +200,9 @@ def process_messages(reader, writer, incoming: bool = True) -> threading.Thread:
     finally:
         if timer is not None:
             timer.cancel()
-    return _accept(ctx, transport).reader_thread
+    reader_thread = _accept(ctx, transport).reader_thread
+    assert reader_thread is not None  # _accept started the connection
+    return reader_thread
 
 
 def _on_close(ctx: ClusterContext, conn: Connection, error) -> None:
@@ -147,7 +230,7 @@ def _finish_join(ctx: ClusterContext, conn: Connection, peers, notify) -> None:
     try:
         register_peers(ctx, peers, eager=ctx.topology == "custom"
                        or (not ctx.lazy and ctx.topology == "all_to_all"))
-        reply = (os.cpu_count() or 1, os.getpid())
+        reply: object = (os.cpu_count() or 1, os.getpid())
         flags = Flag.NONE
     except Exception as exc:
         reply, flags = exc, Flag.ERROR

@@ -26,6 +26,12 @@ Theory of operation::
     status: 0 OK, 1 bad credentials, 2 version mismatch, 3 malformed
     session key = HMAC-SHA256(K, "distexec/1 session" | N_s | N_c)
 
+With TLS the acceptor first sends ``TLS_HELLO`` (a HELLO whose nonce field is a fixed marker),
+in plaintext; the initiator checks it (``check_tls_hello``), both run the TLS handshake, and
+the exchange above then runs inside TLS. The marker lets each side fail at once, with a clear
+error, when only one of them uses TLS: a plaintext initiator recognizes ``TLS_HELLO`` in
+``receive_hello``; a TLS initiator recognizes a plaintext HELLO in ``check_tls_hello``.
+
 The secret ``K`` never crosses the wire. Both nonces come from ``os.urandom``, so a recorded
 REPLY is useless against a new HELLO (replay). The role labels make a client MAC different from a
 server MAC over the same nonces, so neither side can be fed its own MAC back (reflection). The
@@ -56,6 +62,8 @@ __all__ = [
     "ServerHandshake",
     "ClientHandshake",
     "derive_session_key",
+    "TLS_HELLO",
+    "check_tls_hello",
 ]
 
 PROTOCOL_VERSION = 1
@@ -76,6 +84,25 @@ _CLIENT_LABEL = b"distexec/1 client"
 _SERVER_LABEL = b"distexec/1 server"
 _SESSION_LABEL = b"distexec/1 session"
 _NO_MAC = bytes(MAC_SIZE)
+
+TLS_HELLO = _HELLO.pack(MAGIC, PROTOCOL_VERSION, b"distexec: TLS first".ljust(NONCE_SIZE, b"\0"))
+"""What a TLS acceptor sends before the TLS handshake (plaintext, ``HELLO_SIZE`` bytes)."""
+
+
+def check_tls_hello(data: bytes) -> None:
+    """Checks the first bytes a TLS initiator reads; returns if the acceptor speaks TLS.
+
+    Raises:
+        AuthenticationError: the acceptor sent a plaintext HELLO (it was started without TLS).
+        ProtocolError: not a distexec peer.
+    """
+    data = _as_bytes(data, HELLO_SIZE, "handshake HELLO")
+    if data == TLS_HELLO:
+        return
+    if data.startswith(MAGIC):
+        raise AuthenticationError("peer does not use TLS, but this process requires it "
+                                  "(was the worker started without --tls?)")
+    raise ProtocolError("not a distexec peer (bad magic)")
 
 
 class Status(enum.IntEnum):
@@ -324,6 +351,7 @@ class ClientHandshake(_Handshake):
 
         Raises:
             ProtocolError: wrong length or bad magic; there is nothing to send.
+            AuthenticationError: the acceptor requires TLS (it sent ``TLS_HELLO``).
             InvalidStateError: a HELLO was already processed.
             TypeError: ``data`` is not bytes-like.
         """
@@ -334,7 +362,10 @@ class ClientHandshake(_Handshake):
             magic, peer_version, n_s = _HELLO.unpack(data)
             if magic != MAGIC:
                 raise ProtocolError("not a distexec peer (bad magic)")
-        except ProtocolError:
+            if data == TLS_HELLO:
+                raise AuthenticationError("peer requires TLS, and this process has no TLS "
+                                          "certificates (pass security=... to addprocs)")
+        except (ProtocolError, AuthenticationError):
             self._finished = True
             raise
         self.peer_version = peer_version

@@ -14,7 +14,6 @@ May import ``distexec.errors`` and ``distexec.protocol.tracebacks`` only.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import io
 import pickle
@@ -47,13 +46,23 @@ def current_receiving():
     return _receiving.get()
 
 
-@contextlib.contextmanager
-def receiving(context: Any, source_pid: int):
-    token = _receiving.set((context, source_pid))
-    try:
-        yield
-    finally:
-        _receiving.reset(token)
+class receiving:
+    """``with receiving(context, source_pid):`` unpickle what ``source_pid`` sent to ``context``.
+
+    A class rather than a ``contextlib`` generator: it wraps every message received.
+    """
+
+    __slots__ = ("value", "token")
+
+    def __init__(self, context: Any, source_pid: int):
+        self.value = (context, source_pid)
+
+    def __enter__(self):
+        self.token = _receiving.set(self.value)
+
+    def __exit__(self, *exc):
+        _receiving.reset(self.token)
+        return False
 
 
 class _OutOfBand:
@@ -95,7 +104,7 @@ def _wrap_large(obj: Any, memo: dict, depth: int) -> Any:
             memo[id(obj)] = _OutOfBand(obj)
         return memo[id(obj)]
     walk = (tp is tuple and depth > 0) or (tp is dict and depth == 1)
-    if not walk or len(obj) > _WALK_MAX_ITEMS:
+    if not walk or not obj or len(obj) > _WALK_MAX_ITEMS:
         return obj  # a long container costs more to walk than its bytearrays would save
     if id(obj) in memo:
         return memo[id(obj)]
@@ -144,30 +153,84 @@ def _share_main_globals(pickler) -> None:
         pickler.globals_ref[id(main.__dict__)] = _MainGlobals()
 
 
-def dumps(obj: Any, destination: int | None) -> tuple[bytes, list[memoryview]]:
-    """Pickle ``obj`` for process ``destination``; returns (payload, out-of-band buffers).
+class _ReusedPickler:
+    """A cloudpickle Pickler and its output buffer, kept for the next message on this thread.
 
-    Raises whatever pickling raises; nothing has been sent at that point.
+    Building a Pickler costs more than pickling a small call; between messages the memo,
+    the globals table and the buffer are cleared, so nothing of one message reaches the next.
     """
-    buffers: list[memoryview] = []
 
-    def keep_large_out_of_band(buf: pickle.PickleBuffer):
+    def __init__(self) -> None:
+        self.file = io.BytesIO()
+        self.buffers: list[memoryview] = []  # the current message's out-of-band buffers
+        self.pickler = cloudpickle.Pickler(self.file, protocol=5,
+                                           buffer_callback=self._keep_large_out_of_band)
+
+    def _keep_large_out_of_band(self, buf: pickle.PickleBuffer) -> bool:
         view = buf.raw()
         if view.nbytes < OUT_OF_BAND_MIN:
             return True  # serialise in band
-        buffers.append(view)
+        self.buffers.append(view)
         return False
 
+    def dumps(self, obj: Any) -> tuple[bytes, list[memoryview]]:
+        pickler, file = self.pickler, self.file
+        buffers: list[memoryview] = []
+        self.buffers = buffers
+        pickler.globals_ref = {}  # cloudpickle's per-message table of shipped globals dicts
+        _share_main_globals(pickler)
+        try:
+            pickler.dump(obj)
+            return file.getvalue(), buffers
+        finally:
+            pickler.clear_memo()
+            pickler.globals_ref = {}
+            file.seek(0)
+            file.truncate()
+            self.buffers = []  # the caller owns the list it was given
+
+
+_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
+_SIZED = frozenset({str, bytes})
+_PLAIN_MAX = 4096
+
+
+def is_plain(obj: Any) -> bool:
+    """A small immutable builtin value: it pickles the same with plain pickle as with
+    cloudpickle, and its pickle never fails either way."""
+    tp = type(obj)
+    return tp in _PLAIN and (tp not in _SIZED or len(obj) <= _PLAIN_MAX)
+
+
+class _Picklers(threading.local):
+    idle: _ReusedPickler | None = None
+
+
+_picklers = _Picklers()
+
+
+def dumps(obj: Any, destination: int | None) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``obj`` for process ``destination``; returns (payload, out-of-band buffers).
+
+    Raises whatever pickling raises (a ``SystemExit`` from a ``__reduce__`` as
+    ``pickle.PicklingError``); nothing has been sent at that point.
+    """
+    if is_plain(obj):
+        return pickle.dumps(obj, protocol=5), []  # what cloudpickle writes too, sooner
+    # Take this thread's pickler; a reducer that sends a message of its own meanwhile
+    # (nested dumps) finds none idle and builds a fresh one.
+    pickler, _picklers.idle = _picklers.idle or _ReusedPickler(), None
     token = _destination.set(destination)
     try:
-        with io.BytesIO() as file:
-            pickler = cloudpickle.Pickler(file, protocol=5, buffer_callback=keep_large_out_of_band)
-            _share_main_globals(pickler)
-            pickler.dump(_wrap_large(obj, {}, 2))
-            payload = file.getvalue()
+        return pickler.dumps(_wrap_large(obj, {}, 2))
+    except SystemExit as exc:
+        # A __reduce__ that calls sys.exit fails this one message: it must neither end
+        # the master (an argument) nor escape a worker's reply, leaving its caller
+        # waiting forever (a result). Callers handle pickling errors as Exceptions.
+        raise pickle.PicklingError(f"pickling called sys.exit({exc.code!r})") from exc
     finally:
         _destination.reset(token)
-    return payload, buffers
+        _picklers.idle = pickler
 
 
 #: Unpickling imports modules. Two calls unpickled at once on two threads can import a

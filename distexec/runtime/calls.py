@@ -180,9 +180,18 @@ def run_incoming_call(ctx: ClusterContext, source: int, frame) -> None:
         _report_remote_do(ctx, is_error, value)
 
 
+#: Types of values that send themselves as one or more RESULT messages: type -> function(ctx,
+#: dest, notify, value). ``runtime.batches`` registers the outcomes of an executor batch.
+SELF_SENDING: dict[type, Callable] = {}
+
+
 def reply(ctx: ClusterContext, dest: int, notify: RRID, value: Any, is_error: bool) -> None:
     """Send a RESULT; a value that cannot be pickled or sent fails only this call."""
+    send_itself = SELF_SENDING.get(type(value))
     try:
+        if send_itself is not None:
+            send_itself(ctx, dest, notify, value)
+            return
         payload, buffers = serialization.dumps(value, dest)
         ctx.connection_for(dest).send(Kind.RESULT, payload, buffers, response=notify,
                                       flags=Flag.ERROR if is_error else Flag.NONE)
@@ -190,7 +199,7 @@ def reply(ctx: ClusterContext, dest: int, notify: RRID, value: Any, is_error: bo
     except OSError:
         return  # the caller is gone; nobody is waiting
     except Exception as exc:  # pickling failed (any error a __reduce__ may raise) or too large
-        error = _unsendable(ctx, value, exc)
+        error = unsendable(ctx, value, exc)
     try:
         payload, buffers = serialization.dumps(error, dest)
         ctx.connection_for(dest).send(Kind.RESULT, payload, buffers, response=notify,
@@ -199,10 +208,12 @@ def reply(ctx: ClusterContext, dest: int, notify: RRID, value: Any, is_error: bo
         log.exception("could not report an unsendable result to process %d", dest)
 
 
-def _unsendable(ctx: ClusterContext, value: Any, exc: BaseException) -> RemoteException:
+def unsendable(ctx: ClusterContext, value: Any, exc: BaseException, *,
+               what: str | None = None) -> RemoteException:
+    """The error a call fails with when its result ``value`` could not be pickled or sent."""
+    what = what or type(value).__qualname__
     error = pickle.PicklingError(
-        f"the result of the call ({type(value).__qualname__}) could not be sent: "
-        f"{type(exc).__name__}: {exc}")
+        f"the result of the call ({what}) could not be sent: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return RemoteException(ctx.myid, capture(error))
 

@@ -24,13 +24,23 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..errors import DistributedError, ProcessExitedException
 from ..protocol.frames import RRID, Flag, Kind, NULL_RRID
 from ..protocol import serialization
 from ..transport.connection import Connection
+
+if TYPE_CHECKING:  # annotations only: pools is a later layer
+    import concurrent.futures as cf
+    import queue
+
+    from ..pools import AbstractWorkerPool, WorkerPool
+    from ..protocol.secret import ClusterSecret
+    from ..transport.sockets import Listener
+    from ..transport.tls import Security
 
 log = logging.getLogger("distexec")
 
@@ -94,6 +104,18 @@ class Waiter(Protocol):
     def fail(self, exc: BaseException) -> None: ...
 
 
+class _CountedCondition(threading.Condition):
+    """A Condition that counts its ``notify_all`` calls (see ``membership_version``)."""
+
+    def __init__(self, lock):
+        super().__init__(lock)
+        self.notifications = 0
+
+    def notify_all(self) -> None:
+        self.notifications += 1
+        super().notify_all()
+
+
 _current: contextvars.ContextVar["ClusterContext | None"] = contextvars.ContextVar(
     "distexec_context", default=None)
 _default: "ClusterContext | None" = None
@@ -132,11 +154,12 @@ class ClusterContext:
 
         self.myid = 1
         self.role = "master"
-        self.cookie = None                   # a ClusterSecret once multi-process mode starts
+        self.cookie: ClusterSecret | None = None  # set once multi-process mode starts
+        self.security: Security | None = None      # set when links use TLS
         self.topology = "all_to_all"
         self.lazy: bool | None = None
         self.lock = threading.RLock()        # guards the registries below
-        self.changed = threading.Condition(self.lock)   # notified on every peer state change
+        self.changed = _CountedCondition(self.lock)   # notified on every peer state change
         self.worker_lock = threading.RLock()  # one addprocs/rmprocs at a time (master)
         self.peers: dict[int, WorkerRecord] = {}
         self.deleted: dict[int, WorkerRecord] = {}
@@ -151,18 +174,21 @@ class ClusterContext:
         self.gc = GcQueue(self)
         self.heartbeat = Heartbeat(self)
         self.connector: Connector | None = None
-        self.listener = None
-        self.callbacks: dict[str, dict[str, Callable]] = {
+        self.listener: Listener | None = None
+        self.callbacks: dict[str, dict[Hashable, Callable]] = {
             "starting": {}, "started": {}, "exiting": {}, "exited": {}}
         self.statuses: dict[int, Any] = {}
         self.exiting_pid: int | None = None
-        self.default_pool = None
-        self.pools = None                    # WeakValueDictionary of this process's WorkerPools
+        self.default_pool: AbstractWorkerPool | None = None
+        # this process's WorkerPools by id, once it has one
+        self.pools: weakref.WeakValueDictionary[int, WorkerPool] | None = None
         self.on_peer_lost: list[Callable[["ClusterContext", int], None]] = []
         self.local_launched: set[int] = set()
         self.handlers: dict[Kind, Callable] = {}  # extra inline handlers (cluster layer: JOIN, IDENTIFY)
         self.multi = False                  # multi-process mode started (cookie, exit hook)
-        self.launcher_jobs = None            # the long-lived launcher thread's queue (master)
+        # the long-lived launcher thread's queue (master)
+        self.launcher_jobs: queue.SimpleQueue[tuple[Callable[[], Any], cf.Future[Any]]] | None \
+            = None
         self.worker_address: tuple[str, int] | None = None   # where this worker listens
         self.joined = threading.Event()      # set when this worker has received its JOIN
         self.closed = False
@@ -181,10 +207,16 @@ class ClusterContext:
         return next(self._round_robin)
 
     # -- membership views --------------------------------------------------------------------
+    @property
+    def membership_version(self) -> int:
+        """Changes whenever a peer comes, goes or changes state: views of the membership
+        (an executor's target workers) are cached against it."""
+        return self.changed.notifications
+
     def live_pids(self) -> list[int]:
         """Sorted pids of this process and its peers that count as members. Julia: ``procs()``."""
         with self.lock:
-            counted_states = (WorkerState.CONNECTED,)
+            counted_states: tuple[WorkerState, ...] = (WorkerState.CONNECTED,)
             if self.role == "worker" and (self.lazy or self.topology != "all_to_all"):
                 counted_states = (WorkerState.CONNECTED, WorkerState.CREATED)
             pids = [p for p, r in self.peers.items() if r.state in counted_states]
@@ -220,6 +252,7 @@ class ClusterContext:
             if record is None:
                 record = WorkerRecord(pid)
                 self.peers[pid] = record
+                self.changed.notify_all()
             conn = record.conn
         if conn is not None:
             return conn
@@ -229,7 +262,7 @@ class ClusterContext:
 
     def send(self, pid: int, kind: Kind, obj: Any = None, *, flags: Flag = Flag.NONE,
              response: RRID = NULL_RRID, notify: RRID = NULL_RRID, payload: bytes | None = None,
-             buffers=()) -> None:
+             buffers: Sequence[bytes | bytearray | memoryview] = ()) -> None:
         """Pickle ``obj`` for ``pid`` and send it; pickling errors raise before anything is sent."""
         conn = self.connection_for(pid)
         if payload is None:

@@ -26,6 +26,8 @@ from .context import ClusterContext
 log = logging.getLogger("distexec")
 
 _CALL_KINDS = (Kind.CALL, Kind.CALL_FETCH, Kind.CALL_WAIT, Kind.REMOTE_DO)
+# Flags tested on every message, as plain ints: an IntFlag operator runs Python code.
+_ERROR, _BACKGROUND = Flag.ERROR.value, Flag.BACKGROUND.value
 
 
 def on_frame(ctx: ClusterContext, conn, frame) -> None:
@@ -51,7 +53,7 @@ def _on_call(ctx: ClusterContext, conn, frame) -> None:
         lookup(ctx, frame.header.response, _Cell)  # exists before any later release arrives
     source = conn.peer_pid
     ctx.runner.submit(lambda: calls.run_incoming_call(ctx, source, frame),
-                      main=not frame.header.flags & Flag.BACKGROUND)
+                      main=not int(frame.header.flags) & _BACKGROUND)
 
 
 def _decode_value(ctx: ClusterContext, conn, frame):
@@ -61,7 +63,7 @@ def _decode_value(ctx: ClusterContext, conn, frame):
             value = serialization.loads(frame.payload, frame.buffers)
     except Exception as exc:
         return True, RemoteException(ctx.myid, capture(exc))
-    return bool(frame.header.flags & Flag.ERROR), value
+    return bool(int(frame.header.flags) & _ERROR), value
 
 
 def _on_result(ctx: ClusterContext, conn, frame) -> None:

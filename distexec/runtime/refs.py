@@ -19,12 +19,14 @@ de-duplicated against the ones this process already holds. Julia: ``Future``,
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import math
 import threading
 import time
 import weakref
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED
-from typing import Any, Callable
+from collections.abc import Iterator
+from typing import Any, Callable, NoReturn
 
 from ..errors import (ChannelClosedError, DistributedError, ProcessExitedException, WaitTimeout,
                       RemoteException)
@@ -239,6 +241,7 @@ def _take_pickled(rv: RemoteValue, chan: Channel, timeout, taker: int) -> _Pickl
     putter waits for it, and that putter's next value never comes.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    assert rv.synctake is not None  # only unbuffered channels come here
     while True:
         chan.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         with rv.synctake:
@@ -292,6 +295,7 @@ class _RefBase:
 
     where: int
     rrid: RRID
+    _finalizer: weakref.finalize  # releases the hold; a no-op for null references
 
     def _register(self, ctx: ClusterContext, where: int, rrid: RRID) -> None:
         self.where = where
@@ -345,6 +349,23 @@ class _RefBase:
         if dest != self.where:
             self._ctx.gc.send_now(self.where, gc.ADD, self.rrid, dest)
         return True
+
+
+_callbacks_log = logging.getLogger("concurrent.futures")
+
+
+def invoke_callbacks_guarded(future: cf.Future) -> None:
+    """Run ``future``'s done-callbacks, logging whatever they raise.
+
+    Unlike ``concurrent.futures``, ``SystemExit`` and ``KeyboardInterrupt`` are caught too:
+    futures complete on a connection's reader thread, which a callback must never end.
+    """
+    # A private list of concurrent.futures.Future, not in its type stubs.
+    for callback in future._done_callbacks:  # type: ignore[attr-defined]
+        try:
+            callback(future)
+        except BaseException:
+            _callbacks_log.exception("exception calling callback for %r", future)
 
 
 class Future(_RefBase, cf.Future):
@@ -416,6 +437,9 @@ class Future(_RefBase, cf.Future):
             self._condition.notify_all()
         self._invoke_callbacks()
 
+    def _invoke_callbacks(self) -> None:
+        invoke_callbacks_guarded(self)
+
     def _set_cache(self, value: Any) -> bool:
         with self._lock:
             if self._cache is not _EMPTY:
@@ -477,13 +501,13 @@ class Future(_RefBase, cf.Future):
         self._set_cache(value)
         return self
 
-    def take(self, *args, **kwargs):
+    def take(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise TypeError("take is not supported on a Future (it is write-once); use fetch")
 
-    def close(self):
+    def close(self) -> NoReturn:
         raise TypeError("close is not supported on a Future")
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: Any) -> Any:
         return self.fetch()[index]
 
     def _from_owner(self, fn, timeout):
@@ -546,7 +570,8 @@ class RemoteChannel(_RefBase):
     Julia: ``RemoteChannel(pid)``, ``RemoteChannel(() -> Channel(n), pid)``.
     """
 
-    def __init__(self, pid=None, size=_EMPTY):
+    # ``size`` is the capacity (an int, or math.inf), or the pid in the factory form.
+    def __init__(self, pid: int | Callable[[], Any] | None = None, size: Any = _EMPTY) -> None:
         ctx = current_context()
         factory = None
         if callable(pid):
@@ -621,11 +646,11 @@ class RemoteChannel(_RefBase):
     def __bool__(self) -> bool:
         return True
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: Any) -> Any:
         self._check_live()
         return self._on_owner(_channel_index, self.rrid, self.size, index)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         while True:
             try:
                 yield self.take()
@@ -674,12 +699,12 @@ def _rebuild_channel(where: int, rrid: RRID, size):
     return ch
 
 
-def remoteref_id(ref) -> RRID:
+def remoteref_id(ref: Future | RemoteChannel) -> RRID:
     """The ``RRID(whence, id)`` of a Future or RemoteChannel. Julia: ``remoteref_id``."""
     return ref.rrid
 
 
-def channel_from_id(rrid) -> Any:
+def channel_from_id(rrid: RRID | tuple[int, int]) -> Any:
     """On the owner, the channel (or Future cell) behind ``rrid``. Julia: ``channel_from_id``."""
     ctx = current_context()
     with ctx.refs_lock:

@@ -20,6 +20,7 @@ import concurrent.futures as cf
 import ctypes
 import logging
 import threading
+import time
 from collections import deque
 from typing import Callable
 
@@ -55,11 +56,14 @@ class CallRunner:
         self._lock = threading.Lock()
         self._idle: list[_PoolThread] = []
         self._main_queue: deque | None = None
-        self._main_wake = threading.Condition(self._lock)
+        # Released once to wake the idle main thread: a bare lock is the cheapest hand-off
+        # there is, and every call a worker runs on its main thread goes through it.
+        self._main_wake = threading.Lock()
+        self._main_wake.acquire()
         self._main_idle = False
         self._main_finishing = False
         self._main_ident: int | None = None
-        self._in_user_code: set[int] = set()
+        self._in_user_code: dict[int, float] = {}  # thread ident -> when its call began
         self._stopped = False
 
     # -- submitting --------------------------------------------------------------------------
@@ -69,9 +73,12 @@ class CallRunner:
             # The main thread takes the call if it is idle, or if its user code is done and it
             # is only sending a reply: then SIGINT can interrupt the call (see interrupt()).
             if main and (self._main_idle or (self._main_finishing and not self._main_queue)):
+                waiting = self._main_idle
                 self._main_idle = self._main_finishing = False
+                assert self._main_queue is not None  # serve_main_thread made it before idling
                 self._main_queue.append(task)
-                self._main_wake.notify()
+                if waiting:
+                    self._main_wake.release()
                 return
             pooled = self._idle.pop() if self._idle else None
             if pooled is not None:
@@ -114,11 +121,17 @@ class CallRunner:
 
     def _next_main_task(self, should_stop) -> Callable[[], None] | None:
         with self._lock:
+            # A wake-up given after the last wait timed out: its task is in the queue. Only
+            # a submitter that finds the main thread idle releases, so while idle it is held.
+            self._main_wake.acquire(blocking=False)
+            if self._main_queue:
+                self._main_idle = self._main_finishing = False
+                return self._main_queue.popleft()
+            self._main_idle = True
+        self._main_wake.acquire(timeout=0.5)
+        with self._lock:
             if not self._main_queue:
-                self._main_idle = True
-                self._main_wake.wait(0.5)
-                if not self._main_queue:
-                    return None
+                return None
             self._main_idle = self._main_finishing = False
             return self._main_queue.popleft()
 
@@ -150,32 +163,62 @@ class CallRunner:
                                                        ctypes.py_object(KeyboardInterrupt))
         return main_busy
 
+    def running_since(self) -> list[float]:
+        """When (``time.monotonic()``) each call now running user code began."""
+        with self._lock:
+            return list(self._in_user_code.values())
+
+    def next_call_begins(self) -> None:
+        """The current thread, running user code, goes on to another call (a batch's next task):
+        from now on its call counts as begun now."""
+        ident = threading.get_ident()
+        with self._lock:
+            if ident in self._in_user_code:
+                self._in_user_code[ident] = time.monotonic()
+
     def stop(self) -> None:
         with self._lock:
             self._stopped = True
             idle, self._idle = self._idle, []
-            self._main_wake.notify_all()
+            if self._main_idle:
+                self._main_idle = False
+                self._main_wake.release()
         for pooled in idle:
             pooled.wake.set()
 
 
 class _UserCode:
-    __slots__ = ("runner", "ident")
+    __slots__ = ("runner", "ident", "outermost")
 
     def __init__(self, runner: CallRunner):
         self.runner = runner
         self.ident = threading.get_ident()
+        self.outermost = False
 
     def __enter__(self):
         with self.runner._lock:
-            self.runner._in_user_code.add(self.ident)
+            # A call nested in another on the same thread (a call to this process itself)
+            # keeps the outer call's start: the thread has been busy since then.
+            self.outermost = self.ident not in self.runner._in_user_code
+            if self.outermost:
+                self.runner._in_user_code[self.ident] = time.monotonic()
 
     def __exit__(self, *exc):
         with self.runner._lock:
-            self.runner._in_user_code.discard(self.ident)
+            if self.outermost:
+                self.runner._in_user_code.pop(self.ident, None)
             if self.ident == self.runner._main_ident:
                 self.runner._main_finishing = True
         return False
+
+
+def running_calls() -> tuple[float, list[float]]:
+    """On any process: its ``time.monotonic()`` now, and when each of its running calls began.
+
+    The master asks a worker this after an interrupt's grace (``cluster.interrupts``).
+    """
+    from .context import current_context
+    return time.monotonic(), current_context().runner.running_since()
 
 
 def in_thread(fn: Callable, *args, name: str = "distexec-task") -> "cf.Future":

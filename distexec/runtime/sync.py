@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from ..errors import CompositeException
 
 _active: contextvars.ContextVar[list | None] = contextvars.ContextVar("distexec_sync", default=None)
 
+_H = TypeVar("_H")
 
-def register(handle):
+
+def register(handle: _H) -> _H:
     """Add ``handle`` to the innermost active ``sync`` block, if any; returns ``handle``."""
     pending = _active.get()
     if pending is not None:
@@ -27,7 +31,7 @@ def register(handle):
 
 
 @contextlib.contextmanager
-def sync():
+def sync() -> Iterator[list[Any]]:
     """Wait, on exit, for every handle spawned inside; failures raise a CompositeException."""
     pending: list = []
     token = _active.set(pending)
@@ -38,7 +42,7 @@ def sync():
     wait_all(pending)
 
 
-def wait_all(handles, errors: list | None = None) -> None:
+def wait_all(handles: Iterable[Any], errors: list[Exception] | None = None) -> None:
     """Wait for every handle; raise a CompositeException of all failures (and ``errors``)."""
     errors = list(errors or ())
     for handle in handles:
@@ -50,7 +54,7 @@ def wait_all(handles, errors: list | None = None) -> None:
         raise CompositeException(errors)
 
 
-def _wait(handle) -> None:
+def _wait(handle: Any) -> None:
     if hasattr(handle, "fetch") and hasattr(handle, "where"):
         handle.wait()  # a remote Future: wait for the value, don't fetch it
     else:

@@ -3,6 +3,8 @@
 Owns the socket of an authenticated peer. Imports ``distexec.errors`` and ``distexec.protocol``.
 
     sender threads ──► send(): header+payload+buffers ──► one sendmsg (under the send lock)
+                                                  (TLS: an ``ssl.SSLSocket`` is wrapped in a
+                                                   ``tls.TLSChannel``, which emulates sendmsg)
     socket ──► reader thread ──► Frame(header, payload, buffers) ──► on_frame(conn, frame)
                                   └─ EOF / error ──► on_close(conn, error)   (exactly once)
 
@@ -16,12 +18,15 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import Callable, NamedTuple
 
 from ..protocol import frames
 from ..protocol.frames import Flag, Header, Kind, RRID, NULL_RRID
+from .buffers import ReceiveBuffers
+from .tls import TLSChannel
 
 log = logging.getLogger("distexec.transport")
 
@@ -38,7 +43,7 @@ class Frame(NamedTuple):
 class _BufferedReader:
     """Exact-size reads from a socket through one reusable buffer."""
 
-    def __init__(self, sock: socket.socket, conn: "Connection | None" = None):
+    def __init__(self, sock: socket.socket | TLSChannel, conn: "Connection | None" = None):
         self._sock = sock
         self._conn = conn
         self._buf = bytearray(_READ_BUFFER)
@@ -94,10 +99,13 @@ class Connection:
     def __init__(self, sock: socket.socket, *, on_frame: Callable[["Connection", Frame], None],
                  on_close: Callable[["Connection", BaseException | None], None],
                  name: str = "peer", max_message_size: int | None = None):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(None)
-        self.sock = sock
+        stream: socket.socket | TLSChannel = sock
+        if isinstance(sock, ssl.SSLSocket):  # OpenSSL allows one thread at a time: see tls.py
+            stream = TLSChannel(sock)
+        if stream.family in (socket.AF_INET, socket.AF_INET6):
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream.settimeout(None)
+        self.sock = stream
         self.name = name
         self.peer_pid: int | None = None
         self.max_message_size = (frames.configured_max_message_size() if max_message_size is None
@@ -106,6 +114,7 @@ class Connection:
         self._on_close = on_close
         self._send_lock = threading.Lock()
         self._closed = threading.Event()
+        self._buffers = ReceiveBuffers()  # large receive buffers, reused (see buffers.py)
         self._reader: threading.Thread | None = None
         self.last_received = time.monotonic()  # for heartbeats (runtime.heartbeat)
 
@@ -188,13 +197,14 @@ class Connection:
         payload = reader.read_large(payload_len) if payload_len else b""
         buffers = []
         for n in lens:
-            buf = bytearray(n)
+            buf = self._buffers.take(n)
             reader.readinto(memoryview(buf))
             buffers.append(buf)
+        self._buffers.trim()
         return Frame(header, payload, buffers)
 
 
-def _sendmsg_all(sock: socket.socket, parts) -> None:
+def _sendmsg_all(sock: socket.socket | TLSChannel, parts) -> None:
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     while views:
         sent = sock.sendmsg(views[:_IOV_MAX])

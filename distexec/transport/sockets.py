@@ -4,13 +4,16 @@ Owns the pre-authentication phase of every connection. Imports ``distexec.errors
 ``distexec.protocol``.
 
     accept thread ──► (pre-auth cap) ──► handshake thread per socket, with a deadline
+                                          ├─ [TLS: TLS_HELLO, TLS handshake, peer cert checked]
                                           ├─ fails ──► log (rate-limited), close
                                           └─ passes ──► on_authenticated(sock)
-    connect() ──► TCP connect ──► client handshake ──► authenticated socket (or raise)
+    connect() ──► TCP connect ──► [TLS] ──► client handshake ──► authenticated socket (or raise)
 
 Before the peer has authenticated, at most ``REPLY_SIZE`` bytes are read from it (fewer when
 its first bytes are not the magic: it is rejected there) and nothing is unpickled; the
-accept loop only accepts, so a stalled or hostile peer never blocks others.
+accept loop only accepts, so a stalled or hostile peer never blocks others. With TLS the
+TLS handshake comes first (OpenSSL reads the peer's handshake records, bounded by TLS), then
+the same cookie challenge runs inside the encrypted channel.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from typing import Callable
@@ -84,11 +88,13 @@ class Listener:
     """Accepts connections and authenticates each on its own thread before handing it on."""
 
     def __init__(self, sock: socket.socket, secret: bytes,
-                 on_authenticated: Callable[[socket.socket, int], None], *,
+                 on_authenticated: Callable[[socket.socket, int], object], *,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 max_preauth: int = MAX_PREAUTH_CONNECTIONS):
+                 max_preauth: int = MAX_PREAUTH_CONNECTIONS,
+                 tls: ssl.SSLContext | None = None):
         self.sock = sock
         self._secret = secret
+        self._tls = tls  # a server context: every connection must speak TLS first
         self._on_authenticated = on_authenticated
         self._handshake_timeout = handshake_timeout
         self._max_preauth = max_preauth
@@ -133,10 +139,17 @@ class Listener:
                              name="distexec-handshake").start()
 
     def _authenticate(self, conn: socket.socket) -> None:
+        deadline = time.monotonic() + self._handshake_timeout
         try:
-            peer_version = serve_handshake(conn, self._secret, self._handshake_timeout)
+            if self._tls is not None:
+                conn = accept_tls(conn, self._tls, deadline)
+            peer_version = serve_handshake(conn, self._secret, _remaining(deadline))
         except (AuthenticationError, ProtocolError) as exc:
             self._warn(f"rejected connection: {exc}")
+            conn.close()
+            return
+        except ssl.SSLError as exc:  # plaintext client, certificate not from our CA, ...
+            self._warn(f"rejected connection: TLS handshake failed: {_ssl_reason(exc)}")
             conn.close()
             return
         except (OSError, EOFError) as exc:
@@ -169,15 +182,82 @@ def serve_handshake(conn: socket.socket, secret: bytes, timeout: float) -> int:
     _send_before(conn, verdict, deadline)
     if server.error is not None:
         raise server.error
+    if server.peer_version is None:  # cannot happen: a reply that passed announced it
+        raise ProtocolError("handshake passed without a peer protocol version")
     conn.settimeout(None)
     return server.peer_version
 
 
-def connect(host: str, port: int, secret: bytes, timeout: float) -> socket.socket:
-    """Open a TCP connection and authenticate as the initiator; returns the socket."""
+def connect(host: str, port: int, secret: bytes, timeout: float, *,
+            tls: ssl.SSLContext | None = None) -> socket.socket:
+    """Open a TCP connection (TLS with a client context) and authenticate as the initiator.
+
+    Returns the socket (an ``ssl.SSLSocket`` with TLS).
+    """
+    deadline = time.monotonic() + timeout
     sock = socket.create_connection((host, port), timeout=timeout)
-    initiate_handshake(sock, secret, timeout, f"{host}:{port}")
+    if tls is not None:
+        sock = connect_tls(sock, tls, deadline, f"{host}:{port}")
+    initiate_handshake(sock, secret, _remaining_or_expired(deadline), f"{host}:{port}")
     return sock
+
+
+def accept_tls(conn: socket.socket, context: ssl.SSLContext, deadline: float) -> ssl.SSLSocket:
+    """Acceptor: send ``TLS_HELLO``, then run the TLS handshake (the peer must show a
+    certificate signed by our CA). Closes the connection on failure."""
+    try:
+        _send_before(conn, handshake.TLS_HELLO, deadline)
+        tls = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+    except BaseException:
+        conn.close()
+        raise
+    try:
+        tls.settimeout(_remaining(deadline))
+        tls.do_handshake()
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+def connect_tls(sock: socket.socket, context: ssl.SSLContext, deadline: float,
+                peer: str) -> ssl.SSLSocket:
+    """Initiator: check the acceptor's ``TLS_HELLO``, then run the TLS handshake.
+
+    Raises:
+        AuthenticationError: the acceptor does not speak TLS, or either side rejected the
+            other's certificate (the SSL error is the cause). The socket is then closed.
+    """
+    try:
+        handshake.check_tls_hello(_recv_exact_before(sock, handshake.HELLO_SIZE, deadline))
+        tls = context.wrap_socket(sock, server_side=False, do_handshake_on_connect=False)
+    except EOFError:
+        sock.close()
+        raise AuthenticationError(f"{peer} closed the connection before TLS "
+                                  "(not a distexec worker?)") from None
+    except (AuthenticationError, ProtocolError) as exc:
+        sock.close()
+        raise type(exc)(f"{peer}: {exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        tls.settimeout(_remaining(deadline))
+        tls.do_handshake()
+    except ssl.SSLError as exc:
+        tls.close()
+        raise AuthenticationError(f"{peer}: TLS handshake failed: {_ssl_reason(exc)}") from exc
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    """The readable part of an SSL error (``CERTIFICATE_VERIFY_FAILED``, ...)."""
+    detail = getattr(exc, "verify_message", None)
+    reason = getattr(exc, "reason", None) or str(exc)
+    return f"{reason} ({detail})" if detail else reason
 
 
 def initiate_handshake(sock, secret: bytes, timeout: float, peer: str) -> int:
@@ -195,11 +275,17 @@ def initiate_handshake(sock, secret: bytes, timeout: float, peer: str) -> int:
         sock.close()
         raise AuthenticationError(f"{peer} closed the connection during the handshake "
                                   "(wrong cluster cookie or not a distexec worker?)") from None
+    except ssl.SSLError as exc:  # TLS 1.3: the acceptor rejects our certificate after our
+        sock.close()             # handshake completed; we learn it at the first read
+        raise AuthenticationError(f"{peer}: TLS connection rejected: {_ssl_reason(exc)}") \
+            from exc
     except BaseException as exc:
         sock.close()
         if isinstance(exc, (AuthenticationError, ProtocolError)):
             exc.args = (f"{peer}: {exc.args[0] if exc.args else exc}",)
         raise
+    if client.peer_version is None:  # cannot happen: a HELLO that passed announced it
+        raise ProtocolError("handshake passed without a peer protocol version")
     sock.settimeout(None)
     return client.peer_version
 
@@ -209,6 +295,11 @@ def _remaining(deadline: float) -> float:
     if left <= 0:
         raise socket.timeout("handshake deadline passed")
     return left
+
+
+def _remaining_or_expired(deadline: float) -> float:
+    """Time left, or a token amount so the next step times out (closing its socket)."""
+    return max(deadline - time.monotonic(), 0.001)
 
 
 def _send_before(sock: socket.socket, data: bytes, deadline: float) -> None:

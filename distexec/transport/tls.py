@@ -70,8 +70,10 @@ class Security:
             that ``ssl`` cannot load (with the reason).
     """
 
-    def __init__(self, tls_ca_file=None, tls_cert=None, tls_key=None, *,
-                 require_encryption: bool = False):
+    def __init__(self, tls_ca_file: str | bytes | os.PathLike[str] | None = None,
+                 tls_cert: str | bytes | os.PathLike[str] | None = None,
+                 tls_key: str | bytes | os.PathLike[str] | None = None, *,
+                 require_encryption: bool = False) -> None:
         if (tls_ca_file is None) != (tls_cert is None) or (tls_key and tls_cert is None):
             raise ValueError("Security: TLS needs tls_ca_file and tls_cert (and tls_key, unless "
                              "the certificate file also holds the key)")

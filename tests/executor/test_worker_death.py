@@ -72,7 +72,8 @@ def test_sigkill_fails_only_the_futures_on_that_worker(tmp_path):
 def test_losing_every_worker_breaks_the_executor(tmp_path):
     ex = DistributedExecutor(1)
     blocker, os_pid = _start_blocker(ex, tmp_path)
-    queued = [ex.submit(sleep_and_return, 0, i) for i in range(10)]
+    # long enough that the one sent to the worker's free slot is still running at the kill
+    queued = [ex.submit(sleep_and_return, 1.0, i) for i in range(10)]
     os.kill(os_pid, signal.SIGKILL)
 
     assert isinstance(blocker.exception(timeout=DEATH_BUDGET), ProcessExitedException)

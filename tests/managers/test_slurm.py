@@ -118,6 +118,15 @@ def test_srun_options_become_flags_and_the_cookie_stays_off_the_command_line():
     assert not any(cookie in part for part in cmd)
 
 
+def test_with_tls_the_tasks_are_told_to_read_the_certificate_line():
+    manager = SlurmManager(2)
+    plain = manager.srun_command(manager.default_addprocs_params(), {})
+    params = {**manager.default_addprocs_params(), "security": d.Security.temporary()}
+    cmd = manager.srun_command(params, {})
+    assert cmd[-7:] == [*plain[-6:], "--tls"]
+    assert not any("PRIVATE KEY" in part for part in cmd)  # the key goes on stdin only
+
+
 def test_inside_an_allocation_ntasks_defaults_to_slurm_ntasks():
     manager = SlurmManager()
     cmd = manager.srun_command(manager.default_addprocs_params(),

@@ -215,14 +215,17 @@ def test_tls_workers_on_two_hosts_get_the_key_on_stdin_only(ssh_workers, ssh_nam
     security = d.Security.temporary()
     with warnings.catch_warnings():
         warnings.simplefilter("error", d.SecurityWarning)  # beyond loopback, but encrypted
-        a, b = ssh_workers([host1, host2], security=security)
-    assert d.remotecall_fetch(lambda p: d.remotecall_fetch(d.myid, p), b, a) == a
-    assert {p: type(current_context().record(p).conn.sock).__name__ for p in (a, b)} == \
-        {a: "TLSChannel", b: "TLSChannel"}
-    assert d.remotecall_fetch(_link_types, b) == {1: "TLSChannel", a: "TLSChannel"}
+        pids = ssh_workers([(host1, 2), host2], security=security)
+    (other,) = [p for p in pids if d.remotecall_fetch(lambda: _where()[2], p) == host2]
+    for p in pids:  # links across hosts, also from the worker that the first one started
+        if p != other:
+            assert d.remotecall_fetch(lambda q: d.remotecall_fetch(d.myid, q), p, other) == other
+    assert {type(current_context().record(p).conn.sock).__name__ for p in pids} == {"TLSChannel"}
+    assert set(d.remotecall_fetch(_link_types, max(pids)).values()) == {"TLSChannel"}
     key_line = security._key.splitlines()[1].encode()
-    processes = [psutil.Process(os_pid(p)) for p in (a, b)]
-    processes += [psutil.Process(ssh_process(p).pid) for p in (a, b)]
+    processes = [psutil.Process(os_pid(p)) for p in pids]
+    processes += [psutil.Process(ssh_process(p).pid) for p in pids if ssh_process(p)]
+    assert len(processes) == 5  # three workers, two ssh
     for process in processes:
         for name in ("cmdline", "environ"):
             with open(f"/proc/{process.pid}/{name}", "rb") as f:

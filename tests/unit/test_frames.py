@@ -27,6 +27,7 @@ from distexec.protocol.frames import (
     decode_fixed_header,
     encode_header,
 )
+from distexec.transport.buffers import ReceiveBuffers
 from distexec.transport.connection import Connection
 
 pytestmark = pytest.mark.timeout(30)
@@ -65,7 +66,7 @@ class _MemoryReader:
 
 def _read_frame(data: bytes, max_message_size: int = frames.DEFAULT_MAX_MESSAGE_SIZE):
     reader = _MemoryReader(data)
-    conn = SimpleNamespace(max_message_size=max_message_size)
+    conn = SimpleNamespace(max_message_size=max_message_size, _buffers=ReceiveBuffers())
     return Connection._read_frame(conn, reader), reader
 
 
