@@ -17,6 +17,8 @@ import shlex
 import sys
 
 from .cluster.worker import start_worker
+from .progress import PROGRESS_ENV
+from .progress import bar as progress_bar
 
 _SRUN_SHORT = {"-n": "ntasks", "-N": "nodes", "-p": "partition", "-t": "time",
                "-c": "cpus_per_task", "-A": "account", "-q": "qos", "-J": "job_name"}
@@ -43,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--slurm", action="store_true",
                        help="workers through srun; srun options follow, long ones as "
                             "--key=value, e.g. --slurm --ntasks=4 -p debug script.py")
+    run.add_argument("--progress", action="store_true",
+                     help="progress bars (tqdm, if installed): one while the workers start, and "
+                          "one for every pmap and executor map of the script that does not "
+                          "pass progress= itself (sets DISTEXEC_PROGRESS=1)")
     run.add_argument("script", help="the Python script to run")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     return parser
@@ -107,10 +113,13 @@ def run_script(args) -> int:
     target = _cluster_target(args)
     if target is not None:
         try:
-            api.addprocs(target)
+            _add_workers(api, target, args.progress or None)
         except DistexecError as exc:  # a launch failure is the user's to read, not a traceback
             print(f"distexec run: could not start the workers: {exc}", file=sys.stderr)
             return 1
+    if args.progress:
+        os.environ[PROGRESS_ENV] = "1"  # for the script's maps; set after the launch, so the
+        # workers (which inherit the environment) do not draw bars of their own
     sys.argv = [args.script, *args.args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
     try:
@@ -125,6 +134,21 @@ def run_script(args) -> int:
         if workers:
             api.rmprocs(workers, waitfor=30)
     return status
+
+
+def _add_workers(api, target, progress: bool | None) -> None:
+    """``addprocs(target)``, with a bar counting the workers as they join when asked."""
+    bar = progress_bar(progress, total=target if isinstance(target, int) else None,
+                       desc="starting workers", unit="worker")
+    if bar is None:
+        api.addprocs(target)
+        return
+    key = api.add_worker_started_callback(lambda pid: bar.update(1))
+    try:
+        api.addprocs(target)
+    finally:
+        api.remove_worker_started_callback(key)
+        bar.close()
 
 
 def _cluster_target(args):

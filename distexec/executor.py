@@ -36,6 +36,7 @@ from .cluster.local import LocalManager
 from .errors import (AllWorkersExited, MessageTooLarge, ProcessExitedException,
                      RemoteDeserializationError, RemoteException, WaitTimeout)
 from .pools import AbstractWorkerPool, WorkerPool
+from .progress import bar as progress_bar
 from .protocol import serialization
 from .protocol.frames import Kind, configured_max_message_size
 from .runtime import batches, calls
@@ -305,13 +306,14 @@ class DistributedExecutor(cf.Executor):
 
     def map(self, fn: Callable[..., _T], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1, buffersize: int | None = None,
-            progress: bool = False) -> Iterator[_T]:
+            progress: bool | None = None) -> Iterator[_T]:
         """Like ``Executor.map``, with Python 3.14's ``buffersize`` on every Python.
 
         Without ``buffersize`` every input is submitted now; with it, at most ``buffersize``
         tasks (chunks) are outstanding and one more is submitted per result taken, so infinite
         iterables work. ``chunksize`` items travel as one message. ``timeout`` counts from
-        this call. ``progress=True`` draws a tqdm bar when tqdm is installed.
+        this call. ``progress=True`` draws a tqdm bar when tqdm is installed; ``None`` (the
+        default) follows ``DISTEXEC_PROGRESS``, which ``distexec run --progress`` sets.
         """
         if buffersize is not None and (isinstance(buffersize, bool)
                                        or not isinstance(buffersize, int)):
@@ -626,18 +628,23 @@ def _chain(chunk_results):
         yield from chunk
 
 
-def _with_progress(results, progress: bool, iterables):
-    if not progress:
+def _with_progress(results: Iterator, progress: bool | None, iterables) -> Iterator:
+    bar = progress_bar(progress, iterables=iterables, desc="map")
+    if bar is None:
         return results
+    return _counted(results, bar)
+
+
+def _counted(results: Iterator, bar) -> Iterator:
     try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return results
-    try:
-        total = min(len(it) for it in iterables)
-    except TypeError:
-        total = None
-    return iter(tqdm(results, total=total))
+        for result in results:
+            bar.update(1)
+            yield result
+    finally:
+        bar.close()
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()  # an abandoned map cancels what it had queued, as without a bar
 
 
 def _cpu_count() -> int:

@@ -26,6 +26,7 @@ from typing import Any, cast
 
 from .errors import CompositeException, ProcessExitedException, RemoteException
 from .pools import AbstractWorkerPool, CachingPool, pool_remotecall_fetch
+from .progress import bar as progress_bar
 from .runtime.context import current_context
 from .runtime.runner import in_thread
 
@@ -137,12 +138,14 @@ def pmap(fn: Callable, *iterables: Iterable[Any] | AbstractWorkerPool,
          pool: AbstractWorkerPool | None = None,
          distributed: bool = True, batch_size: int | str = 1, on_error: Callable | None = None,
          retry_delays: Iterable[float] = (), retry_check: Callable | None = None,
-         progress: bool = False) -> list:
+         progress: bool | None = None) -> list:
     """Map ``fn`` over ``iterables`` (zipped) on the pool's workers; results in input order.
 
     Julia: ``pmap``. ``on_error(exc)`` turns a failure into that element's result (on the
     worker, or on the caller for worker deaths and batch failures); ``retry_delays`` retries
     failed elements (with ``retry_check(state, exc)`` deciding), possibly on other workers.
+    ``progress=True`` draws a tqdm bar when tqdm is installed; ``None`` (the default) follows
+    ``DISTEXEC_PROGRESS`` (which ``distexec run --progress`` sets).
     """
     if iterables and isinstance(iterables[0], AbstractWorkerPool):
         pool, iterables = iterables[0], iterables[1:]
@@ -164,7 +167,7 @@ def pmap(fn: Callable, *iterables: Iterable[Any] | AbstractWorkerPool,
         batch_size = max(1, min(100, len(items) // (3 * max(1, pool.nworkers()))))
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
-    bar = _progress_bar(progress, iterables)
+    bar = progress_bar(progress, iterables=iterables, desc="pmap")
     try:
         if batch_size == 1:
             return _map_each(fn, items, pool, distributed, on_error, retry_delays, retry_check, bar)
@@ -342,21 +345,6 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
-
-
-def _progress_bar(progress: bool, iterables):
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    total = None
-    try:
-        total = min(len(it) for it in iterables)
-    except TypeError:
-        pass
-    return tqdm(total=total)
 
 
 # -- splitting -------------------------------------------------------------------------------

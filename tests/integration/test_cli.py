@@ -107,3 +107,32 @@ def test_the_hello_example_runs_on_local_workers():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "hello from worker 2 at local" in done.stdout
     assert "2 workers, sum of squares 328350" in done.stdout
+
+
+PROGRESS_SCRIPT = textwrap.dedent("""
+    import distexec as d
+
+    print("pmap", d.pmap(abs, range(-6, 0)), flush=True)
+    with d.DistributedExecutor(pool=d.WorkerPool(d.workers())) as ex:
+        print("map", list(ex.map(abs, range(-9, 0))), flush=True)
+        print("quiet", list(ex.map(abs, range(-5, 0), progress=False)), flush=True)
+""")
+
+
+def test_run_progress_draws_bars_for_the_launch_and_every_map(tmp_path):
+    pytest.importorskip("tqdm", reason="tqdm is in the test extra")
+    done = run(tmp_path, "--progress", "-p", "2", [], script=PROGRESS_SCRIPT)
+    assert done.returncode == 0, done.stderr
+    assert "pmap [6, 5, 4, 3, 2, 1]" in done.stdout
+    assert "map [9, 8, 7, 6, 5, 4, 3, 2, 1]" in done.stdout
+    assert "starting workers" in done.stderr and "2/2" in done.stderr
+    assert "pmap" in done.stderr and "6/6" in done.stderr
+    assert "9/9" in done.stderr
+    assert "5/5" not in done.stderr  # progress=False in the script wins
+
+
+def test_run_without_progress_draws_no_bar(tmp_path):
+    pytest.importorskip("tqdm", reason="tqdm is in the test extra")
+    done = run(tmp_path, "-p", "2", [], script=PROGRESS_SCRIPT)
+    assert done.returncode == 0, done.stderr
+    assert "6/6" not in done.stderr and "starting workers" not in done.stderr

@@ -495,3 +495,14 @@ def test_progress_draws_a_bar_with_tqdm(shared_workers, capfd, batch_size):
         list(range(1, 11))
     _out, err = capfd.readouterr()
     assert "10/10" in err
+
+
+@pytest.mark.parametrize("env, drawn", [("1", True), ("", False)])
+def test_progress_by_default_follows_distexec_progress(shared_workers, monkeypatch, capfd, env,
+                                                        drawn):
+    pytest.importorskip("tqdm", reason="tqdm is in the test extra")
+    monkeypatch.setenv("DISTEXEC_PROGRESS", env)
+    assert pmap(lambda x: x + 1, range(10)) == list(range(1, 11))
+    assert pmap(lambda x: x + 1, range(10), progress=False) == list(range(1, 11))
+    _out, err = capfd.readouterr()
+    assert err.count("10/10") == (1 if drawn else 0)  # progress=False always wins

@@ -4,7 +4,7 @@ Walks every ``.py`` file under ``distexec/`` with :mod:`ast` (nothing is importe
 check works on a half-written tree) and checks that each module imports from ``distexec``
 only modules of its own layer or of an earlier one::
 
-    errors < protocol < transport < runtime < cluster < pools < pmap < executor < api
+    errors < protocol < transport < runtime < cluster < pools < progress < pmap < executor < api
            < integrations < testing < cli
 
 ``distexec/__init__.py`` and ``distexec/__main__.py`` may import anything; ``testing`` anything
@@ -35,6 +35,7 @@ LAYERS = [
     "runtime",
     "cluster",
     "pools",
+    "progress",
     "pmap",
     "executor",
     "api",
