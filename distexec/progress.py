@@ -41,7 +41,7 @@ def bar(progress: bool | None, *, total: int | None = None, iterables: Iterable 
         return None
     if total is None:
         try:
-            total = min(len(it) for it in iterables)  # type: ignore[arg-type]
+            total = min(len(it) for it in iterables)
         except (TypeError, ValueError):  # no length, or no iterables
             total = None
     return tqdm(total=total, desc=desc, unit=unit)
