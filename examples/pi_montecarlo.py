@@ -1,4 +1,8 @@
-"""Estimate pi on local workers: remote calls, Futures and a RemoteChannel.
+"""Estimate pi on local workers: remote calls, Futures and a RemoteChannel, then pmap.
+
+The first estimate sends each task with ``remotecall`` and hears about finished tasks through
+a RemoteChannel; the second does the same work with one ``pmap`` call and a progress bar
+(drawn when tqdm is installed).
 
 Run it with ``python examples/pi_montecarlo.py [workers] [samples per task]``.
 """
@@ -40,6 +44,11 @@ def main() -> None:
     estimate = 4 * total / (tasks * samples)
     print(f"pi ~= {estimate:.5f} from {tasks * samples:,} samples "
           f"in {time.perf_counter() - started:.2f} s")
+
+    started = time.perf_counter()
+    counts = d.pmap(count_inside, [samples] * tasks, range(tasks, 2 * tasks), progress=True)
+    estimate = 4 * sum(counts) / (tasks * samples)
+    print(f"pi ~= {estimate:.5f} again with pmap in {time.perf_counter() - started:.2f} s")
     d.rmprocs(pids)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +23,7 @@ def test_example_runs(example):
                           cwd=EXAMPLES.parent)
     assert done.returncode == 0, f"{example} failed:\n{done.stdout}\n{done.stderr}"
     assert done.stdout.strip(), f"{example} printed nothing"
+    if example == "pi_montecarlo.py":  # both estimates (remote calls, then pmap) are sane
+        estimates = [float(x) for x in re.findall(r"pi ~= ([0-9.]+)", done.stdout)]
+        assert len(estimates) == 2 and all(abs(e - math.pi) < 0.05 for e in estimates), \
+            done.stdout
