@@ -1,8 +1,9 @@
 """DistributedExecutor: the cluster as a ``concurrent.futures.Executor``.
 
 Owns task queueing, load balancing over workers, the executor futures and their errors,
-``map`` (chunks, deadlines, bounded lazy submission) and shutdown. Imports
-``distexec.pools``, ``distexec.pmap``, ``distexec.cluster``, ``distexec.runtime`` and below.
+and shutdown; ``map`` checks its arguments and leaves the rest (chunks, deadlines, bounded
+lazy submission) to ``distexec.ordered_map``. Imports ``distexec.ordered_map``,
+``distexec.pools``, ``distexec.cluster``, ``distexec.runtime`` and below.
 
     submit ──► queue ──► pump: a worker with a free slot (MAX_IN_FLIGHT per worker)
                           └─► one CALL_FETCH ──► RESULT ──► reader thread completes the future
@@ -18,8 +19,6 @@ Owns task queueing, load balancing over workers, the executor futures and their 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import functools
-import itertools
 import logging
 import pickle
 import sys
@@ -31,12 +30,18 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from . import ordered_map
 from .cluster import membership
 from .cluster.local import LocalManager
-from .errors import (AllWorkersExited, MessageTooLarge, ProcessExitedException,
-                     RemoteDeserializationError, RemoteException, WaitTimeout)
+from .errors import (
+    AllWorkersExited,
+    MessageTooLarge,
+    ProcessExitedException,
+    RemoteDeserializationError,
+    RemoteException,
+    WaitTimeout,
+)
 from .pools import AbstractWorkerPool, WorkerPool
-from .progress import bar as progress_bar
 from .protocol import serialization
 from .protocol.frames import Kind, configured_max_message_size
 from .runtime import batches, calls
@@ -323,17 +328,8 @@ class DistributedExecutor(cf.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         deadline = None if timeout is None else time.monotonic() + timeout
-        if chunksize == 1:
-            results = _map_results(self, fn, zip(*iterables, strict=False), deadline, buffersize)
-        elif len(iterables) == 1:  # chunks of plain items: fn(x), no 1-tuples to build or ship
-            chunks = _batched(iterables[0], chunksize)
-            results = _chain(_map_results(self, functools.partial(_process_items, fn), chunks,
-                                          deadline, buffersize, splat=False))
-        else:
-            chunks = _batched(zip(*iterables, strict=False), chunksize)
-            results = _chain(_map_results(self, functools.partial(_process_chunk, fn), chunks,
-                                          deadline, buffersize, splat=False))
-        return _with_progress(results, progress, iterables)
+        return ordered_map.results(self, fn, iterables, deadline=deadline, chunksize=chunksize,
+                                   buffersize=buffersize, progress=progress)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -559,92 +555,6 @@ def _lost_listener(executor: DistributedExecutor):
         else:
             target._worker_lost(pid)
     return on_lost
-
-
-def _map_results(executor, fn, args_iter, deadline, buffersize, *, splat: bool = True):
-    """Submit (eagerly, or ``buffersize`` ahead) and return a generator of results in order."""
-    def submit(target, args):
-        return target.submit(fn, *args) if splat else target.submit(fn, args)
-
-    futures: deque = deque()
-    try:
-        for args in itertools.islice(args_iter, buffersize) if buffersize else args_iter:
-            futures.append(submit(executor, args))
-    except BaseException:  # a bad input, a refused submit, or Ctrl-C: run none of the map
-        for future in futures:
-            future.cancel()
-        raise
-    # Only a weak reference: a pending lazy map must not keep the executor alive.
-    executor_ref = weakref.ref(executor)
-    return _yield_results(futures, args_iter if buffersize else None, submit, executor_ref,
-                          deadline)
-
-
-def _yield_results(futures: deque, more, submit, executor_ref, deadline):
-    try:
-        while futures:
-            target = executor_ref() if more is not None else None
-            if target is not None:
-                args = next(more, _END)
-                if args is not _END:
-                    futures.append(submit(target, args))
-            del target
-            timeout = None if deadline is None else deadline - time.monotonic()
-            yield _result_or_cancel(futures.popleft(), timeout)  # keep no reference to it
-    finally:
-        for future in futures:
-            future.cancel()
-
-
-_END = object()
-
-
-def _result_or_cancel(future: cf.Future, timeout: float | None):
-    try:
-        try:
-            return future.result(timeout)
-        finally:
-            future.cancel()
-    finally:
-        del future  # break the cycle through the future's exception
-
-
-def _process_chunk(fn, chunk):
-    return [fn(*args) for args in chunk]
-
-
-def _process_items(fn, items):
-    return list(map(fn, items))
-
-
-def _batched(iterable, size: int):
-    iterator = iter(iterable)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
-
-
-def _chain(chunk_results):
-    for chunk in chunk_results:
-        yield from chunk
-
-
-def _with_progress(results: Iterator, progress: bool | None, iterables) -> Iterator:
-    bar = progress_bar(progress, iterables=iterables, desc="map")
-    if bar is None:
-        return results
-    return _counted(results, bar)
-
-
-def _counted(results: Iterator, bar) -> Iterator:
-    try:
-        for result in results:
-            bar.update(1)
-            yield result
-    finally:
-        bar.close()
-        close = getattr(results, "close", None)
-        if close is not None:
-            close()  # an abandoned map cancels what it had queued, as without a bar
 
 
 def _cpu_count() -> int:

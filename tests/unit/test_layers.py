@@ -4,8 +4,8 @@ Walks every ``.py`` file under ``distexec/`` with :mod:`ast` (nothing is importe
 check works on a half-written tree) and checks that each module imports from ``distexec``
 only modules of its own layer or of an earlier one::
 
-    errors < protocol < transport < runtime < cluster < pools < progress < pmap < executor < api
-           < integrations < testing < cli
+    errors < protocol < transport < runtime < cluster < pools < progress < pmap < ordered_map
+           < executor < api < integrations < testing < cli
 
 ``distexec/__init__.py`` and ``distexec/__main__.py`` may import anything; ``testing`` anything
 below ``cli``. Importing the package root itself (``import distexec``, ``from distexec import
@@ -37,6 +37,7 @@ LAYERS = [
     "pools",
     "progress",
     "pmap",
+    "ordered_map",
     "executor",
     "api",
     "integrations",
