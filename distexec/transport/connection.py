@@ -181,6 +181,10 @@ class Connection:
             error = exc
             log.error("closing connection to %s: %r", self.name, exc)
         finally:
+            if error is not None:
+                # Whoever keeps the error (a dead worker's record does) must not keep this
+                # thread's frames: they hold the partly received frame, up to its full size.
+                error = error.with_traceback(None)
             self._closed.set()
             try:
                 self.sock.close()
