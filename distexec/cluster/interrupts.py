@@ -32,6 +32,7 @@ from ..protocol.frames import Flag, Kind
 from ..runtime.calls import ReplySlot
 from ..runtime.context import ClusterContext, WorkerRecord, WorkerState
 from ..runtime.runner import running_calls
+from .local import terminate_then_kill
 
 log = logging.getLogger("distexec")
 
@@ -123,7 +124,7 @@ def _old_calls_running(ctx: ClusterContext, record: WorkerRecord,
     except (DistexecError, OSError):
         ctx.pop_waiter(notify)
         return None
-    if not slot._event.wait(QUERY_TIMEOUT):
+    if not slot.arrived(QUERY_TIMEOUT):
         ctx.pop_waiter(notify)
         log.debug("Worker %d did not answer within %g s", pid, QUERY_TIMEOUT)
         return True
@@ -159,10 +160,4 @@ def _escalate(ctx: ClusterContext, record: WorkerRecord, grace: float) -> None:
         return
     log.warning("Worker %d still runs an interrupted call %g s after interrupt(); "
                 "sending SIGTERM", pid, grace)
-    process.terminate()
-    try:
-        process.wait(TERM_WAIT)
-        return
-    except subprocess.TimeoutExpired:
-        log.warning("Worker %d ignored SIGTERM, sending SIGKILL", pid)
-    process.kill()
+    terminate_then_kill(pid, process, TERM_WAIT)

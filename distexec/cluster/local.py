@@ -133,6 +133,11 @@ def _escalate(pid: int, process: subprocess.Popen, timeout: float) -> None:
         return
     except subprocess.TimeoutExpired:
         log.warning("Failed to gracefully kill worker %d, sending SIGTERM", pid)
+    terminate_then_kill(pid, process, timeout)
+
+
+def terminate_then_kill(pid: int, process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM; SIGKILL if worker ``pid`` outlives ``timeout`` seconds (logged); reap it."""
     process.terminate()
     try:
         process.wait(timeout)

@@ -301,7 +301,7 @@ def _join(ctx: ClusterContext, record: WorkerRecord, params: dict):
     record.conn.send(Kind.JOIN, payload, notify=notify)
     threading.Thread(target=_manage_quietly, args=(record, "register"), daemon=True).start()
     timeout = worker_timeout()
-    if not slot._event.wait(timeout):
+    if not slot.arrived(timeout):
         ctx.pop_waiter(notify)
         raise DistributedError(f"worker {record.pid} did not connect within {timeout} seconds")
     return slot.wait()

@@ -51,6 +51,10 @@ class ReplySlot:
     def fail(self, exc: BaseException) -> None:
         self.deliver(exc, True)
 
+    def arrived(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the reply; whether it came."""
+        return self._event.wait(timeout)
+
     def wait(self) -> Any:
         self._event.wait()
         if self.is_error:

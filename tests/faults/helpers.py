@@ -21,6 +21,7 @@ import time
 import psutil
 
 import distexec
+from distexec.protocol import handshake
 from distexec.runtime.context import default_context
 from tests.faults.catalogue import T_DET
 from tests.helpers import wait_until
@@ -265,3 +266,11 @@ def preauth_unpickling_seen() -> tuple[int, int]:
     """Runs on a worker: (loads calls, find_class events) since ``count_preauth_unpickling``."""
     (counter,) = _worker_counter
     return counter.loads_calls, counter.find_class_events
+
+
+def stall_handshake(address) -> socket.socket:
+    """Connect, read the HELLO, send the magic and half the version, then nothing (N4)."""
+    sock = socket.create_connection(address, timeout=5)
+    sock.recv(handshake.HELLO_SIZE)
+    sock.sendall(handshake.MAGIC + b"\x00")
+    return sock

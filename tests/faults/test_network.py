@@ -38,7 +38,7 @@ from distexec.protocol.frames import Kind
 from distexec.runtime.context import default_context
 from distexec.transport import sockets
 from distexec.transport.connection import Connection
-from tests.faults.helpers import connect_at, counting_listen_socket
+from tests.faults.helpers import connect_at, counting_listen_socket, stall_handshake
 from tests.helpers import os_pid, wait_for_output, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -271,14 +271,6 @@ def test_port_scan_leaves_the_worker_serving_quietly(add_workers, capfd):
 # --------------------------------------------------------------------------------------------
 # N4: stalled handshakes
 # --------------------------------------------------------------------------------------------
-def _stall(address) -> socket.socket:
-    """Connect, read the HELLO, send the magic and half the version, then nothing."""
-    sock = socket.create_connection(address, timeout=5)
-    sock.recv(handshake.HELLO_SIZE)
-    sock.sendall(handshake.MAGIC + b"\x00")
-    return sock
-
-
 @pytest.mark.fault("N4")
 def test_stalled_handshakes_do_not_block_others_and_close_at_the_deadline(server):
     deadline = 1.0
@@ -287,7 +279,7 @@ def test_stalled_handshakes_do_not_block_others_and_close_at_the_deadline(server
     try:
         for _ in range(100):
             stalled_at.append(time.monotonic())
-            stalled.append(_stall(srv.address))
+            stalled.append(stall_handshake(srv.address))
         started = time.monotonic()
         _legit_client(srv.address).close()
         assert time.monotonic() - started < 1.0
@@ -306,7 +298,7 @@ def test_stalled_handshakes_do_not_block_others_and_close_at_the_deadline(server
 @pytest.mark.fault("N4")
 def test_connections_beyond_the_preauth_cap_are_closed_at_once(server):
     srv = server(handshake_timeout=5.0, max_preauth=3)
-    stalled = [_stall(srv.address) for _ in range(3)]
+    stalled = [stall_handshake(srv.address) for _ in range(3)]
     try:
         with socket.create_connection(srv.address, timeout=5) as extra:
             started = time.monotonic()

@@ -25,7 +25,7 @@ import pytest
 from distexec.protocol import handshake
 from distexec.protocol.frames import HEADER, Kind
 from distexec.transport import sockets
-from tests.faults.helpers import UnpicklingCounter, counting_listen_socket
+from tests.faults.helpers import UnpicklingCounter, counting_listen_socket, stall_handshake
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -159,13 +159,6 @@ def test_stalled_connections_hold_at_most_64KiB_each(server):
 # --------------------------------------------------------------------------------------------
 # Deadlines under load: 100 stalled connections, 20 legitimate clients
 # --------------------------------------------------------------------------------------------
-def _stall(address) -> socket.socket:
-    sock = socket.create_connection(address, timeout=5)
-    sock.recv(handshake.HELLO_SIZE)
-    sock.sendall(handshake.MAGIC + b"\x00")
-    return sock
-
-
 @pytest.mark.fault("N4")
 def test_legitimate_clients_get_through_100_stalled_ones_and_they_close_on_time(server):
     deadline = 3.0
@@ -173,7 +166,7 @@ def test_legitimate_clients_get_through_100_stalled_ones_and_they_close_on_time(
     stalled: list[tuple[socket.socket, float]] = []
     try:
         for _ in range(100):
-            stalled.append((_stall(srv.address), time.monotonic()))
+            stalled.append((stall_handshake(srv.address), time.monotonic()))
         latencies = []
         for _ in range(20):
             started = time.monotonic()

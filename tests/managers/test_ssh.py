@@ -101,16 +101,21 @@ def test_invalid_env_key_and_shell_are_refused_before_anything_starts(ssh_worker
     assert d.procs() == [1]
 
 
+def _assert_not_in_cmdline_or_environ(secret: bytes, pids, *, processes: int) -> None:
+    """``secret`` is in no command line or environment of the workers and their ssh clients."""
+    found = [psutil.Process(os_pid(p)) for p in pids]
+    found += [psutil.Process(ssh_process(p).pid) for p in pids if ssh_process(p)]
+    assert len(found) == processes
+    for process in found:
+        for name in ("cmdline", "environ"):
+            with open(f"/proc/{process.pid}/{name}", "rb") as f:
+                assert secret not in f.read(), (process, name)
+
+
 def test_the_cookie_is_not_in_any_command_line_or_environment(ssh_workers, ssh_hosts):
     pids = ssh_workers([(ssh_hosts.local, 2)])
     cookie = str(current_context().cookie).encode()
-    processes = [psutil.Process(os_pid(p)) for p in pids]
-    processes += [psutil.Process(ssh_process(p).pid) for p in pids if ssh_process(p)]
-    assert len(processes) == 3  # two workers, one ssh
-    for process in processes:
-        for name in ("cmdline", "environ"):
-            with open(f"/proc/{process.pid}/{name}", "rb") as f:
-                assert cookie not in f.read(), (process, name)
+    _assert_not_in_cmdline_or_environ(cookie, pids, processes=3)  # two workers, one ssh
 
 
 def test_rmprocs_ends_the_remote_workers_and_their_ssh(ssh_workers, ssh_hosts):
@@ -225,13 +230,7 @@ def test_tls_workers_on_two_hosts_get_the_key_on_stdin_only(ssh_workers, ssh_nam
     assert {type(current_context().record(p).conn.sock).__name__ for p in pids} == {"TLSChannel"}
     assert set(d.remotecall_fetch(_link_types, max(pids)).values()) == {"TLSChannel"}
     key_line = security._key.splitlines()[1].encode()
-    processes = [psutil.Process(os_pid(p)) for p in pids]
-    processes += [psutil.Process(ssh_process(p).pid) for p in pids if ssh_process(p)]
-    assert len(processes) == 5  # three workers, two ssh
-    for process in processes:
-        for name in ("cmdline", "environ"):
-            with open(f"/proc/{process.pid}/{name}", "rb") as f:
-                assert key_line not in f.read(), (process, name)
+    _assert_not_in_cmdline_or_environ(key_line, pids, processes=5)  # three workers, two ssh
 
 
 @pytest.mark.fault("N14")
