@@ -134,20 +134,54 @@ class _ExecutorFuture(cf.Future):
                 self = None  # type: ignore[assignment]
         return self._result
 
-    if sys.version_info < (3, 11):  # 3.10: raise a timeout that is also the builtin one
-        def result(self, timeout=None):
-            try:
-                return super().result(timeout)
-            except cf.TimeoutError as exc:
-                if self.done():
-                    raise  # the task itself raised it
-                raise WaitTimeout(*exc.args) from None
+    # Where the task went, once sent: (context, pid). A caller that waits without a timeout
+    # reads that connection itself rather than being woken by its reader thread.
+    _sent_to: tuple[Any, int] | None = None
+    _reading: Any = None  # the connection a waiting thread reads for this future, meanwhile
 
-        def exception(self, timeout=None):
-            try:
-                return super().exception(timeout)
-            except cf.TimeoutError as exc:
-                raise WaitTimeout(*exc.args) from None
+    def _read_while_waiting(self) -> None:
+        sent_to = self._sent_to
+        if sent_to is not None and self._state == _RUNNING:
+            ctx, pid = sent_to
+            ctx.read_while_waiting(pid, self.done, self)
+
+    def set_result(self, result) -> None:
+        super().set_result(result)
+        self._wake_reading()
+
+    def set_exception(self, exception) -> None:
+        super().set_exception(exception)
+        self._wake_reading()
+
+    def _wake_reading(self) -> None:
+        """Completed by another thread (a retry elsewhere, a broken executor) while a waiting
+        thread reads the connection the task first went to: it must look up."""
+        reading = self._reading
+        if reading is not None:
+            reading.poke()
+
+    def result(self, timeout=None):
+        if timeout is None:
+            self._read_while_waiting()
+        try:
+            return super().result(timeout)
+        except cf.TimeoutError as exc:
+            if sys.version_info >= (3, 11) or self.done():
+                raise  # 3.11: the builtin TimeoutError already; or the task itself raised it
+            raise WaitTimeout(*exc.args) from None  # 3.10: a timeout that is also the builtin
+
+    def exception(self, timeout=None):
+        if timeout is None:
+            self._read_while_waiting()
+        try:
+            return super().exception(timeout)
+        except cf.TimeoutError as exc:
+            if sys.version_info >= (3, 11):
+                raise
+            raise WaitTimeout(*exc.args) from None
+
+
+_RUNNING = "RUNNING"  # concurrent.futures' state name for a future that started
 
 
 class _Task:
@@ -437,6 +471,8 @@ class DistributedExecutor(cf.Executor):
     def _send(self, pid: int, pickled: list[tuple]) -> None:
         ctx = self._ctx
         rrid = ctx.next_rrid()
+        for task, _, _ in pickled:
+            task.future._sent_to = (ctx, pid)
         if len(pickled) == 1:
             task, payload, buffers = pickled[0]
             waiter: _TaskWaiter | _BatchWaiter = _TaskWaiter(self, pid, task)

@@ -220,6 +220,8 @@ def _on_join(ctx: ClusterContext, conn: Connection, frame) -> None:
     conn.peer_pid = 1
     conn.name = "master"
     ctx.register(WorkerRecord(1, WorkerState.CONNECTED, conn))
+    if conn.can_read_here:  # the idle main thread reads its calls itself (runtime.runner)
+        ctx.runner.idle_connection = conn
     ctx.joined.set()
     threading.Thread(target=_finish_join, args=(ctx, conn, peers, frame.header.notify),
                      daemon=True, name="distexec-join").start()

@@ -51,6 +51,9 @@ class ReplySlot:
     def fail(self, exc: BaseException) -> None:
         self.deliver(exc, True)
 
+    def done(self) -> bool:
+        return self._event.is_set()
+
     def arrived(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds for the reply; whether it came."""
         return self._event.wait(timeout)
@@ -144,6 +147,7 @@ def _send_with_waiter(ctx, pid, kind, obj, rrid, slot, **ids) -> None:
 
 def _wait(ctx: ClusterContext, rrid: RRID, slot: ReplySlot) -> Any:
     try:
+        ctx.read_while_waiting(slot.waitingfor, slot.done)
         return slot.wait()
     finally:
         ctx.pop_waiter(rrid)  # gone already unless the wait was interrupted

@@ -294,6 +294,29 @@ class ClusterContext:
                 self.changed.wait(left)
         raise dead.exited_exception()
 
+    def read_while_waiting(self, pid: int, done: Callable[[], bool], waitable: Any = None) -> None:
+        """Before waiting for a message from ``pid``: read its connection on this thread until
+        ``done()``, where that is safe (``Connection.read_until``); otherwise return at once.
+
+        Saves the wake-up of this thread by the reader thread, which on a virtual machine
+        costs as much as the message's trip. Threads running a call are left to wait as
+        usual: an interrupt reaches them as an asynchronous exception, which must not land
+        in the middle of a frame. ``waitable._reading`` names the connection meanwhile, so
+        that whoever completes it another way can ``poke`` the reading thread.
+        """
+        record = self.peers.get(pid)
+        conn = record.conn if record is not None else None
+        if conn is None or not conn.can_read_here or self.runner.in_user_code():
+            return
+        if waitable is not None:
+            waitable._reading = conn
+        try:
+            if not done():
+                conn.read_until(done, defer_sigint=True)
+        finally:
+            if waitable is not None:
+                waitable._reading = None
+
     # -- waiters -----------------------------------------------------------------------------
     def add_waiter(self, rrid: RRID, waiter: Waiter) -> None:
         with self.lock:

@@ -1,7 +1,7 @@
 """Running incoming calls: an elastic pool of reusable threads, preferring the main thread.
 
 Owns the threads that execute user code on a process, and interrupting them. Imports
-``distexec.errors`` and the standard library only.
+``distexec.errors`` and the standard library only (``transport.connection`` for types).
 
     reader thread ──► CallRunner.submit(task)
                         ├─ main thread idle (workers) ──► runs there (SIGINT interrupts it)
@@ -22,11 +22,15 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from ..transport.connection import Connection
 
 log = logging.getLogger("distexec")
 
 IDLE_SECONDS = 30.0
+IDLE_POLL = 0.5  # how often an idle main thread looks whether the worker should stop
 
 
 class _PoolThread:
@@ -63,6 +67,10 @@ class CallRunner:
         self._main_idle = False
         self._main_finishing = False
         self._main_ident: int | None = None
+        # A worker's idle main thread reads its master connection itself (read_until), so
+        # that a call arriving there needs no wake-up; set by the cluster layer on JOIN.
+        self.idle_connection: Connection | None = None
+        self._main_reading = False
         self._in_user_code: dict[int, float] = {}  # thread ident -> when its call began
         self._stopped = False
 
@@ -79,6 +87,10 @@ class CallRunner:
                 self._main_queue.append(task)
                 if waiting:
                     self._main_wake.release()
+                    if self._main_reading and threading.get_ident() != self._main_ident:
+                        poke = self.idle_connection
+                        if poke is not None:
+                            poke.poke()  # out of its poll on the master connection
                 return
             pooled = self._idle.pop() if self._idle else None
             if pooled is not None:
@@ -128,12 +140,19 @@ class CallRunner:
                 self._main_idle = self._main_finishing = False
                 return self._main_queue.popleft()
             self._main_idle = True
-        self._main_wake.acquire(timeout=0.5)
+            conn = self.idle_connection
+            self._main_reading = conn is not None
+        if conn is None or not conn.read_until(self._main_has_task, timeout=IDLE_POLL):
+            self._main_wake.acquire(timeout=IDLE_POLL)
         with self._lock:
+            self._main_reading = False
             if not self._main_queue:
                 return None
             self._main_idle = self._main_finishing = False
             return self._main_queue.popleft()
+
+    def _main_has_task(self) -> bool:
+        return bool(self._main_queue) or self._stopped
 
     # -- running and interrupting ------------------------------------------------------------
     def _run(self, task: Callable[[], None]) -> None:
@@ -155,8 +174,9 @@ class CallRunner:
         Called from the SIGINT handler on the main thread: the handler itself raises
         ``KeyboardInterrupt`` when this returns True; other threads get it asynchronously.
         """
-        with self._lock:
-            busy = set(self._in_user_code)
+        # No lock: this runs in a signal handler, which may have interrupted the main thread
+        # inside the lock (dispatching a frame it read). set() of a dict is one atomic step.
+        busy = set(self._in_user_code)
         main_busy = self._main_ident in busy
         for ident in busy - {self._main_ident}:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
@@ -167,6 +187,10 @@ class CallRunner:
         """When (``time.monotonic()``) each call now running user code began."""
         with self._lock:
             return list(self._in_user_code.values())
+
+    def in_user_code(self) -> bool:
+        """Whether the current thread runs a call (``interrupt`` may target it)."""
+        return threading.get_ident() in self._in_user_code
 
     def next_call_begins(self) -> None:
         """The current thread, running user code, goes on to another call (a batch's next task):
@@ -183,6 +207,8 @@ class CallRunner:
             if self._main_idle:
                 self._main_idle = False
                 self._main_wake.release()
+                if self._main_reading and self.idle_connection is not None:
+                    self.idle_connection.poke()
         for pooled in idle:
             pooled.wake.set()
 

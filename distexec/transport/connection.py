@@ -5,23 +5,41 @@ Owns the socket of an authenticated peer. Imports ``distexec.errors`` and ``dist
     sender threads ──► send(): header+payload+buffers ──► one sendmsg (under the send lock)
                                                   (TLS: an ``ssl.SSLSocket`` is wrapped in a
                                                    ``tls.TLSChannel``, which emulates sendmsg)
-    socket ──► reader thread ──► Frame(header, payload, buffers) ──► on_frame(conn, frame)
-                                  └─ EOF / error ──► on_close(conn, error)   (exactly once)
+    socket ──► the read role ──► Frame(header, payload, buffers) ──► on_frame(conn, frame)
+               (reader thread,    └─ EOF / error ──► on_close(conn, error)   (exactly once,
+                or a waiting                                                  reader thread)
+                thread: read_until)
 
-The reader thread only decodes frames and hands them on; it never runs user code (the runtime
-decides what runs inline and what goes to a call thread). Small frames are read through one
-reusable buffer; large payloads and out-of-band buffers are received straight into their own
-preallocated memory.
+Whoever reads does not run user code (the runtime decides what runs inline and what goes to a
+call thread). Small frames are read through one reusable buffer; large payloads and
+out-of-band buffers are received straight into their own preallocated memory.
+
+Reading on the waiting thread (plain sockets). Handing a frame from the reader thread to the
+thread that waits for it costs a thread wake-up, and on a virtual machine a wake-up costs as
+much as the network hop itself. So the *read role* (reading a frame and dispatching it, in
+order) can move: a thread that waits for something this connection will bring (a caller
+waiting for its reply, a worker's idle main thread waiting for its next call) calls
+``read_until(done)``, takes the role, and reads and dispatches frames itself until ``done()``
+— first polling the socket without blocking for a few microseconds (``DISTEXEC_SPIN_US``),
+since a reply to a short call is usually that close, then blocking in ``poll``. The reader
+thread holds the role whenever no waiting thread does; it blocks in ``poll`` on the socket and
+on a wake-up fd, so that a waiting thread can ask for the role back. One waiting thread at a
+time leads; others wait for their frame the usual way. A waiting thread that meets EOF or an
+error leaves it to the reader thread to close the connection and report it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import select
+import signal
 import socket
 import ssl
 import threading
 import time
-from typing import Callable, NamedTuple
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple, cast
 
 from ..protocol import frames
 from ..protocol.frames import Flag, Header, Kind, RRID, NULL_RRID
@@ -32,6 +50,24 @@ log = logging.getLogger("distexec.transport")
 
 _READ_BUFFER = 256 * 1024
 _IOV_MAX = 512
+
+
+def _spin_seconds() -> float:
+    """How long a waiting thread polls the socket without blocking (``DISTEXEC_SPIN_US``)."""
+    value = os.environ.get("DISTEXEC_SPIN_US", "")
+    try:
+        micros = float(value) if value else 100.0
+    except ValueError:
+        micros = 100.0
+    return max(0.0, micros) / 1e6
+
+
+SPIN_SECONDS = _spin_seconds()
+# After a waiting thread gives the role up, the reader thread waits this long before taking it
+# back: a caller that waits for one reply after another (or a worker's main thread between
+# short calls) then finds the role free each time, and nobody wakes the reader thread per
+# message. It bounds how late a frame that arrives with no waiting thread reading is read.
+LINGER_SECONDS = 0.001
 
 
 class Frame(NamedTuple):
@@ -50,18 +86,40 @@ class _BufferedReader:
         self._view = memoryview(self._buf)
         self._start = self._end = 0
 
-    def _fill(self, need: int) -> None:
+    @property
+    def pending(self) -> bool:
+        """Whether bytes already received wait in the buffer (``poll`` cannot see them)."""
+        return self._end > self._start
+
+    def _make_room(self, need: int) -> None:
         if self._start == self._end:
             self._start = self._end = 0
         elif len(self._buf) - self._start < need:
             size = self._end - self._start
             self._view[:size] = self._view[self._start:self._end]
             self._start, self._end = 0, size
+
+    def _fill(self, need: int) -> None:
+        self._make_room(need)
         n = self._sock.recv_into(self._view[self._end:])
         if n == 0:
             raise EOFError("connection closed by peer")
         self._heard()
         self._end += n
+
+    def fill_nowait(self) -> bool:
+        """Receive what has arrived without blocking; whether anything had (plain sockets)."""
+        self._make_room(frames.HEADER.size)
+        try:
+            n = cast(socket.socket, self._sock).recv_into(self._view[self._end:], 0,
+                                                          socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if n == 0:
+            raise EOFError("connection closed by peer")
+        self._heard()
+        self._end += n
+        return True
 
     def _heard(self) -> None:
         if self._conn is not None:  # any bytes, even part of a long frame, show the peer lives
@@ -116,7 +174,25 @@ class Connection:
         self._closed = threading.Event()
         self._buffers = ReceiveBuffers()  # large receive buffers, reused (see buffers.py)
         self._reader: threading.Thread | None = None
+        self._input = _BufferedReader(stream, self)
         self.last_received = time.monotonic()  # for heartbeats (runtime.heartbeat)
+        # The read role (module docstring): only plain sockets can be polled and read
+        # without blocking; TLS and stream transports keep to the reader thread.
+        self._role = threading.Lock()
+        # (reentrant: the SIGINT handler of a waiting main thread pokes under it)
+        self._demand = threading.Condition(threading.RLock())
+        self._wanted = 0  # waiting threads that want the role; the reader thread stands aside
+        self._leading = False  # one waiting thread at a time reads
+        self._linger_until = 0.0  # the reader thread stands aside until then (LINGER_SECONDS)
+        self._parked = False  # the reader thread waits, untimed, for the waiting threads
+        self._failed: BaseException | None = None  # what a waiting thread's read met
+        self._wake_fd: int | None = None
+        self._poll: select.poll | None = None
+        if type(stream) is socket.socket and hasattr(os, "eventfd") and hasattr(select, "poll"):
+            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._poll = select.poll()
+            self._poll.register(stream, select.POLLIN)
+            self._poll.register(self._wake_fd, select.POLLIN)
 
     def __repr__(self) -> str:
         return f"<Connection {self.name} pid={self.peer_pid}{' closed' if self.closed else ''}>"
@@ -130,10 +206,88 @@ class Connection:
     def closed(self) -> bool:
         return self._closed.is_set()
 
+    @property
+    def can_read_here(self) -> bool:
+        """Whether a waiting thread can take the read role (``read_until``)."""
+        return self._wake_fd is not None and not self.closed
+
     def start(self) -> None:
         self._reader = threading.Thread(target=self._read_loop, name=f"distexec-reader-{self.name}",
                                         daemon=True)
         self._reader.start()
+
+    def read_until(self, done: Callable[[], bool], *, timeout: float | None = None,
+                   spin: float = SPIN_SECONDS, defer_sigint: bool = False) -> bool:
+        """Read and dispatch frames on this thread until ``done()`` or ``timeout`` seconds.
+
+        Returns False at once when this thread cannot read here (TLS, another thread reads
+        here already, the connection is closing): then wait another way. ``defer_sigint``
+        (on the main thread): a Ctrl-C waits until the frame being read is whole, then
+        raises as usual. The caller must not be interruptible otherwise (an asynchronous
+        exception in the middle of a frame would lose the stream).
+        """
+        if self._wake_fd is None:
+            return False
+        # Everything below, bookkeeping included, runs with Ctrl-C held back: an exception
+        # between two of these steps would leave the reader thread standing aside for ever.
+        with _sigint_deferred(self, defer_sigint) as interrupted:
+            with self._demand:
+                wake_fd, poll = self._wake_fd, self._poll
+                if (wake_fd is None or poll is None or self._leading or self.closed
+                        or self._failed is not None):
+                    return False
+                self._leading = True
+                self._wanted += 1
+            try:
+                if not self._role.acquire(blocking=False):
+                    _poke(wake_fd)  # the reader thread gives the role up after its frame
+                    self._role.acquire()
+                try:
+                    return self._lead(done, timeout, spin, interrupted, wake_fd, poll)
+                finally:
+                    self._role.release()
+            finally:
+                with self._demand:
+                    self._leading = False
+                    self._wanted -= 1
+                    self._linger_until = time.monotonic() + LINGER_SECONDS
+                    if self._parked or self._wake_fd is None:  # (None: the reader closes)
+                        self._demand.notify()
+
+    def poke(self) -> None:
+        """Make the thread that holds the read role look up (its ``done()`` may have changed)."""
+        with self._demand:  # not while the reader thread closes it (the number may be reused)
+            if self._wake_fd is not None:
+                _poke(self._wake_fd)
+
+    def _lead(self, done: Callable[[], bool], timeout: float | None, spin: float,
+              interrupted: list, wake_fd: int, poll: select.poll) -> bool:
+        """With the role held: read and dispatch until ``done()``; see ``read_until``."""
+        reader = self._input
+        deadline = None if timeout is None else time.monotonic() + timeout
+        spin_until = time.perf_counter() + spin
+        try:
+            while not done():
+                if interrupted or self._failed is not None or self.closed:
+                    return True
+                if not reader.pending:
+                    if time.perf_counter() < spin_until:
+                        reader.fill_nowait()
+                        continue
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return True
+                    ready = poll.poll(None if left is None else left * 1000)
+                    if not ready:
+                        return True
+                    if any(fd == wake_fd for fd, _ in ready):
+                        _drain(wake_fd)
+                        continue
+                self._on_frame(self, self._read_frame(reader))
+        except BaseException as exc:  # EOF, a reset, a protocol violation: the reader reports it
+            self._failed = exc
+            return True
+        return True
 
     def send(self, kind: Kind, payload: bytes = b"", buffers=(), *, flags: Flag = Flag.NONE,
              response: RRID = NULL_RRID, notify: RRID = NULL_RRID) -> None:
@@ -154,6 +308,8 @@ class Connection:
     def close(self) -> None:
         """Close the socket; the reader thread then reports the close."""
         self._shutdown()
+        if self._reader is None:  # never started: nobody else will
+            self._close_wake_fd()
 
     def join(self, timeout: float | None = None) -> None:
         if self._reader is not None and self._reader is not threading.current_thread():
@@ -169,12 +325,15 @@ class Connection:
             pass
 
     def _read_loop(self) -> None:
-        reader = _BufferedReader(self.sock, self)
+        reader = self._input
         error: BaseException | None = None
         try:
+            wake_fd, poll = self._wake_fd, self._poll
+            if wake_fd is None or poll is None:
+                while True:
+                    self._on_frame(self, self._read_frame(reader))
             while True:
-                frame = self._read_frame(reader)
-                self._on_frame(self, frame)
+                self._read_in_turn(wake_fd, poll)
         except (EOFError, OSError) as exc:
             error = None if self.closed or isinstance(exc, EOFError) else exc
         except BaseException as exc:  # a protocol violation or a bug: drop this peer, loudly
@@ -190,7 +349,44 @@ class Connection:
                 self.sock.close()
             except OSError:
                 pass
+            self._close_wake_fd()
             self._on_close(self, error)
+
+    def _read_in_turn(self, wake_fd: int, poll: select.poll) -> None:
+        """The reader thread's turn: one frame read and dispatched, unless a waiting thread
+        wants the role (then it stands aside until that thread is done, and a little longer)."""
+        with self._demand:
+            while self._failed is None:  # (a waiting thread met the end: report it at once)
+                if self._wanted:
+                    self._parked = True
+                    self._demand.wait()
+                    self._parked = False
+                    continue
+                left = self._linger_until - time.monotonic()
+                if left <= 0:
+                    break
+                self._demand.wait(left)
+        with self._role:
+            if self._failed is not None:
+                raise self._failed
+            if self._wanted:
+                return
+            if not self._input.pending:
+                ready = poll.poll()
+                if any(fd == wake_fd for fd, _ in ready):
+                    _drain(wake_fd)
+                    return
+            self._on_frame(self, self._read_frame(self._input))
+
+    def _close_wake_fd(self) -> None:
+        with self._demand:  # read_until refuses once closed; a thread still reading leaves
+            fd, self._wake_fd = self._wake_fd, None
+            if fd is not None and self._leading:
+                _poke(fd)  # out of a poll on the socket, which closing it does not end
+            while self._leading:
+                self._demand.wait()
+        if fd is not None:
+            os.close(fd)
 
     def _read_frame(self, reader: _BufferedReader) -> Frame:
         kind, flags, nbufs, response, notify, payload_len = frames.decode_fixed_header(
@@ -206,6 +402,49 @@ class Connection:
             buffers.append(buf)
         self._buffers.trim()
         return Frame(header, payload, buffers)
+
+
+def _poke(fd: int) -> None:
+    try:
+        os.eventfd_write(fd, 1)
+    except (BlockingIOError, OSError):  # the counter is full (already poked) or closed
+        pass
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except (BlockingIOError, OSError):
+        pass
+
+
+@contextmanager
+def _sigint_deferred(conn: Connection, defer: bool) -> Iterator[list]:
+    """On the main thread with ``defer``: hold a SIGINT back until the block ends, then act on
+    it as the handler that was there would have (``KeyboardInterrupt`` by default)."""
+    caught: list = []
+    if not defer or threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def hold(signum, frame):
+        caught.append(frame)
+        conn.poke()  # a blocking poll returns, and the waiting thread steps aside
+
+    try:
+        previous = signal.signal(signal.SIGINT, hold)
+    except ValueError:  # not the main interpreter
+        yield caught
+        return
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, caught[-1])
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
 
 
 def _sendmsg_all(sock: socket.socket | TLSChannel, parts) -> None:

@@ -1,0 +1,143 @@
+"""A waiting thread reads its own reply (transport.connection, "Reading on the waiting thread").
+
+What a user could notice if the read role went wrong: a worker busy on its main thread that
+stops answering until the call ends (nobody reading its master connection), and a Ctrl-C
+that lands while the master's main thread is reading a reply and leaves the connection
+broken (a frame half read). Both are checked against real workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import distexec
+from distexec.errors import RemoteException
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _busy_on_main_thread(flag_dir: str, how: str) -> None:
+    """Sleep or compute (holding the GIL between switch intervals) until interrupted."""
+    Path(flag_dir, "started").touch()
+    deadline = time.monotonic() + 30  # (a clock read through the vDSO: the GIL stays held)
+    while time.monotonic() < deadline:
+        if how == "sleep":
+            time.sleep(0.005)
+        else:
+            sum(range(20_000))
+
+
+@pytest.mark.parametrize("how", ["sleep", "compute"])
+def test_a_worker_busy_on_its_main_thread_answers_other_calls_meanwhile(shared_workers, tmp_path,
+                                                                        how):
+    worker = shared_workers[0]
+    busy = distexec.remotecall(_busy_on_main_thread, worker, str(tmp_path), how)
+    wait_until(lambda: (tmp_path / "started").exists(), 20, message="the long call to start")
+    try:
+        for _ in range(5):
+            asked = time.monotonic()
+            assert distexec.remotecall_fetch(os.getpid, worker) > 0
+            # A frame must not wait for the long call to end (30 s here): the worker's
+            # reader thread takes the read role back from its busy main thread.
+            assert time.monotonic() - asked < 1.0
+    finally:
+        distexec.interrupt(worker)
+    # The long call did hold the main thread: only there does SIGINT end a computation.
+    with pytest.raises(RemoteException) as failed:
+        busy.fetch()
+    assert "KeyboardInterrupt" in str(failed.value)
+
+
+STORM_MASTER = r'''
+import json, os, random, signal, sys, threading, time
+import distexec as d
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal-started python has
+pids = d.addprocs(1)
+worker = pids[0]
+worker_pid = d.remotecall_fetch(os.getpid, worker)
+executor = d.DistributedExecutor(pool=d.WorkerPool(pids))
+
+# Ctrl-C, over and over at random moments, but only while the main thread waits for a reply
+# (remotecall_fetch, Future.result): what is under test is reading a reply, not submit().
+gate, stop = threading.Lock(), threading.Event()
+armed = False
+late = 0
+
+def storm():
+    rng = random.Random(1)
+    while not stop.is_set():
+        with gate:
+            if armed:
+                os.kill(os.getpid(), signal.SIGINT)
+        stop.wait(rng.uniform(0, 0.002))
+
+def arm(on):
+    global armed, late
+    while True:
+        try:
+            with gate:
+                armed = on
+            (lambda: None)()  # a Ctrl-C sent before the gate closed is raised by now
+            return
+        except KeyboardInterrupt:
+            late += 1
+
+rng = random.Random(2)
+interrupted = completed = 0
+storm_thread = threading.Thread(target=storm, daemon=True)
+storm_thread.start()
+deadline = time.monotonic() + 3
+while time.monotonic() < deadline:
+    size = rng.randrange(1, 400_000)  # replies of several reads each
+    via_executor = rng.random() < 0.5
+    future = executor.submit(bytes, size) if via_executor else None
+    try:
+        arm(True)
+        got = future.result() if via_executor else d.remotecall_fetch(bytes, worker, size)
+        assert len(got) == size
+        completed += 1
+    except KeyboardInterrupt:
+        interrupted += 1
+    arm(False)
+stop.set()
+storm_thread.join()
+sizes = [rng.randrange(1, 400_000) for _ in range(100)]
+after = [len(d.remotecall_fetch(bytes, worker, n)) for n in sizes]
+after += [len(f.result()) for f in [executor.submit(bytes, n) for n in sizes]]
+report = {
+    "interrupted": interrupted,
+    "completed": completed,
+    "after_ok": after == sizes + sizes,
+    "same_worker": d.remotecall_fetch(os.getpid, worker) == worker_pid,
+    "workers": d.workers(),
+}
+executor.shutdown()
+print("REPORT", json.dumps(report), flush=True)
+'''
+
+
+def test_ctrl_c_while_the_main_thread_reads_a_reply_leaves_the_connection_whole(tmp_path):
+    script = tmp_path / "master.py"
+    script.write_text(STORM_MASTER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                  os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=50, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.split("REPORT", 1)[1])
+    assert report["interrupted"] > 20, report  # the storm did interrupt waits, many times
+    assert report["completed"] > 20, report
+    assert report["after_ok"] and report["same_worker"], report
+    assert len(report["workers"]) == 1, report
+    assert "closing connection" not in done.stderr, done.stderr[-3000:]
