@@ -31,6 +31,7 @@ error leaves it to the reader thread to close the connection and report it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import signal
@@ -38,6 +39,7 @@ import socket
 import ssl
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, NamedTuple, cast
 
@@ -53,16 +55,22 @@ _IOV_MAX = 512
 
 
 def _spin_seconds() -> float:
-    """How long a waiting thread polls the socket without blocking (``DISTEXEC_SPIN_US``)."""
+    """How long a waiting thread polls the socket without blocking (``DISTEXEC_SPIN_US``,
+    microseconds, default 50; 0 never polls)."""
     value = os.environ.get("DISTEXEC_SPIN_US", "")
     try:
-        micros = float(value) if value else 100.0
+        micros = float(value) if value else 50.0
+        if not 0 <= micros < math.inf:
+            raise ValueError
     except ValueError:
-        micros = 100.0
-    return max(0.0, micros) / 1e6
+        warnings.warn(f"DISTEXEC_SPIN_US={value!r} is not a number of microseconds >= 0; "
+                      "using 50", stacklevel=2)
+        micros = 50.0
+    return micros / 1e6
 
 
 SPIN_SECONDS = _spin_seconds()
+_POLLING = threading.Lock()  # held by the one thread of this process that polls (see _lead)
 # After a waiting thread gives the role up, the reader thread waits this long before taking it
 # back: a caller that waits for one reply after another (or a worker's main thread between
 # short calls) then finds the role free each time, and nobody wakes the reader thread per
@@ -175,6 +183,7 @@ class Connection:
         self._buffers = ReceiveBuffers()  # large receive buffers, reused (see buffers.py)
         self._reader: threading.Thread | None = None
         self._input = _BufferedReader(stream, self)
+        self._spinner = _Spinner()
         self.last_received = time.monotonic()  # for heartbeats (runtime.heartbeat)
         # The read role (module docstring): only plain sockets can be polled and read
         # without blocking; TLS and stream transports keep to the reader thread.
@@ -265,7 +274,13 @@ class Connection:
         """With the role held: read and dispatch until ``done()``; see ``read_until``."""
         reader = self._input
         deadline = None if timeout is None else time.monotonic() + timeout
+        spin = self._spinner.budget(spin)
+        # One thread of a process polls at a time: polling threads would take the GIL from
+        # each other (and from everyone else) between their calls to recv.
+        if spin and not _POLLING.acquire(blocking=False):
+            spin = 0.0
         spin_until = time.perf_counter() + spin
+        missed = False  # the frame took longer than the poll
         try:
             while not done():
                 if interrupted or self._failed is not None or self.closed:
@@ -277,6 +292,9 @@ class Connection:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         return True
+                    if spin and not missed:
+                        _POLLING.release()
+                    missed = True
                     ready = poll.poll(None if left is None else left * 1000)
                     if not ready:
                         return True
@@ -287,6 +305,11 @@ class Connection:
         except BaseException as exc:  # EOF, a reset, a protocol violation: the reader reports it
             self._failed = exc
             return True
+        finally:
+            if spin:
+                if not missed:
+                    _POLLING.release()
+                self._spinner.spun(missed)
         return True
 
     def send(self, kind: Kind, payload: bytes = b"", buffers=(), *, flags: Flag = Flag.NONE,
@@ -402,6 +425,33 @@ class Connection:
             buffers.append(buf)
         self._buffers.trim()
         return Frame(header, payload, buffers)
+
+
+class _Spinner:
+    """How long a waiting thread polls without blocking, learnt from how polls went.
+
+    Polling pays when the frame comes within the window, which is the case when one call
+    at a time goes back and forth. When the frame keeps taking longer, the poll only took a
+    CPU that other work could have used (more busy workers than cores makes that the rule),
+    so when more than half of the recent polls ran out, only one wait in eight polls, to
+    notice when frames come quickly again.
+    """
+
+    WEIGHT = 1 / 8  # of the latest poll in the running share
+    PROBE_EVERY = 8
+
+    def __init__(self) -> None:
+        self.missed = 0.0  # running share of polls that ran out before a frame came
+        self._waits = 0
+
+    def budget(self, spin: float) -> float:
+        self._waits += 1
+        if self.missed > 0.5 and self._waits % self.PROBE_EVERY:
+            return 0.0
+        return spin
+
+    def spun(self, missed: bool) -> None:
+        self.missed += self.WEIGHT * (missed - self.missed)
 
 
 def _poke(fd: int) -> None:
