@@ -8,6 +8,10 @@ Owns the threads that execute user code on a process, and interrupting them. Imp
                         ├─ an idle pool thread ───────► runs there
                         └─ none idle ─────────────────► a new thread (no upper bound)
 
+A worker's idle main thread does not wait to be woken: it reads its master connection itself
+(``idle_connection``, the read role of ``transport.connection``), so a call arriving there is
+read by the thread that will run it; other submitters ``poke`` it out of that read.
+
 There is deliberately no upper bound: a call may block for as long as it likes (a ``take``
 on a channel whose producer needs another call on this process, a nested call back to its
 caller), and a bounded pool would deadlock exactly where Julia's one-task-per-request does not.

@@ -303,7 +303,8 @@ class Connection:
                         continue
                 self._on_frame(self, self._read_frame(reader))
         except BaseException as exc:  # EOF, a reset, a protocol violation: the reader reports it
-            self._failed = exc
+            # Without this thread's frames: they hold the partly received frame (see _read_loop).
+            self._failed = exc.with_traceback(None)
             return True
         finally:
             if spin:
