@@ -25,7 +25,8 @@ from .protocol.frames import RRID
 from .protocol.serialization import current_destination
 from .runtime.channel import Channel
 from .runtime.context import ClusterContext, WorkerState
-from .runtime.refs import Future, RemoteChannel, channel_from_id, remoteref_id
+from .runtime.owned import channel_from_id
+from .runtime.refs import Future, RemoteChannel, remoteref_id
 from .transport.tls import Security
 
 __version__ = "0.1.0"

@@ -161,24 +161,20 @@ class _ExecutorFuture(cf.Future):
             reading.poke()
 
     def result(self, timeout=None):
+        return self._after_reading(super().result, timeout)
+
+    def exception(self, timeout=None):
+        return self._after_reading(super().exception, timeout)
+
+    def _after_reading(self, get, timeout):
         if timeout is None:
             self._read_while_waiting()
         try:
-            return super().result(timeout)
+            return get(timeout)
         except cf.TimeoutError as exc:
             if sys.version_info >= (3, 11) or self.done():
                 raise  # 3.11: the builtin TimeoutError already; or the task itself raised it
             raise WaitTimeout(*exc.args) from None  # 3.10: a timeout that is also the builtin
-
-    def exception(self, timeout=None):
-        if timeout is None:
-            self._read_while_waiting()
-        try:
-            return super().exception(timeout)
-        except cf.TimeoutError as exc:
-            if sys.version_info >= (3, 11):
-                raise
-            raise WaitTimeout(*exc.args) from None
 
 
 _RUNNING = "RUNNING"  # concurrent.futures' state name for a future that started

@@ -26,7 +26,7 @@ from typing import TypeVar
 import psutil
 
 import distexec
-from distexec.runtime.refs import owned_clients
+from distexec.runtime.owned import owned_clients
 
 T = TypeVar("T")
 

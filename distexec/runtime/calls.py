@@ -27,7 +27,7 @@ from ..errors import RemoteException
 from ..protocol import serialization
 from ..protocol.frames import RRID, Flag, Kind
 from ..protocol.tracebacks import capture
-from . import refs
+from . import owned, refs
 from .context import ClusterContext
 
 log = logging.getLogger("distexec")
@@ -86,7 +86,7 @@ def remotecall(ctx: ClusterContext, fn: Callable, pid: int, args: tuple, kwargs:
     """Start ``fn`` on ``pid``; return a Future for its result. Julia: ``remotecall``."""
     rrid = ctx.next_rrid()
     if pid == ctx.myid:
-        refs.lookup(ctx, rrid, refs._Cell)
+        owned.lookup(ctx, rrid, owned._Cell)
         future = refs.Future._existing(ctx, pid, rrid)
         ctx.runner.submit(lambda: _run_local_call(ctx, rrid, fn, args, kwargs))
         return future
@@ -98,7 +98,7 @@ def remotecall(ctx: ClusterContext, fn: Callable, pid: int, args: tuple, kwargs:
 
 def _run_local_call(ctx: ClusterContext, rrid: RRID, fn: Callable, args: tuple, kwargs: dict):
     is_error, value = invoke(ctx, fn, args, kwargs)
-    refs.store_result(ctx, rrid, value, is_error)
+    owned.store_result(ctx, rrid, value, is_error)
 
 
 def remotecall_wait(ctx: ClusterContext, fn: Callable, pid: int, args: tuple, kwargs: dict):
@@ -180,9 +180,9 @@ def run_incoming_call(ctx: ClusterContext, source: int, frame) -> None:
     if kind == Kind.CALL_FETCH:
         reply(ctx, source, header.notify, value, is_error)
     elif kind == Kind.CALL:
-        refs.store_result(ctx, header.response, value, is_error)
+        owned.store_result(ctx, header.response, value, is_error)
     elif kind == Kind.CALL_WAIT:
-        refs.store_result(ctx, header.response, value, is_error, notify=False)
+        owned.store_result(ctx, header.response, value, is_error, notify=False)
         reply(ctx, source, header.notify, value if is_error else None, is_error)
     else:
         _report_remote_do(ctx, is_error, value)

@@ -345,7 +345,8 @@ class ClusterContext:
             self.changed.notify_all()
         for _, waiter in waiting:
             waiter.fail(record.exited_exception())
-        from .refs import forget_client, fail_futures_owned_by
+        from .owned import forget_client
+        from .refs import fail_futures_owned_by
         forget_client(self, record.pid)
         fail_futures_owned_by(self, record.pid, record.exited_exception())
         for listener in list(self.on_peer_lost):

@@ -49,7 +49,7 @@ def on_frame(ctx: ClusterContext, conn, frame) -> None:
 
 def _on_call(ctx: ClusterContext, conn, frame) -> None:
     if frame.header.kind in (Kind.CALL, Kind.CALL_WAIT):  # both keep their result here
-        from .refs import _Cell, lookup
+        from .owned import _Cell, lookup
         lookup(ctx, frame.header.response, _Cell)  # exists before any later release arrives
     source = conn.peer_pid
     ctx.runner.submit(lambda: calls.run_incoming_call(ctx, source, frame),

@@ -37,7 +37,7 @@ def decode(payload) -> list[tuple[int, RRID, int]]:
 
 def add_client(ctx, rrid: RRID, pid: int) -> None:
     """Owner side: ``pid`` now holds ``rrid`` (creates the entry if needed)."""
-    from .refs import lookup_existing_or_placeholder
+    from .owned import lookup_existing_or_placeholder
     with ctx.refs_lock:
         rv = lookup_existing_or_placeholder(ctx, rrid)
         rv.clientset.add(pid)

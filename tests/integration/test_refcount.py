@@ -18,7 +18,7 @@ import pytest
 import distexec
 from distexec import Future, RemoteChannel
 from distexec.runtime.context import current_context
-from distexec.runtime.refs import owned_clients, owned_refs_count
+from distexec.runtime.owned import owned_clients, owned_refs_count
 from tests.helpers import kill_and_wait, owner_clients, wait_until
 
 pytestmark = pytest.mark.timeout(60)

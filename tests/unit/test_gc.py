@@ -18,14 +18,8 @@ from distexec.protocol import serialization
 from distexec.protocol.frames import RRID, Kind
 from distexec.runtime import gc
 from distexec.runtime.context import ClusterContext, WorkerRecord, WorkerState, _current
-from distexec.runtime.refs import (
-    Future,
-    RemoteChannel,
-    forget_client,
-    lookup,
-    owned_clients,
-    owned_refs_count,
-)
+from distexec.runtime.owned import forget_client, lookup, owned_clients, owned_refs_count
+from distexec.runtime.refs import Future, RemoteChannel
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(30)
