@@ -28,6 +28,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor
+from concurrent.futures._base import RUNNING
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from . import ordered_map
@@ -141,7 +142,7 @@ class _ExecutorFuture(cf.Future):
 
     def _read_while_waiting(self) -> None:
         sent_to = self._sent_to
-        if sent_to is not None and self._state == _RUNNING:
+        if sent_to is not None and self._state == RUNNING:
             ctx, pid = sent_to
             ctx.read_while_waiting(pid, self.done, self)
 
@@ -175,9 +176,6 @@ class _ExecutorFuture(cf.Future):
             if sys.version_info >= (3, 11) or self.done():
                 raise  # 3.11: the builtin TimeoutError already; or the task itself raised it
             raise WaitTimeout(*exc.args) from None  # 3.10: a timeout that is also the builtin
-
-
-_RUNNING = "RUNNING"  # concurrent.futures' state name for a future that started
 
 
 class _Task:

@@ -74,7 +74,6 @@ class CallRunner:
         # A worker's idle main thread reads its master connection itself (read_until), so
         # that a call arriving there needs no wake-up; set by the cluster layer on JOIN.
         self.idle_connection: Connection | None = None
-        self._main_reading = False
         self._in_user_code: dict[int, float] = {}  # thread ident -> when its call began
         self._stopped = False
 
@@ -91,10 +90,9 @@ class CallRunner:
                 self._main_queue.append(task)
                 if waiting:
                     self._main_wake.release()
-                    if self._main_reading and threading.get_ident() != self._main_ident:
-                        poke = self.idle_connection
-                        if poke is not None:
-                            poke.poke()  # out of its poll on the master connection
+                    conn = self.idle_connection
+                    if conn is not None and threading.get_ident() != self._main_ident:
+                        conn.poke()  # out of its read of the master connection
                 return
             pooled = self._idle.pop() if self._idle else None
             if pooled is not None:
@@ -145,11 +143,9 @@ class CallRunner:
                 return self._main_queue.popleft()
             self._main_idle = True
             conn = self.idle_connection
-            self._main_reading = conn is not None
         if conn is None or not conn.read_until(self._main_has_task, timeout=IDLE_POLL):
             self._main_wake.acquire(timeout=IDLE_POLL)
         with self._lock:
-            self._main_reading = False
             if not self._main_queue:
                 return None
             self._main_idle = self._main_finishing = False
@@ -211,7 +207,7 @@ class CallRunner:
             if self._main_idle:
                 self._main_idle = False
                 self._main_wake.release()
-                if self._main_reading and self.idle_connection is not None:
+                if self.idle_connection is not None:
                     self.idle_connection.poke()
         for pooled in idle:
             pooled.wake.set()
