@@ -8,6 +8,7 @@ Owns :func:`check_cluster_manager`, a conformance check that runs a user's
     manager_factory(n) ──► addprocs ──► ids, workers(), nprocs()
         ──► a call on each worker ──► a worker-to-worker call ──► a channel owned by a worker
         ──► an executor over the new workers ──► one worker killed: only its calls fail
+        ──► manager.replacement(its config), if any: one worker like it joins and answers
         ──► rmprocs ──► nothing of them left
 
 Use it from pytest or from a plain script::
@@ -32,6 +33,7 @@ from collections.abc import Callable, Iterator
 
 from .api import addprocs, myid, nprocs, procs, remotecall, rmprocs, workers
 from .cluster.manager import ClusterManager
+from .cluster.membership import launched_by
 from .errors import ProcessExitedException, WaitTimeout
 from .executor import DistributedExecutor
 from .pools import WorkerPool
@@ -71,8 +73,12 @@ def check_cluster_manager(manager_factory: Callable[[int], ClusterManager], *, n
        leave ``procs()``; the other workers must go on serving calls. The worker is killed
        with SIGKILL through its OS pid when the manager launched it as a local child process
        (``WorkerConfig.process``); otherwise it kills itself (SIGKILL from inside);
-    6. removes the other workers with ``rmprocs`` and checks that none is left, and that every
-       local child process the manager started has exited.
+    6. asks the manager for a replacement of the killed worker
+       (``manager.replacement(config)``); unless that is None (the manager cannot replace
+       workers), adds its workers with ``addprocs`` and the same keywords: exactly one must
+       join, and answer a call;
+    7. removes the other workers with ``rmprocs`` and checks that none is left, and that every
+       local child process the manager (or its replacement) started has exited.
 
     Whatever fails, the workers it added are removed before it raises.
 
@@ -98,14 +104,17 @@ def check_cluster_manager(manager_factory: Callable[[int], ClusterManager], *, n
     _require(myid() == 1, "setup", "check_cluster_manager must run on the master (myid() == 1)")
     manager = _make_manager(manager_factory, n)
     pids = _add_workers(manager, n, timeout, addprocs_params)
+    added = list(pids)
     try:
         _check_calls(pids, timeout)
         _check_channel(pids, timeout)
         _check_executor(pids, timeout)
         survivors = _check_death(pids, timeout)
-        _check_removal(pids, survivors, timeout)
+        replaced = _check_replacement(pids[-1], timeout, addprocs_params)
+        added += replaced
+        _check_removal(added, survivors + replaced, timeout)
     finally:
-        _remove_quietly(pids)
+        _remove_quietly(added)
     log.info("check_cluster_manager: %s passed every check", _name(manager))
 
 
@@ -118,8 +127,8 @@ def _make_manager(factory: Callable[[int], ClusterManager], n: int) -> ClusterMa
     return manager
 
 
-def _add_workers(manager: ClusterManager, n: int, timeout: float, params: dict) -> list[int]:
-    step = "add workers"
+def _add_workers(manager: ClusterManager, n: int, timeout: float, params: dict,
+                 step: str = "add workers") -> list[int]:
     hint = ("launch() must start the workers and append one WorkerConfig per worker to "
             "`launched` (notifying `launch_ntfy`); connect() must return the master's end of "
             "the link to each worker as (reader, writer)")
@@ -220,6 +229,32 @@ def _check_death(pids: list[int], timeout: float) -> list[int]:
                      f"worker {pid} stopped answering after worker {victim} died")
     log.info("check_cluster_manager: worker %d killed (%s); %s survived", victim, how, survivors)
     return survivors
+
+
+def _check_replacement(victim: int, timeout: float, params: dict) -> list[int]:
+    """Add the replacement the manager offers for the killed worker; returns its pid (or [])."""
+    step = f"replace worker {victim}"
+    found = launched_by(current_context(), victim)
+    if found is None:
+        raise ManagerCheckFailed(f"check_cluster_manager, step '{step}': the master kept no "
+                                 f"record of how worker {victim} was launched")
+    manager, config = found
+    with _step(step, "replacement(config) returns a manager that launches one worker like "
+                     "the one config describes, or None"):
+        replacement = manager.replacement(config)
+    if replacement is None:
+        log.info("check_cluster_manager: %s offers no replacements", _name(manager))
+        return []
+    _require(isinstance(replacement, ClusterManager), step,
+             f"replacement() returned {replacement!r}, which is not a ClusterManager or None")
+    new = _add_workers(replacement, 1, timeout, params, step=step)
+    try:
+        _check_calls(new, timeout)
+    except BaseException:
+        _remove_quietly(new)
+        raise
+    log.info("check_cluster_manager: worker %d replaced by %s", victim, new)
+    return new
 
 
 def _check_removal(pids: list[int], survivors: list[int], timeout: float) -> None:

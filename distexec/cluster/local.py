@@ -13,6 +13,7 @@ ways to die with the master: the master connection's EOF, its stdin's EOF, and
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -93,6 +94,15 @@ class LocalManager(ClusterManager):
 
     def default_addprocs_params(self) -> dict:
         return default_addprocs_params()
+
+    def replacement(self, config: WorkerConfig) -> LocalManager:
+        """A copy of this manager that launches one worker (the same ``restrict``).
+
+        A copy, so that a subclass stays its own class and keeps its settings.
+        """
+        clone = copy.copy(self)
+        clone.n = 1
+        return clone
 
 
 def worker_environment(params: dict) -> dict:

@@ -140,6 +140,17 @@ class ClusterManager(abc.ABC):
     def default_addprocs_params(self) -> dict:
         return default_addprocs_params()
 
+    def replacement(self, config: WorkerConfig) -> ClusterManager | None:
+        """A manager that launches one worker like the one ``config`` describes.
+
+        "Like" means the same host and options; an executor that replaces a dead or
+        retired worker calls ``addprocs`` with it and the original ``addprocs`` keywords.
+        ``config`` is the WorkerConfig this manager's ``launch`` produced (the worker may
+        be dead by now). The default, None, says this manager cannot do it; the executor
+        then does not replace its workers.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

@@ -358,6 +358,20 @@ def _discard(ctx: ClusterContext, manager, pid: int, config) -> None:
         log.exception("could not kill worker %d after a failed start", pid)
 
 
+def launched_by(ctx: ClusterContext, pid: int) -> tuple[ClusterManager, WorkerConfig] | None:
+    """``(manager, config)`` of worker ``pid``: its ClusterManager and the WorkerConfig its
+    ``launch`` produced, for a live worker and for one that is gone (died, removed, or failed
+    to join: the master keeps gone workers' records in ``ctx.deleted``). None on a worker, or
+    when the master never launched ``pid`` (unknown, or process 1). Feed the pair to
+    ``manager.replacement(config)`` to launch one worker like it.
+    """
+    with ctx.lock:
+        record = ctx.peers.get(pid) or ctx.deleted.get(pid)
+    if record is None or record.manager is None or record.config is None:
+        return None
+    return record.manager, record.config
+
+
 def _announce_new_workers(ctx: ClusterContext, new_pids: list[int]) -> None:
     """Tell every worker about every worker (Julia: ``set_valid_processes``) and wait for it.
 

@@ -31,6 +31,7 @@ reports a specific address is reached at that address.
 from __future__ import annotations
 
 import collections
+import copy
 import functools
 import logging
 import os
@@ -66,6 +67,9 @@ _TASK_FAILED = re.compile(r"^srun: error: \S+: tasks? [\d,\-\[\]]+: ")
 _WILDCARDS = ("0.0.0.0", "::", "")
 # Options the manager sets itself: changing them would break reading the tasks' output.
 _RESERVED = {"input", "output", "label", "pty"}
+# Options that shape a step of several tasks, which one replacement task cannot keep.
+_LAYOUT = {"nodes", "nodelist", "nodefile", "relative", "ntasks_per_node", "ntasks_per_socket",
+           "ntasks_per_core", "ntasks_per_gpu", "ntasks_per_tres"}
 _HELPER_TIMEOUT = 30.0
 
 
@@ -94,8 +98,7 @@ class SlurmManager(ClusterManager):
         if ntasks is not None and (isinstance(ntasks, bool) or not isinstance(ntasks, int)
                                    or ntasks < 1):
             raise ValueError(f"ntasks must be a positive int or None, got {ntasks!r}")
-        reserved = sorted(_RESERVED.intersection(k.lstrip("-").replace("-", "_")
-                                                 for k in srun_options))
+        reserved = sorted(_RESERVED.intersection(map(_option_name, srun_options)))
         if reserved:
             raise ValueError(f"srun option(s) {reserved} are set by SlurmManager itself")
         self.ntasks = ntasks
@@ -155,6 +158,36 @@ class SlurmManager(ClusterManager):
         return not (env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
                     or self.srun_options.get("jobid"))
 
+    def replacement(self, config: WorkerConfig) -> SlurmManager | None:
+        """A copy of this manager that starts one task like the one ``config`` describes.
+
+        The same srun options, less those that lay out several tasks (``nodes``,
+        ``nodelist``, ``ntasks_per_node`` ...): one task on one node. Inside an allocation
+        it is a step of the same one (``jobid``), on the node of the task it replaces,
+        with ``overlap`` (that task's step keeps its CPUs until all its tasks end) and so
+        without ``exclusive``. When this manager asked Slurm for a job, the replacement
+        asks for one of its own, for one task; it stays on the old task's node only if a
+        ``nodelist`` or ``nodefile`` confined the original. None for a config that no
+        SlurmManager launched.
+        """
+        step, task = _step_and_task(config)
+        if step is None:
+            return None
+        given = set(map(_option_name, self.srun_options))
+        dropped = set(_LAYOUT)
+        if not step.owns_job:
+            dropped |= {"exclusive", "overlap"} | ({"jobid"} if step.job_id else set())
+        options = {k: v for k, v in self.srun_options.items() if _option_name(k) not in dropped}
+        node = task.node if task is not None else None
+        if not step.owns_job:
+            options.update(overlap=True, **({"jobid": step.job_id} if step.job_id else {}))
+        elif not given & {"nodelist", "nodefile"}:
+            node = None  # a job of its own goes wherever Slurm finds room
+        options.update(nodes=1, nodelist=node)
+        clone = copy.copy(self)
+        clone.ntasks, clone.srun_options = 1, options
+        return clone
+
     def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
         step, task = _step_and_task(config)
         if task is None:
@@ -183,6 +216,11 @@ class SlurmManager(ClusterManager):
 def _step_and_task(config: WorkerConfig):
     userdata = config.userdata if isinstance(config.userdata, dict) else {}
     return userdata.get("slurm_step"), userdata.get("relay")
+
+
+def _option_name(key: str) -> str:
+    """An srun option keyword in one spelling: ``--cpus-per-task`` -> ``cpus_per_task``."""
+    return key.lstrip("-").replace("-", "_")
 
 
 def _allocation_ntasks(env: dict) -> int | None:

@@ -21,6 +21,7 @@ Julia's do.
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 import subprocess
@@ -164,6 +165,25 @@ class SSHManager(ClusterManager):
             _close_tunnel(session, pid)
         elif op == "interrupt":
             _interrupt(session, pid, config)
+
+    # -- replacement -----------------------------------------------------------------------
+    def replacement(self, config: WorkerConfig) -> SSHManager | None:
+        """A copy of this manager that starts one worker on the machine ``config`` ran on.
+
+        The same machine spec (user, host, ssh port, bind address), count 1; a fixed bind
+        port becomes a hint (``ADDR:[PORT]``), as for the extra workers of ``count > 1``:
+        that port may still be held by the worker being replaced or by its host's others.
+        None for a config that no SSHManager launched.
+        """
+        session = _session_of(config)
+        if session is None:
+            return None
+        machine = session.spec.split()[0]
+        if session.bind_to is not None:
+            machine += " " + bind_hint(session.bind_to, "")
+        clone = copy.copy(self)
+        clone.machines = merge_machines([machine])
+        return clone
 
     # -- kill ------------------------------------------------------------------------------
     def kill(self, pid: int, config: WorkerConfig) -> None:

@@ -24,7 +24,9 @@ import pytest
 
 import distexec as d
 from distexec import LaunchWorkerError, RemoteException
-from distexec.cluster.slurm import SlurmManager
+from distexec.cluster import membership
+from distexec.cluster.slurm import SlurmManager, _Step, _Task
+from distexec.runtime.context import current_context
 from tests.helpers import wait_for_output, wait_gone, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -136,6 +138,45 @@ def test_inside_an_allocation_ntasks_defaults_to_slurm_ntasks():
         manager.default_addprocs_params(), {}))
 
 
+def _launched_config(owns_job: bool, job_id: str | None = "7", node: str | None = "n3"):
+    """The WorkerConfig a SlurmManager launch leaves for one task (no srun started)."""
+    step = _Step(None, owns_job, 1.0)
+    step.job_id = job_id
+    return d.WorkerConfig(userdata={"slurm_step": step, "relay": _Task(0, node=node)})
+
+
+def _replacement_command(manager: SlurmManager, config) -> list[str]:
+    replacement = manager.replacement(config)
+    assert type(replacement) is SlurmManager and replacement.ntasks == 1
+    return replacement.srun_command(replacement.default_addprocs_params(), {})
+
+
+def test_a_replacement_in_an_allocation_is_one_overlapping_task_on_the_same_node():
+    manager = SlurmManager(4, nodes=2, ntasks_per_node=2, nodelist="n[3-4]", exclusive=True,
+                           cpus_per_task=2, partition="debug")
+    cmd = _replacement_command(manager, _launched_config(owns_job=False))
+    for flag in ("--ntasks=1", "--nodes=1", "--nodelist=n3", "--jobid=7", "--overlap",
+                 "--cpus-per-task=2", "--partition=debug"):
+        assert flag in cmd
+    assert not any(f.startswith(("--ntasks-per-node", "--exclusive", "--nodelist=n[")) for f in cmd)
+    assert manager.ntasks == 4 and manager.srun_options["nodes"] == 2  # the original is unchanged
+
+
+def test_a_replacement_of_a_job_of_its_own_asks_for_one_task_anywhere():
+    manager = SlurmManager(None, nodes=2, ntasks_per_node=2, time="00:05:00", exclusive=True)
+    cmd = _replacement_command(manager, _launched_config(owns_job=True))
+    for flag in ("--ntasks=1", "--nodes=1", "--time=00:05:00", "--exclusive"):
+        assert flag in cmd
+    assert not any(f.startswith(("--ntasks-per-node", "--nodelist", "--jobid", "--overlap"))
+                   for f in cmd)
+    confined = SlurmManager(2, **{"nodelist": "n[3-4]"})  # stays inside the nodes it was given
+    assert "--nodelist=n3" in _replacement_command(confined, _launched_config(owns_job=True))
+
+
+def test_only_a_config_of_a_slurm_launch_has_a_replacement():
+    assert SlurmManager(2).replacement(d.WorkerConfig()) is None
+
+
 @pytest.mark.parametrize("bad", [{"ntasks": 0}, {"ntasks": "2"}, {"input": "0"},
                                  {"label": True}, {"output": "x.log"}])
 def test_invalid_arguments_are_refused(bad):
@@ -235,6 +276,25 @@ def test_a_step_that_outlives_its_workers_is_cancelled(slurm_workers):
     assert psutil.Process(os_pid).name() == "sleep"
     wait_job_gone(job_id)
     wait_gone([os_pid])
+
+
+def test_a_replacement_starts_one_task_in_a_job_of_its_own(slurm_workers):
+    ctx = current_context()
+    (pid,) = slurm_workers(1, job_name="distexec-replaced")
+    _os_pid, old_job, *_ = d.remotecall_fetch(slurm_env, pid)
+    d.remote_do(os._exit, pid, 3)  # the task dies; its job ends with its only step
+    wait_until(lambda: pid not in d.procs(), 10, message="the worker to leave")
+    manager, config = membership.launched_by(ctx, pid)
+    new = membership.addprocs(ctx, manager.replacement(config), {})
+    try:
+        assert len(new) == 1
+        _os_pid, job, _step, task = d.remotecall_fetch(slurm_env, new[0])
+        assert job not in (None, old_job) and task == "0"
+        assert d.remotecall_fetch(lambda: os.environ["SLURM_STEP_NUM_TASKS"], new[0]) == "1"
+        assert d.remotecall_fetch(d.myid, new[0]) == new[0]
+    finally:
+        d.rmprocs(new, waitfor=20)
+    wait_job_gone(job)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,6 +460,47 @@ def test_inside_an_allocation_the_workers_use_it_and_it_survives(tmp_path, slurm
     assert report["state_after"] == "R"  # the allocation outlived the cancelled step
     wait_job_gone(report["job"])
 
+
+REPLACED_INSIDE = textwrap.dedent("""
+    import json, os
+    import distexec as d
+    from distexec.cluster import membership
+    from distexec.cluster.slurm import SlurmManager
+    from distexec.runtime.context import current_context
+
+    def env():
+        return (os.environ["SLURM_JOB_ID"], os.environ["SLURM_STEP_ID"],
+                os.environ["SLURMD_NODENAME"])
+
+    ctx = current_context()
+    pids = d.addprocs(SlurmManager())  # every CPU of the allocation: one step of two tasks
+    before = [d.remotecall_fetch(env, p) for p in pids]
+    d.remote_do(os._exit, pids[0], 3)
+    with ctx.lock:
+        assert ctx.changed.wait_for(lambda: pids[0] not in ctx.peers, 20)
+    manager, config = membership.launched_by(ctx, pids[0])
+    new = membership.addprocs(ctx, manager.replacement(config), {})
+    report = {"job": os.environ["SLURM_JOB_ID"], "pids": pids, "before": before, "new": new,
+              "after": d.remotecall_fetch(env, new[0]), "myid": d.remotecall_fetch(d.myid, new[0]),
+              "other": d.remotecall_fetch(d.myid, pids[1])}
+    d.rmprocs(d.workers(), waitfor=20)
+    print("REPORT", json.dumps(report), flush=True)
+""")
+
+
+def test_inside_an_allocation_a_replacement_is_a_step_of_it_on_the_same_node(tmp_path, slurm):
+    script = tmp_path / "replaced.py"
+    script.write_text(REPLACED_INSIDE)
+    result = run_script(["salloc", "--ntasks=2", sys.executable, str(script)])
+    lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
+    assert result.returncode == 0 and lines, result.stdout + result.stderr
+    report = json.loads(lines[0][len("REPORT "):])
+    (job, step, node), (new_job, new_step, new_node) = report["before"][0], report["after"]
+    assert (new_job, new_node) == (job, node) == (report["job"], node)
+    assert new_step != step
+    assert len(report["new"]) == 1 and report["myid"] == report["new"][0]
+    assert report["other"] == report["pids"][1]  # the other original task runs on
+    wait_job_gone(report["job"])
 
 MASTER = textwrap.dedent("""
     import json, os, sys

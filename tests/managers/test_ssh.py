@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,7 @@ import pytest
 
 import distexec as d
 from distexec import LaunchWorkerError, ProcessExitedException, RemoteException
+from distexec.cluster import membership
 from distexec.cluster.ssh import SSHManager
 from distexec.runtime.context import current_context
 from tests.helpers import wait_until
@@ -177,6 +179,61 @@ def test_an_executor_runs_on_ssh_workers_and_removes_them(ssh_hosts, empty_clust
     assert d.procs() == [1]
     gone, alive = psutil.wait_procs(remote, timeout=15)
     assert not alive
+
+
+# --------------------------------------------------------------------------------------------
+# replacing a worker (what an executor does when one of its workers dies or retires)
+# --------------------------------------------------------------------------------------------
+def _kill_myself() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_and_replace(ssh_workers, pid: int, **params) -> tuple[SSHManager, list[int]]:
+    """SIGKILL worker ``pid`` from inside, then add its manager's replacement for it."""
+    ctx = current_context()
+    d.remote_do(_kill_myself, pid)
+    wait_until(lambda: pid not in d.procs(), 15, message=f"worker {pid} to leave")
+    manager, config = membership.launched_by(ctx, pid)
+    replacement = manager.replacement(config)
+    new = membership.addprocs(ctx, replacement, params)
+    ssh_workers.seen.extend(os_pid(p) for p in new)  # the fixture checks they exit too
+    return replacement, new
+
+
+@pytest.mark.filterwarnings("ignore::distexec.SecurityWarning")  # plaintext to dxh1, dxh2
+def test_a_replacement_lands_on_the_same_host(ssh_workers, ssh_namespaces):
+    host1, host2 = ssh_namespaces.hosts["dxh1"], ssh_namespaces.hosts["dxh2"]
+    pids = ssh_workers([host1, host2])
+    (victim,) = [p for p in pids if d.remotecall_fetch(_where, p)[2] == host1]
+    replacement, new = _kill_and_replace(ssh_workers, victim, sshflags=ssh_namespaces.sshflags)
+    assert replacement.machines == {host1: 1}
+    assert len(new) == 1 and d.workers() == sorted([*(set(pids) - {victim}), *new])
+    assert d.remotecall_fetch(_where, new[0])[2] == host1
+    assert d.remotecall_fetch(d.myid, new[0]) == new[0]
+
+
+def test_a_replacement_keeps_the_machine_spec_with_its_bind_port_as_a_hint(ssh_workers,
+                                                                          ssh_hosts):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    machine = f"root@{ssh_hosts.local}"
+    pids = ssh_workers([(f"{machine} 127.0.0.1:{port}", 2)])
+    ports = {p: current_context().record(p).connect_at[1] for p in pids}
+    (first,) = [p for p in pids if ports[p] == port]
+    (extra,) = [p for p in pids if p != first]
+    first_config = current_context().record(first).config
+    # the first worker still holds the port: the extra one's replacement must scan past it
+    replacement, new = _kill_and_replace(ssh_workers, extra, sshflags=ssh_hosts.sshflags)
+    hinted = {f"{machine} 127.0.0.1:[{port}]": 1}
+    assert replacement.machines == hinted
+    manager = membership.launched_by(current_context(), first)[0]
+    assert manager.replacement(first_config).machines == hinted
+    (pid,) = new
+    assert current_context().record(pid).connect_at[0] == "127.0.0.1"
+    assert current_context().record(pid).connect_at[1] != port
+    assert d.remotecall_fetch(_where, pid)[2] == "127.0.0.1"
+    assert d.remotecall_fetch(d.myid, pid) == pid
 
 
 # --------------------------------------------------------------------------------------------
