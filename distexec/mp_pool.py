@@ -2,11 +2,12 @@
 
 Owns the pool's states (RUN, then CLOSE or TERMINATE, with multiprocessing's names), how its
 calls become tasks of a ``DistributedExecutor`` (``apply_async``: one task; the maps: one task
-per chunk, run on the worker by ``_mapstar`` or ``_starmapstar``), the result objects
-(``AsyncResult``, ``MapResult``, ``IMapIterator``) and the one thread that runs callbacks.
-Workers, queueing, load balancing, the initializer and ``maxtasksperchild`` are the
-executor's. Imports ``distexec.executor`` and below, and ``multiprocessing.pool`` for the
-exception types its users catch.
+per chunk, run on the worker by ``_mapstar`` or ``_starmapstar``), feeding imap inputs,
+errors as multiprocessing shows them, and the one thread that runs callbacks. The result
+objects are ``distexec.mp_results``'; workers, queueing, load balancing, the initializer and
+``maxtasksperchild`` are the executor's. Imports ``distexec.mp_results``,
+``distexec.executor`` and below, and ``multiprocessing.pool`` for the exception types its
+users catch.
 
     apply_async ──► submit(fn, *args) ────────────────────────┐
     map_async ────► chunks ──► submit(_mapstar, fn, chunk) ───┤  now, in the caller
@@ -26,8 +27,6 @@ import collections
 import concurrent.futures as cf
 import functools
 import itertools
-import logging
-import os
 import pickle
 import threading
 import types
@@ -42,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import BrokenDistributedExecutor
 from .executor import DistributedExecutor
 from .executor_futures import _RemoteTraceback
+from .mp_results import (ApplyResult, AsyncResult, IMapIterator, IMapUnorderedIterator, MapResult,
+                         Outcome)
 
 if TYPE_CHECKING:  # annotations only
     from .cluster.manager import ClusterManager
@@ -50,12 +51,9 @@ if TYPE_CHECKING:  # annotations only
 __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
            "IMapUnorderedIterator", "TimeoutError"]
 
-log = logging.getLogger("distexec")
-
 _NO_KWDS: Mapping[str, Any] = types.MappingProxyType({})
 _UNSENDABLE_PREFIX = "the result of the call ("  # runtime.calls.unsendable's message
 FEED_AHEAD = 8  # imap: tasks per worker submitted ahead of their results
-Outcome = tuple[bool, Any]  # (success, value or exception), multiprocessing's pair
 
 
 # -- run on the workers: one chunk of a map is one task -------------------------------------
@@ -108,241 +106,6 @@ def _outcome(future: cf.Future) -> Outcome:
 
 def _terminated() -> BrokenDistributedExecutor:
     return BrokenDistributedExecutor("the pool was terminated before this result was ready")
-
-
-# -- results -----------------------------------------------------------------------------------
-class ApplyResult:
-    """The result of ``apply_async``: ``get``, ``wait``, ``ready``, ``successful``.
-
-    ``AsyncResult`` is the same class, as in ``multiprocessing.pool``.
-    """
-
-    def __init__(self, pool: Pool, callback: Callable | None = None,
-                 error_callback: Callable | None = None) -> None:
-        self._pool: Pool | None = pool
-        self._lock = threading.Lock()
-        self._event = threading.Event()
-        self._callback, self._error_callback = callback, error_callback
-        self._serialized = callback is not None or error_callback is not None
-        self._success = False
-        self._value: Any = None
-        self._future: cf.Future | None = None  # a single task: waiting reads its reply
-        self._finished = False
-        pool._remember(self)
-
-    def ready(self) -> bool:
-        """Whether the call has completed (and its callback, if any, has run)."""
-        return self._event.is_set()
-
-    def successful(self) -> bool:
-        """Whether the call completed without raising; ``ValueError`` if it is not ready."""
-        if not self.ready():
-            raise ValueError(f"{self!r} not ready")
-        return self._success
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Wait until the result is ready, or ``timeout`` seconds."""
-        future = self._future
-        if timeout is None and future is not None and not self._serialized:
-            try:  # the executor's fast path: this thread reads the reply itself
-                future.exception()
-            except cf.CancelledError:
-                pass
-        self._event.wait(timeout)
-
-    def get(self, timeout: float | None = None) -> Any:
-        """The value; re-raises the call's exception; ``multiprocessing.TimeoutError`` when
-        it is not ready within ``timeout`` seconds."""
-        self.wait(timeout)
-        if not self.ready():
-            raise TimeoutError
-        if self._success:
-            return self._value
-        raise self._value
-
-    def _set(self, i: int, outcome: Outcome) -> None:
-        with self._lock:
-            if self._finished:
-                return
-            self._success, self._value = outcome
-            self._finish(run_callbacks=True)
-
-    def _abort(self, exc: BaseException) -> None:
-        """Fail now, without callbacks (the pool was terminated)."""
-        with self._lock:
-            if not self._finished:
-                self._success, self._value = False, exc
-                self._finish(run_callbacks=False)
-
-    def _finish(self, run_callbacks: bool) -> None:
-        """With the lock held: run the callback, then mark ready (multiprocessing's order)."""
-        self._finished = True
-        if run_callbacks:
-            callback = self._callback if self._success else self._error_callback
-            if callback is not None:
-                try:
-                    callback(self._value)
-                except Exception:
-                    log.exception("Exception in a Pool %s",
-                                  "callback" if self._success else "error_callback")
-        self._event.set()
-        self._future = None
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool._forget(self)
-
-    __class_getitem__ = classmethod(types.GenericAlias)  # type: ignore[var-annotated]
-
-
-AsyncResult = ApplyResult
-
-
-class MapResult(ApplyResult):
-    """The result of ``map_async``/``starmap_async``: a list, ready once every chunk is.
-
-    The first failed chunk's exception is the result, as in multiprocessing; it is ready only
-    when every chunk has finished.
-    """
-
-    def __init__(self, pool: Pool, chunksize: int, length: int, chunks: int,
-                 callback: Callable | None, error_callback: Callable | None) -> None:
-        super().__init__(pool, callback, error_callback)
-        self._success = True
-        self._value = [None] * length
-        self._chunksize = chunksize
-        self._planned = self._left = chunks
-
-    def _set(self, i: int, outcome: Outcome) -> None:
-        success, value = outcome
-        with self._lock:
-            if self._finished:
-                return
-            if success and self._success:
-                self._value[i * self._chunksize:(i + 1) * self._chunksize] = value
-            elif not success and self._success:
-                self._success, self._value = False, value
-            self._left -= 1
-            if self._left <= 0:
-                self._finish(run_callbacks=True)
-
-    def _input_ended(self, submitted: int, error: BaseException | None = None) -> None:
-        """The input gave fewer chunks than planned: ``submitted`` were sent, and ``error``
-        is what it raised while the next one was being made (that chunk's outcome)."""
-        with self._lock:
-            if self._finished:
-                return
-            self._left -= self._planned - submitted
-            if error is not None and self._success:
-                self._success, self._value = False, error
-            if self._left <= 0:
-                self._finish(run_callbacks=True)
-
-
-class IMapIterator:
-    """The iterator ``imap`` returns: results in input order as they arrive.
-
-    ``next(timeout)`` raises ``multiprocessing.TimeoutError`` when the next result is not
-    there within ``timeout`` seconds. With ``chunksize > 1`` it yields the items of each
-    chunk in turn.
-    """
-
-    _ordered = True
-
-    def __init__(self, pool: Pool, chunked: bool = False) -> None:
-        self._pool: Pool | None = pool
-        self._cond = threading.Condition(threading.Lock())
-        self._items: collections.deque[Outcome] = collections.deque()
-        self._unsorted: dict[int, Outcome] = {}
-        self._index = 0  # outcomes received (in order, for imap)
-        self._length: int | None = None  # tasks, once the input is exhausted
-        self._chunked = chunked
-        self._chunk: collections.deque = collections.deque()
-        self._in_flight = 0  # tasks submitted and not back yet (the feeder keeps it bounded)
-        self._aborted = False
-        self._serialized = False
-        pool._remember(self)
-
-    def __iter__(self) -> IMapIterator:
-        return self
-
-    def next(self, timeout: float | None = None) -> Any:
-        """The next result; ``StopIteration`` at the end; ``multiprocessing.TimeoutError``."""
-        if self._chunked and self._chunk:
-            return self._chunk.popleft()
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._items or self._index == self._length,
-                                       timeout):
-                raise TimeoutError
-            if not self._items:
-                raise StopIteration
-            success, value = self._items.popleft()
-        if not success:
-            raise value
-        if not self._chunked:
-            return value
-        self._chunk.extend(value)  # a chunk is never empty
-        return self._chunk.popleft()
-
-    __next__ = next
-
-    def _set(self, i: int, outcome: Outcome) -> None:
-        with self._cond:
-            self._in_flight -= 1
-            if self._aborted:
-                return
-            if not self._ordered or i == self._index:
-                self._items.append(outcome)
-                self._index += 1
-                while self._index in self._unsorted:
-                    self._items.append(self._unsorted.pop(self._index))
-                    self._index += 1
-            else:
-                self._unsorted[i] = outcome
-            self._cond.notify_all()  # a reader, and the feeder waiting for room
-            finished = self._index == self._length
-        if finished:
-            self._finish()
-
-    def _room(self, limit: int) -> bool:
-        """For the feeder: wait until fewer than ``limit`` tasks are out, and count one more;
-        False once the pool was terminated."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._in_flight < limit or self._aborted)
-            self._in_flight += 1
-            return not self._aborted
-
-    def _set_length(self, length: int) -> None:
-        with self._cond:
-            if self._aborted:
-                return
-            self._length = length
-            self._cond.notify_all()
-            finished = self._index == length
-        if finished:
-            self._finish()
-
-    def _abort(self, exc: BaseException) -> None:
-        with self._cond:
-            if self._aborted or self._index == self._length:
-                return
-            self._aborted = True
-            self._unsorted.clear()
-            self._items.append((False, exc))
-            self._index += 1
-            self._length = self._index
-            self._cond.notify_all()
-        self._finish()
-
-    def _finish(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool._forget(self)
-
-
-class IMapUnorderedIterator(IMapIterator):
-    """The iterator ``imap_unordered`` returns: results in the order they finish."""
-
-    _ordered = False
 
 
 # -- the callback thread -----------------------------------------------------------------------
@@ -493,7 +256,9 @@ class Pool:
         """
         self._check_running()
         result = ApplyResult(self, callback, error_callback)
-        result._future = self._submit(result, 0, func, args, kwds)
+        future = self._submit(result, 0, func, args, kwds)
+        if self._owns_workers:  # terminate completes it: get() may wait on it (fast path)
+            result._future = future
         return result
 
     def map(self, func: Callable, iterable: Iterable[Any], chunksize: int | None = None) -> list:
