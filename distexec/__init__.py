@@ -12,12 +12,13 @@ from .cluster.slurm import SlurmManager
 from .cluster.ssh import SSHManager
 from .cluster.manager import ClusterManager, WorkerConfig, default_addprocs_params
 from .cluster.worker import init_worker, process_messages, start_worker
-from .errors import (AllWorkersExited, AuthenticationError, CapturedException, ChannelClosedError,
+from .errors import (AllWorkersExited, AuthenticationError, BrokenDistributedExecutor, CapturedException, ChannelClosedError,
                      CompositeException, DistexecError, DistributedError, InvalidStateError,
                      LaunchWorkerError, MessageTooLarge, ProcessExitedException, ProtocolError,
                      RemoteDeserializationError, RemoteException, SecurityWarning,
                      WaitTimeout)
 from .executor import BrokenExecutor, DistributedExecutor
+from .mp_pool import Pool
 from .pmap import BatchProcessingError, ExponentialBackOff, pmap, splitrange
 from .pools import (AbstractWorkerPool, CachingPool, WorkerPool, default_worker_pool,
                     set_default_worker_pool)
@@ -33,14 +34,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     *_api_all,
-    "DistributedExecutor", "BrokenExecutor", "pmap", "ExponentialBackOff", "BatchProcessingError",
+    "DistributedExecutor", "BrokenExecutor", "Pool", "pmap", "ExponentialBackOff", "BatchProcessingError",
     "splitrange", "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool",
     "set_default_worker_pool",
     "LocalManager", "SSHManager", "SlurmManager", "ClusterManager", "WorkerConfig", "default_addprocs_params",
     "init_worker", "start_worker", "process_messages", "RRID", "current_destination", "Channel",
     "ClusterContext", "WorkerState", "Future", "RemoteChannel", "channel_from_id", "remoteref_id",
     "DistexecError", "DistributedError", "RemoteException", "CapturedException",
-    "RemoteDeserializationError", "ProcessExitedException", "AllWorkersExited", "CompositeException",
+    "RemoteDeserializationError", "ProcessExitedException", "AllWorkersExited", "BrokenDistributedExecutor",
+    "CompositeException",
     "LaunchWorkerError", "AuthenticationError", "ProtocolError", "MessageTooLarge",
     "ChannelClosedError", "InvalidStateError", "SecurityWarning", "WaitTimeout", "Security",
 ]

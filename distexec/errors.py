@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import concurrent.futures as _cf
+from concurrent.futures.process import BrokenProcessPool as _BrokenProcessPool
 
 # ``sys.version_info`` by that exact name: mypy decides which branch exists only from it.
 if sys.version_info < (3, 11):  # pragma: no cover - the backport provides it on 3.10
@@ -34,6 +35,7 @@ __all__ = [
     "RemoteDeserializationError",
     "ProcessExitedException",
     "AllWorkersExited",
+    "BrokenDistributedExecutor",
     "CompositeException",
     "LaunchWorkerError",
     "AuthenticationError",
@@ -164,12 +166,15 @@ class RemoteDeserializationError(DistexecError):
         return (type(self), (self.type_name, self.message, self.traceback_text, self.pid))
 
 
-class ProcessExitedException(DistexecError):
+class ProcessExitedException(DistexecError, _BrokenProcessPool):
     """The worker a call needed has exited (crashed, was killed, or was removed).
 
     Raised, unwrapped, by every call to a worker that is gone and to every caller that was
     waiting on a worker when it died. ``exitcode`` and ``signal`` are filled in when the master
-    launched the process itself and could observe its exit. Julia: ``ProcessExitedException``.
+    launched the process itself and could observe its exit. It is also a
+    ``concurrent.futures.process.BrokenProcessPool``, so code written for
+    ``ProcessPoolExecutor`` that catches that catches a task lost with its worker.
+    Julia: ``ProcessExitedException``.
     """
 
     def __init__(self, worker_id: int = -1, exitcode: int | None = None, signal: int | None = None,
@@ -196,7 +201,17 @@ class ProcessExitedException(DistexecError):
         return (type(self), (self.worker_id, self.exitcode, self.signal, self.reason))
 
 
-class AllWorkersExited(ProcessExitedException, _cf.BrokenExecutor):
+class BrokenDistributedExecutor(DistexecError, _BrokenProcessPool):
+    """A ``DistributedExecutor`` (or ``Pool``) can run no more tasks.
+
+    Raised by ``submit`` and set on every queued future once the executor broke: a worker's
+    initializer failed, or the workers it launched kept dying (see the message). It is a
+    ``concurrent.futures.process.BrokenProcessPool`` (and so a ``BrokenExecutor``), as
+    ``ProcessPoolExecutor`` raises in the same cases.
+    """
+
+
+class AllWorkersExited(ProcessExitedException, BrokenDistributedExecutor):
     """Every worker of a ``DistributedExecutor`` has exited, so a queued task had nowhere to run.
 
     The executor's queued futures fail with it. It is both the ``ProcessExitedException`` of

@@ -1,16 +1,19 @@
 """DistributedExecutor: the cluster as a ``concurrent.futures.Executor``.
 
-Owns task queueing, load balancing over workers, the executor futures and their errors,
-and shutdown; ``map`` checks its arguments and leaves the rest (chunks, deadlines, bounded
-lazy submission) to ``distexec.ordered_map``. Imports ``distexec.ordered_map``,
+Owns task queueing, load balancing over workers, and shutdown; its futures are
+``distexec.executor_futures``, its workers' initializers, retirements and replacements
+``distexec.executor_workers``; ``map`` checks its arguments and leaves the rest (chunks,
+deadlines, bounded lazy submission) to ``distexec.ordered_map``. Imports those,
 ``distexec.pools``, ``distexec.cluster``, ``distexec.runtime`` and below.
 
-    submit ──► queue ──► pump: a worker with a free slot (MAX_IN_FLIGHT per worker)
-                          └─► one CALL_FETCH ──► RESULT ──► reader thread completes the future
+    submit ──► queue ──► pump: a ready worker with a free slot (MAX_IN_FLIGHT per worker)
+                          └─► one CALL_FETCH (IN_ORDER) ──► RESULT ──► the future completes
                           └─► a backlog of short tasks: several in one CALL_FETCH (a batch,
                               runtime.batches), each pickled alone, each with its own outcome
+    worker ──► runs the executor's messages one at a time, in order, on its main thread
+               (ProcessPoolExecutor's model: one running, the next one waiting there)
     worker dies ──► only its in-flight futures fail (ProcessExitedException); the queue
-                    goes on to the other workers
+                    goes on to the other workers; a launched worker is replaced
     shutdown ──► (cancel queued) ──► wait ──► remove the workers this executor launched
     interpreter exit ──► no new futures; wait for every executor's queued and running work
                          (before the cluster's own atexit hook removes the workers)
@@ -20,15 +23,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import os
 import pickle
-import sys
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor
-from concurrent.futures._base import RUNNING
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from . import ordered_map
@@ -36,18 +38,18 @@ from .cluster import membership
 from .cluster.local import LocalManager
 from .errors import (
     AllWorkersExited,
+    BrokenDistributedExecutor,
     MessageTooLarge,
     ProcessExitedException,
-    RemoteDeserializationError,
     RemoteException,
-    WaitTimeout,
 )
+from .executor_futures import ExecutorFuture, Task, complete
+from .executor_workers import WorkerLifecycle, check_initializer
 from .pools import AbstractWorkerPool, WorkerPool
 from .protocol import serialization
-from .protocol.frames import Kind, configured_max_message_size
+from .protocol.frames import Flag, Kind, configured_max_message_size
 from .runtime import batches, calls
 from .runtime.context import ClusterContext, current_context
-from .runtime.refs import invoke_callbacks_guarded
 
 if TYPE_CHECKING:  # annotations only
     from .cluster.manager import ClusterManager
@@ -85,136 +87,18 @@ except AttributeError:  # not CPython: the plain hook still runs before the clus
     atexit.register(_python_exit)
 
 
-class _RemoteTraceback(Exception):
-    """Carries the remote traceback text as the ``__cause__`` of a re-raised exception."""
-
-    def __init__(self, tb: str):
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
-
-
-def original_exception(remote: RemoteException) -> BaseException:
-    """The user's exception from a RemoteException, with the remote traceback attached.
-
-    Frames come back through tblib; the text is the ``__cause__`` (it survives libraries
-    that drop ``__traceback__``), and a note names the worker.
-    """
-    ex = remote.captured.ex
-    if isinstance(ex, (RemoteDeserializationError, RemoteException)) or ex is None:
-        return remote
-    ex.__cause__ = _RemoteTraceback(f'\n"""\n{remote.captured.traceback_text.rstrip()}\n"""')
-    note = f"(raised on worker {remote.pid})"
-    notes = getattr(ex, "__notes__", None)
-    if notes is None or note not in notes:
-        if sys.version_info >= (3, 11):
-            ex.add_note(note)
-        else:  # Python 3.10: the exceptiongroup backport displays __notes__
-            ex.__notes__ = [*(notes or ()), note]  # type: ignore[attr-defined]  # 3.11+ in stubs
-    return ex
-
-
-class _ExecutorFuture(cf.Future):
-    """The executor's future: a stdlib Future that raises falsey exceptions too.
-
-    Python < 3.14 tests the exception's truth in ``result()`` (gh-132063), so an exception
-    whose ``__bool__`` or ``__len__`` says False made ``result()`` return None.
-    """
-
-    def _invoke_callbacks(self) -> None:  # on a reader thread: sys.exit in one must not end it
-        invoke_callbacks_guarded(self)
-
-    def _Future__get_result(self):  # the name-mangled private method result() calls
-        if self._exception is not None:
-            try:
-                raise self._exception
-            finally:
-                # break the cycle through the exception's traceback (the stdlib's idiom)
-                self = None  # type: ignore[assignment]
-        return self._result
-
-    # Where the task went, once sent: (context, pid). A caller that waits without a timeout
-    # reads that connection itself rather than being woken by its reader thread.
-    _sent_to: tuple[Any, int] | None = None
-    _reading: Any = None  # the connection a waiting thread reads for this future, meanwhile
-
-    def _read_while_waiting(self) -> None:
-        sent_to = self._sent_to
-        if sent_to is not None and self._state == RUNNING:
-            ctx, pid = sent_to
-            ctx.read_while_waiting(pid, self.done, self)
-
-    def set_result(self, result) -> None:
-        super().set_result(result)
-        self._wake_reading()
-
-    def set_exception(self, exception) -> None:
-        super().set_exception(exception)
-        self._wake_reading()
-
-    def _wake_reading(self) -> None:
-        """Completed by another thread (a retry elsewhere, a broken executor) while a waiting
-        thread reads the connection the task first went to: it must look up."""
-        reading = self._reading
-        if reading is not None:
-            reading.poke()
-
-    def result(self, timeout=None):
-        return self._after_reading(super().result, timeout)
-
-    def exception(self, timeout=None):
-        return self._after_reading(super().exception, timeout)
-
-    def _after_reading(self, get, timeout):
-        if timeout is None:
-            self._read_while_waiting()
-        try:
-            return get(timeout)
-        except cf.TimeoutError as exc:
-            if sys.version_info >= (3, 11) or self.done():
-                raise  # 3.11: the builtin TimeoutError already; or the task itself raised it
-            raise WaitTimeout(*exc.args) from None  # 3.10: a timeout that is also the builtin
-
-
-class _Task:
-    __slots__ = ("future", "fn", "args", "kwargs", "started")
-
-    def __init__(self, future, fn, args, kwargs):
-        self.future, self.fn, self.args, self.kwargs = future, fn, args, kwargs
-        self.started = False
-
-    def start(self) -> bool:
-        """Mark the future running unless it was cancelled; False: drop the task.
-
-        A started task that could not be sent is queued again, and starts only once.
-        """
-        if not self.started:
-            self.started = self.future.set_running_or_notify_cancel()
-        return self.started
-
-
-def _complete(future: cf.Future, is_error: bool, value: Any) -> None:
-    if is_error:
-        future.set_exception(original_exception(value) if isinstance(value, RemoteException)
-                             else value)
-    else:
-        future.set_result(value)
-
-
 class _TaskWaiter:
     """Receives one task's RESULT (in the reader thread) and completes its future."""
 
     __slots__ = ("waitingfor", "task", "executor", "sent")
 
-    def __init__(self, executor: DistributedExecutor, pid: int, task: _Task):
+    def __init__(self, executor: DistributedExecutor, pid: int, task: Task):
         self.waitingfor, self.task, self.executor = pid, task, executor
         self.sent = time.perf_counter()
 
     def deliver(self, value: Any, is_error: bool) -> None:
         self.executor._sizer.measured_alone(self.task.fn, time.perf_counter() - self.sent)
-        _complete(self.task.future, is_error, value)
+        complete(self.task.future, is_error, value)
         self.executor._task_done(self.waitingfor)
 
     def fail(self, exc: BaseException) -> None:
@@ -227,7 +111,7 @@ class _BatchWaiter:
 
     __slots__ = ("waitingfor", "tasks", "executor", "rrid", "received")
 
-    def __init__(self, executor: DistributedExecutor, pid: int, tasks: list[_Task], rrid):
+    def __init__(self, executor: DistributedExecutor, pid: int, tasks: list[Task], rrid):
         self.waitingfor, self.tasks, self.executor, self.rrid = pid, tasks, executor, rrid
         self.received = 0
 
@@ -237,12 +121,12 @@ class _BatchWaiter:
             value, is_error = TypeError(f"a batch came back as {type(value).__name__}"), True
         if is_error:  # the batch message itself failed on the worker: so did each of its tasks
             for task in self.tasks[self.received:]:
-                _complete(task.future, True, value)
+                complete(task.future, True, value)
             executor._task_done(pid)
             return
         for k in range(len(value.items)):
             failed, result = value.load(executor._ctx, pid, k)
-            _complete(self.tasks[value.start + k].future, failed, result)
+            complete(self.tasks[value.start + k].future, failed, result)
         self.received += len(value.items)
         if self.received < len(self.tasks):  # the rest follows in further messages
             try:
@@ -259,24 +143,40 @@ class _BatchWaiter:
         self.executor._task_done(self.waitingfor)
 
 
+
+
 class DistributedExecutor(cf.Executor):
     """A ``concurrent.futures.Executor`` whose tasks run on distexec workers.
 
     ``DistributedExecutor(4)`` launches four local workers that it owns;
     ``manager=SomeManager(...)`` launches through a cluster manager; ``pool=WorkerPool([...])``
     uses existing workers without owning them. ``shutdown()`` removes only what it launched.
+
+    The arguments are ProcessPoolExecutor's, in its order. Tasks follow its execution model:
+    a worker runs one task at a time, on its main thread, so ``max_workers=N`` runs at most N
+    at once. ``initializer(*initargs)`` runs on every worker before its first task: the
+    workers there at the start and those that join later. A launched worker that dies is
+    replaced (its own tasks fail with ``ProcessExitedException``); ``max_tasks_per_child=N``
+    replaces a worker after N tasks. ``mp_context`` is accepted for compatibility: distexec
+    workers are always fresh interpreters (``python -m distexec worker``), whatever the
+    start method.
     """
 
-    def __init__(self, max_workers: int | None = None, *, pool: AbstractWorkerPool | None = None,
-                 manager: ClusterManager | None = None, initializer: Callable | None = None,
-                 initargs: tuple = (), **addprocs_params: Any) -> None:
+    def __init__(self, max_workers: int | None = None, mp_context: Any = None,
+                 initializer: Callable | None = None, initargs: tuple = (), *,
+                 max_tasks_per_child: int | None = None, pool: AbstractWorkerPool | None = None,
+                 manager: ClusterManager | None = None, **addprocs_params: Any) -> None:
         if max_workers is not None and (isinstance(max_workers, bool) or max_workers <= 0):
             raise ValueError("max_workers must be greater than 0")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
+        if mp_context is not None:
+            mp_context.get_start_method(allow_none=False)  # ProcessPoolExecutor's own check
+        _check_max_tasks(max_tasks_per_child, pool)
+        check_initializer(initializer, tuple(initargs))
+        self._mp_context = mp_context
         self._ctx: ClusterContext = current_context()
         self._lock = threading.Lock()
-        self._queue: deque[_Task] = deque()
+        self._callback_lock = threading.RLock()
+        self._queue: deque[Task] = deque()
         self._in_flight: dict[int, int] = {}  # messages (single tasks or batches) per worker
         self._targets_cache: tuple = (None, [])
         self._sizer = batches.BatchSizer()
@@ -284,26 +184,24 @@ class DistributedExecutor(cf.Executor):
         self._idle = threading.Condition(self._lock)
         self._shutdown = False
         self._broken: str | bool = False
-        self._initializer, self._initargs = initializer, tuple(initargs)
-        self._initialized = initializer is None
-        self._initializing = False
-        self._owned: list[int] = []
         self._last_lost: int | None = None  # the last of this executor's workers that died
         self._release_lock = threading.Lock()
-        self.pool = pool if pool is not None else self._launch(max_workers, manager,
-                                                               addprocs_params)
+        owned: list[int] = []
+        params: dict | None = None
+        if pool is None:
+            manager, params = _manager_and_params(max_workers, manager, addprocs_params)
+            owned = membership.addprocs(self._ctx, manager, dict(params))
+            pool = WorkerPool(owned)
+        elif addprocs_params or manager is not None:
+            raise TypeError("pool= uses existing workers: manager= and addprocs parameters "
+                            f"({', '.join(addprocs_params) or 'manager'}) launch new ones")
+        self.pool = pool
+        self._workers = WorkerLifecycle(
+            self._ctx, pool, initializer=initializer, initargs=tuple(initargs),
+            max_tasks=max_tasks_per_child, launch_params=params, owned=owned, pump=self._pump,
+            broken=self._break, wanted=self._wants_workers)
         self._ctx.on_peer_lost.append(_lost_listener(self))
         _live_executors.add(self)
-
-    def _launch(self, max_workers, manager, params) -> WorkerPool:
-        if manager is None:
-            manager = LocalManager(max_workers or _cpu_count(), params.pop("restrict", True))
-            allowed = manager.default_addprocs_params()
-            unknown = [name for name in params if name not in allowed]
-            if unknown:
-                raise ValueError(f"Invalid keyword argument {unknown[0]}")
-        self._owned = membership.addprocs(self._ctx, manager, params)
-        return WorkerPool(self._owned)
 
     # -- public API --------------------------------------------------------------------------
     @property
@@ -319,20 +217,15 @@ class DistributedExecutor(cf.Executor):
         """Schedule ``fn(*args, **kwargs)``; returns a ``concurrent.futures.Future``."""
         with self._lock:
             if self._broken:
-                raise BrokenExecutor(self._broken)
+                raise BrokenDistributedExecutor(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if _interpreter_exiting:
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-            future: cf.Future = _ExecutorFuture()
+            future: cf.Future = ExecutorFuture(self._callback_lock)
             # Tasks queued already mean every slot is taken: each slot that frees up pumps.
             backlog = bool(self._queue)
-            self._queue.append(_Task(future, fn, args, kwargs))
-            start_init = not self._initialized and not self._initializing
-            self._initializing = self._initializing or start_init
-        if start_init:
-            threading.Thread(target=self._run_initializer, daemon=True,
-                             name="distexec-initializer").start()
+            self._queue.append(Task(future, fn, args, kwargs))
         if not backlog:
             self._pump()
         return future
@@ -365,6 +258,8 @@ class DistributedExecutor(cf.Executor):
             cancelled = list(self._queue) if cancel_futures else []
             if cancel_futures:
                 self._queue.clear()
+                if not any(self._in_flight.values()):
+                    self._idle.notify_all()
         for task in cancelled:
             task.future.cancel()
         if wait:
@@ -373,6 +268,20 @@ class DistributedExecutor(cf.Executor):
         else:
             threading.Thread(target=self._finish_in_background, daemon=True,
                              name="distexec-shutdown").start()
+
+    def terminate_workers(self) -> None:
+        """Stop the workers this executor launched now, with SIGTERM (Python 3.14's method).
+
+        Queued tasks are cancelled, running ones fail with ``ProcessExitedException`` (a
+        ``BrokenProcessPool``), nothing is replaced, and the executor is shut down. Workers of
+        a ``pool=`` that the executor did not launch are not its to stop: their running tasks
+        finish.
+        """
+        self._force_shutdown(kill=False)
+
+    def kill_workers(self) -> None:
+        """Like ``terminate_workers``, with SIGKILL (Python 3.14's method)."""
+        self._force_shutdown(kill=True)
 
     # -- dispatching -------------------------------------------------------------------------
     def _targets(self) -> list[int]:
@@ -388,31 +297,44 @@ class DistributedExecutor(cf.Executor):
     def _pump(self) -> None:
         """Send queued tasks to workers with a free slot, least loaded first."""
         while True:
+            doomed = tasks = None
             with self._lock:
-                if not self._queue or not self._initialized or self._broken:
+                if not self._queue or self._broken:
                     return
                 targets = self._targets()
-                if not targets:
+                usable, new = self._workers.usable(targets)
+                pid = self._least_loaded(usable)
+                if not targets and not self._workers.replacing():
                     doomed = self._mark_broken("all workers of this executor have exited")
-                else:
-                    doomed = None
-                    in_flight = self._in_flight
-                    pid = min(targets, key=lambda p: in_flight.get(p, 0))
-                    if in_flight.get(pid, 0) >= MAX_IN_FLIGHT:
-                        return
-                    tasks = self._take_tasks(targets)
-                    if not tasks:
-                        continue  # all cancelled
-                    in_flight[pid] = in_flight.get(pid, 0) + 1
+                elif pid is not None:
+                    tasks = self._take_tasks(pid, targets)
+                    if tasks:
+                        self._in_flight[pid] = self._in_flight.get(pid, 0) + 1
+                        self._workers.count_sent(pid, len(tasks))
+            if new:  # their initializer first; each pumps again when it is done
+                self._workers.initialize(new)
             if doomed is not None:
                 _fail_all(doomed, self._all_exited_error)
                 return
-            self._dispatch(pid, tasks)
+            if pid is None:
+                return
+            if tasks:
+                self._dispatch(pid, tasks)
 
-    def _take_tasks(self, targets: list[int]) -> list[_Task]:
+    def _least_loaded(self, usable: list[int]) -> int | None:
+        """With the lock held: the usable worker with the fewest messages in flight, if it
+        has a free slot."""
+        if not usable:
+            return None
+        in_flight = self._in_flight
+        pid = min(usable, key=lambda p: in_flight.get(p, 0))
+        return pid if in_flight.get(pid, 0) < MAX_IN_FLIGHT else None
+
+    def _take_tasks(self, pid: int, targets: list[int]) -> list[Task]:
         """With the lock held: the next task, or a batch of them when a backlog waits.
 
-        A batch holds tasks of one function only, sized by ``runtime.batches.BatchSizer``.
+        A batch holds tasks of one function only, sized by ``runtime.batches.BatchSizer``,
+        and no more than ``pid`` may still run (``max_tasks_per_child``).
         """
         queue = self._queue
         if len(queue) == 1:  # the common case of a task submitted to an idle executor
@@ -422,7 +344,10 @@ class DistributedExecutor(cf.Executor):
         free = slots - sum(self._in_flight.get(p, 0) for p in targets)
         first = queue[0].fn
         limit = self._sizer.limit(first, len(queue), free, slots)
-        tasks: list[_Task] = []
+        quota = self._workers.quota(pid)
+        if quota is not None:
+            limit = max(1, min(limit, quota))
+        tasks: list[Task] = []
         while queue and len(tasks) < limit:
             fn = queue[0].fn
             if fn is not first and batches.cost_key(fn) != batches.cost_key(first):
@@ -432,12 +357,12 @@ class DistributedExecutor(cf.Executor):
                 tasks.append(task)
         return tasks
 
-    def _dispatch(self, pid: int, tasks: list[_Task]) -> None:
+    def _dispatch(self, pid: int, tasks: list[Task]) -> None:
         """Send ``tasks`` to ``pid``: one message, a task alone or a batch, each task pickled
         on its own; several messages when together they exceed the batch size in bytes."""
         ctx = self._ctx
         if pid == ctx.myid:  # a pool that hands out the master itself
-            ctx.runner.submit(lambda: self._run_here(pid, tasks))
+            ctx.runner.submit_in_order(lambda: self._run_here(pid, tasks))
             return
         messages = batches.by_size(self._pickle_tasks(pid, tasks), self._batch_bytes)
         if not messages:
@@ -449,7 +374,7 @@ class DistributedExecutor(cf.Executor):
         for pickled in messages:
             self._send(pid, pickled)
 
-    def _pickle_tasks(self, pid: int, tasks: list[_Task]) -> list[tuple]:
+    def _pickle_tasks(self, pid: int, tasks: list[Task]) -> list[tuple]:
         """(task, payload, buffers) for each task; one whose arguments cannot be pickled
         fails alone."""
         pickled = []
@@ -477,7 +402,8 @@ class DistributedExecutor(cf.Executor):
             payload, buffers = serialization.dumps((batches.run_batch, (sent, ctx.myid), {}), pid)
         try:
             ctx.add_waiter(rrid, waiter)
-            ctx.send(pid, Kind.CALL_FETCH, payload=payload, buffers=buffers, notify=rrid)
+            ctx.send(pid, Kind.CALL_FETCH, payload=payload, buffers=buffers, notify=rrid,
+                     flags=Flag.IN_ORDER)
         except (ProcessExitedException, OSError):
             ctx.pop_waiter(rrid)  # it never reached the worker: another one runs it
             self._requeue(pid, [task for task, _, _ in pickled])
@@ -485,64 +411,57 @@ class DistributedExecutor(cf.Executor):
             ctx.pop_waiter(rrid)
             waiter.fail(exc)
 
-    def _requeue(self, pid: int, tasks: list[_Task]) -> None:
+    def _requeue(self, pid: int, tasks: list[Task]) -> None:
         with self._lock:
             self._in_flight[pid] = self._in_flight.get(pid, 1) - 1
             self._queue.extendleft(reversed(tasks))
         self._pump()
 
-    def _run_here(self, pid: int, tasks: list[_Task]) -> None:
+    def _run_here(self, pid: int, tasks: list[Task]) -> None:
         for task in tasks:
             is_error, value = calls.invoke(self._ctx, task.fn, task.args, task.kwargs)
-            _complete(task.future, is_error, value)
+            complete(task.future, is_error, value)
         self._task_done(pid)
 
     def _task_done(self, pid: int) -> None:
         with self._lock:
-            self._in_flight[pid] = self._in_flight.get(pid, 1) - 1
-            if not self._queue:  # nothing to pump
-                if not any(self._in_flight.values()):
-                    self._idle.notify_all()
-                return
-        self._pump()
+            left = self._in_flight[pid] = self._in_flight.get(pid, 1) - 1
+            queued = bool(self._queue)
+            if not queued and not any(self._in_flight.values()):
+                self._idle.notify_all()
+        if left == 0:
+            self._workers.idle(pid)  # retires it if it ran its max_tasks_per_child
+        if queued:
+            self._pump()
 
     def _worker_lost(self, pid: int) -> None:
         with self._lock:
             if self._in_flight.pop(pid, None) is not None:  # one of ours: it was sent work
                 self._last_lost = pid
+        self._workers.lost(pid)  # replaced, if the executor launched it
         self._pump()  # queued work moves to the others (or the executor breaks if none is left)
 
-    # -- initializer and breaking ------------------------------------------------------------
-    def _run_initializer(self) -> None:
-        assert self._initializer is not None  # submit() starts this only for an initializer
-        futures = [calls.remotecall(self._ctx, self._initializer, pid, self._initargs, {})
-                   for pid in self._targets()]
-        for future in futures:
-            try:
-                future.wait()
-            except BaseException as exc:
-                text = (exc.captured.traceback_text if isinstance(exc, RemoteException)
-                        else repr(exc))
-                log.critical("Exception in initializer:\n%s", text)
-                self._break("A worker's initializer failed; the executor is broken")
-                return
-        with self._lock:
-            self._initialized = True
-        self._pump()
+    def _wants_workers(self) -> bool:
+        """Whether a lost or retired worker should be replaced: the executor still takes
+        tasks, or has some left to run."""
+        return not self._shutdown or bool(self._queue) or any(self._in_flight.values())
 
+    # -- breaking ----------------------------------------------------------------------------
     def _break(self, reason: str) -> None:
         with self._lock:
+            if self._broken:
+                return
             doomed = self._mark_broken(reason)
-        _fail_all(doomed, lambda: BrokenExecutor(reason))
+        _fail_all(doomed, lambda: BrokenDistributedExecutor(reason))
 
     def _all_exited_error(self) -> BaseException:
         """What a queued task gets once no worker is left: the last death, as BrokenExecutor."""
         dead = None if self._last_lost is None else self._ctx.deleted.get(self._last_lost)
         if dead is None:
-            return BrokenExecutor(self._broken)
+            return BrokenDistributedExecutor(self._broken)
         return AllWorkersExited(dead.pid, dead.exitcode, dead.signal, dead.lost_reason)
 
-    def _mark_broken(self, reason: str) -> list[_Task]:
+    def _mark_broken(self, reason: str) -> list[Task]:
         """Called with the lock held; returns the queued tasks to fail outside it."""
         self._broken = reason
         doomed, self._queue = list(self._queue), deque()
@@ -559,7 +478,7 @@ class DistributedExecutor(cf.Executor):
         # Under a lock: a shutdown(wait=True) that follows a shutdown(wait=False) still
         # running must return only once the workers are gone.
         with self._release_lock:
-            owned, self._owned = self._owned, []
+            owned = self._workers.close()
             alive = [p for p in owned if p in self._ctx.live_pids()]
             if alive:
                 membership.rmprocs(self._ctx, alive, waitfor=None)
@@ -568,8 +487,55 @@ class DistributedExecutor(cf.Executor):
         self._wait_idle()
         self._release_workers()
 
+    def _force_shutdown(self, kill: bool) -> None:
+        owned = self._workers.stop_replacing()
+        self.shutdown(wait=False, cancel_futures=True)
+        live = set(self._ctx.live_pids())
+        for pid in owned:
+            if pid in live:
+                _stop_worker(self._ctx, pid, kill)
 
-def _fail_all(tasks: list[_Task], error: Callable[[], BaseException]) -> None:
+
+def _stop_worker(ctx: ClusterContext, pid: int, kill: bool) -> None:
+    """SIGTERM or SIGKILL a local worker; ask any other to exit at once."""
+    found = membership.launched_by(ctx, pid)
+    process = found[1].process if found is not None else None
+    if isinstance(found and found[0], LocalManager) and process is not None:
+        try:
+            process.kill() if kill else process.terminate()
+        except OSError:
+            pass  # gone already
+        return
+    membership.rmprocs(ctx, [pid], waitfor=0)
+
+
+def _check_max_tasks(max_tasks: int | None, pool: AbstractWorkerPool | None) -> None:
+    if max_tasks is None:
+        return
+    if not isinstance(max_tasks, int) or isinstance(max_tasks, bool):
+        raise TypeError("max_tasks_per_child must be an integer")
+    if max_tasks <= 0:
+        raise ValueError("max_tasks_per_child must be >= 1")
+    if pool is not None:
+        raise ValueError("max_tasks_per_child replaces workers the executor launched; the "
+                         "workers of pool= are not its to replace")
+
+
+def _manager_and_params(max_workers: int | None, manager: ClusterManager | None,
+                        params: dict) -> tuple[ClusterManager, dict]:
+    """The manager to launch with and the addprocs parameters; unknown keywords are a
+    ``TypeError``, as for any function."""
+    params = dict(params)
+    if manager is None:
+        manager = LocalManager(max_workers or os.cpu_count() or 1, params.pop("restrict", True))
+    allowed = manager.default_addprocs_params()
+    for name in params:
+        if name not in allowed:
+            raise TypeError(f"DistributedExecutor() got an unexpected keyword argument {name!r}")
+    return manager, params
+
+
+def _fail_all(tasks: list[Task], error: Callable[[], BaseException]) -> None:
     for task in tasks:
         if task.start():
             task.future.set_exception(error())
@@ -585,8 +551,3 @@ def _lost_listener(executor: DistributedExecutor):
         else:
             target._worker_lost(pid)
     return on_lost
-
-
-def _cpu_count() -> int:
-    import os
-    return os.cpu_count() or 1

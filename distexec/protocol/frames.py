@@ -54,6 +54,7 @@ class Flag(enum.IntFlag):
     ERROR = 1       # the payload is a RemoteException rather than a value
     NO_VALUE = 2    # a completion notice: no payload worth unpickling
     BACKGROUND = 4  # cluster bookkeeping: keep it off the callee's main thread
+    IN_ORDER = 8    # an executor task: on the callee's main thread, one at a time, in order
 
 
 class RRID(NamedTuple):

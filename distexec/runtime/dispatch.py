@@ -4,6 +4,7 @@ Owns the routing of frames read by a connection's reader thread. Imports the sib
 runtime modules, ``distexec.protocol`` and ``distexec.errors``.
 
     reader thread ──► on_frame ──► CALL, CALL_FETCH, CALL_WAIT, REMOTE_DO ──► CallRunner
+                                   (IN_ORDER: the main thread's lane; else a free thread)
                                   RESULT, DONE, GC ─────────────────────────► inline (cheap)
                                   JOIN, IDENTIFY ───────────────────────────► ctx.handlers
                                                                                (cluster layer)
@@ -27,7 +28,7 @@ log = logging.getLogger("distexec")
 
 _CALL_KINDS = (Kind.CALL, Kind.CALL_FETCH, Kind.CALL_WAIT, Kind.REMOTE_DO)
 # Flags tested on every message, as plain ints: an IntFlag operator runs Python code.
-_ERROR, _BACKGROUND = Flag.ERROR.value, Flag.BACKGROUND.value
+_ERROR, _BACKGROUND, _IN_ORDER = Flag.ERROR.value, Flag.BACKGROUND.value, Flag.IN_ORDER.value
 
 
 def on_frame(ctx: ClusterContext, conn, frame) -> None:
@@ -52,8 +53,12 @@ def _on_call(ctx: ClusterContext, conn, frame) -> None:
         from .owned import _Cell, lookup
         lookup(ctx, frame.header.response, _Cell)  # exists before any later release arrives
     source = conn.peer_pid
+    flags = int(frame.header.flags)
+    if flags & _IN_ORDER:  # an executor task: ProcessPoolExecutor's model (runtime.runner)
+        ctx.runner.submit_in_order(lambda: calls.run_incoming_call(ctx, source, frame))
+        return
     ctx.runner.submit(lambda: calls.run_incoming_call(ctx, source, frame),
-                      main=not int(frame.header.flags) & _BACKGROUND)
+                      main=not flags & _BACKGROUND)
 
 
 def _decode_value(ctx: ClusterContext, conn, frame):

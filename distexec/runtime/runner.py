@@ -3,10 +3,18 @@
 Owns the threads that execute user code on a process, and interrupting them. Imports
 ``distexec.errors`` and the standard library only (``transport.connection`` for types).
 
-    reader thread ──► CallRunner.submit(task)
+    reader thread ──► CallRunner.submit(task)              (Julia-style calls)
                         ├─ main thread idle (workers) ──► runs there (SIGINT interrupts it)
                         ├─ an idle pool thread ───────► runs there
                         └─ none idle ─────────────────► a new thread (no upper bound)
+    reader thread ──► CallRunner.submit_in_order(task)     (executor and Pool tasks)
+                        └─ the main thread's queue ─────► one at a time, in arrival order,
+                                                          after the call the main thread runs
+
+Executor tasks follow ProcessPoolExecutor's model: they run alone, on the main thread, so
+thread-affine state (an sqlite connection made by an initializer) and ``signal`` work in
+them. A Julia-style call that arrives while the main thread is busy runs on a pool thread at
+once; one that finds the main thread idle runs there, and executor tasks queue behind it.
 
 A worker's idle main thread does not wait to be woken: it reads its master connection itself
 (``idle_connection``, the read role of ``transport.connection``), so a call arriving there is
@@ -75,6 +83,8 @@ class CallRunner:
         # that a call arriving there needs no wake-up; set by the cluster layer on JOIN.
         self.idle_connection: Connection | None = None
         self._in_user_code: dict[int, float] = {}  # thread ident -> when its call began
+        self._lane: deque = deque()  # in-order tasks while no main thread serves (submit_in_order)
+        self._lane_running = False
         self._stopped = False
 
     # -- submitting --------------------------------------------------------------------------
@@ -84,15 +94,9 @@ class CallRunner:
             # The main thread takes the call if it is idle, or if its user code is done and it
             # is only sending a reply: then SIGINT can interrupt the call (see interrupt()).
             if main and (self._main_idle or (self._main_finishing and not self._main_queue)):
-                waiting = self._main_idle
-                self._main_idle = self._main_finishing = False
                 assert self._main_queue is not None  # serve_main_thread made it before idling
                 self._main_queue.append(task)
-                if waiting:
-                    self._main_wake.release()
-                    conn = self.idle_connection
-                    if conn is not None and threading.get_ident() != self._main_ident:
-                        conn.poke()  # out of its read of the master connection
+                self._wake_main()
                 return
             pooled = self._idle.pop() if self._idle else None
             if pooled is not None:
@@ -102,6 +106,44 @@ class CallRunner:
         pooled = _PoolThread(self)
         pooled.task = task
         pooled.thread.start()
+
+    def submit_in_order(self, task: Callable[[], None]) -> None:
+        """Run ``task`` on the main thread after every task submitted this way before it.
+
+        The lane of executor tasks (ProcessPoolExecutor's model): one at a time, in order, on
+        the thread that runs ``serve_main_thread``; a task waits there while the main thread
+        runs another call. A process whose main thread serves nothing (a custom transport's
+        ``process_messages``, the master) runs its lane on one thread of its own instead.
+        """
+        with self._lock:
+            if self._main_queue is not None:
+                self._main_queue.append(task)
+                self._wake_main()
+                return
+            self._lane.append(task)
+            if self._lane_running:
+                return
+            self._lane_running = True
+        threading.Thread(target=self._drain_lane, name="distexec-lane", daemon=True).start()
+
+    def _wake_main(self) -> None:
+        """With the lock held, a task just queued for the main thread: wake it if idle."""
+        waiting = self._main_idle
+        self._main_idle = self._main_finishing = False
+        if waiting:
+            self._main_wake.release()
+            conn = self.idle_connection
+            if conn is not None and threading.get_ident() != self._main_ident:
+                conn.poke()  # out of its read of the master connection
+
+    def _drain_lane(self) -> None:
+        while True:
+            with self._lock:
+                if not self._lane or self._stopped:
+                    self._lane_running = False
+                    return
+                task = self._lane.popleft()
+            self._run(task)
 
     def _park(self, pooled: _PoolThread) -> bool:
         """Wait idle for the next task; False means the thread should end."""

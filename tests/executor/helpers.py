@@ -37,6 +37,12 @@ def sleep_and_return(seconds, value):
     return value
 
 
+def sleep_and_getpid(seconds):
+    """Sleep, then the OS pid of the process that ran this (which worker ran the task)."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def raise_boom(message):
     raise Boom(message)
 
@@ -56,3 +62,70 @@ def started(directory) -> set[str]:
 def os_pids(pids) -> dict[int, int]:
     """{OS pid: worker pid} for the given workers, as the workers report it."""
     return {os_pid(pid): pid for pid in pids}
+
+
+# -- the execution model (tests/executor/test_execution_model.py) ------------------------------
+def interval(seconds):
+    """Sleep; returns (OS pid, start, end, on the main thread?, thread name)."""
+    import threading
+    start = time.monotonic()
+    time.sleep(seconds)
+    return (os.getpid(), start, time.monotonic(),
+            threading.current_thread() is threading.main_thread(),
+            threading.current_thread().name)
+
+
+_DB = None
+
+
+def open_db():
+    """An initializer that opens a per-process sqlite3 connection (thread-affine)."""
+    import sqlite3
+    global _DB
+    _DB = sqlite3.connect(":memory:")
+    _DB.execute("CREATE TABLE items (x INTEGER)")
+
+
+def insert_slowly(x):
+    time.sleep(0.02)
+    _DB.execute("INSERT INTO items VALUES (?)", (x,))
+    return _DB.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+
+def with_alarm(limit, work):
+    """The signal.setitimer timeout recipe: TimeoutError when ``work`` outlasts ``limit``."""
+    import signal
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"took longer than {limit} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        time.sleep(work)
+        return "finished"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+_INITIALIZED_IN = None
+
+
+def mark_initialized(tag="init"):
+    global _INITIALIZED_IN
+    _INITIALIZED_IN = (tag, os.getpid())
+
+
+def initialized_in(seconds=0.0):
+    """(this OS pid, what the initializer left here: (tag, OS pid) or None)."""
+    time.sleep(seconds)
+    return os.getpid(), _INITIALIZED_IN
+
+
+def exit_now(code):
+    os._exit(code)
+
+
+def fail_initializer():
+    raise ValueError("no database here")

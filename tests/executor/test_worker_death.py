@@ -1,9 +1,9 @@
 """A worker of a DistributedExecutor dies (API.md §1, spec §3.1).
 
-Only the futures that were on the dead worker fail, with ``ProcessExitedException`` naming it;
-queued and later work runs on the remaining workers and ``_max_workers`` follows. When no
-worker is left the executor is broken: queued futures and later submits get
-``BrokenExecutor``, and ``shutdown`` still returns.
+Only the futures that were on the dead worker fail, with ``ProcessExitedException`` naming it
+(also a ``BrokenProcessPool``); queued and later work runs on the other workers, and a worker
+the executor launched is replaced. When a ``pool=`` executor has no worker left it is broken:
+queued futures and later submits get ``BrokenProcessPool``, and ``shutdown`` still returns.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import concurrent.futures as cf
 import os
 import signal
 from concurrent.futures import BrokenExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
+import distexec
 from distexec import DistributedExecutor, ProcessExitedException
 from distexec.executor import MAX_IN_FLIGHT
-from tests.executor.helpers import os_pids, sleep_and_return, touch_and_sleep
+from tests.executor.helpers import os_pids, sleep_and_getpid, sleep_and_return, touch_and_sleep
 from tests.helpers import is_gone, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -61,16 +63,43 @@ def test_sigkill_fails_only_the_futures_on_that_worker(tmp_path):
                 failed.append(i)
         assert len(failed) <= MAX_IN_FLIGHT - 1, failed  # the victim's other slot at most
 
-        wait_until(lambda: ex._max_workers == 1, DEATH_BUDGET)
-        assert ex.workers() == [by_os_pid[survivor_os_pid]]
-        later = [ex.submit(os.getpid) for _ in range(10)]
-        assert [f.result(timeout=10) for f in later] == [survivor_os_pid] * 10
+        # The executor launched the victim, so it launches a replacement: two workers again.
+        wait_until(lambda: len(ex.workers()) == 2 and victim not in ex.workers(), DEATH_BUDGET,
+                   message="a replacement for the dead worker")
+        (replacement,) = set(ex.workers()) - {by_os_pid[survivor_os_pid]}
+        assert replacement > victim  # a new id: ids are never reused
+        later = [ex.submit(sleep_and_getpid, 0.2) for _ in range(4)]
+        ran_on = {f.result(timeout=10) for f in later}
+        assert survivor_os_pid in ran_on and victim_os_pid not in ran_on
+        assert len(ran_on) == 2
         assert list(ex.map(abs, range(-5, 0))) == [5, 4, 3, 2, 1]
     wait_until(lambda: is_gone(survivor_os_pid), 10)
 
 
-def test_losing_every_worker_breaks_the_executor(tmp_path):
-    ex = DistributedExecutor(1)
+def test_the_only_worker_dying_is_replaced_and_the_queue_runs_on_its_replacement(tmp_path):
+    with DistributedExecutor(1) as ex:
+        (victim,) = ex.workers()
+        blocker, os_pid = _start_blocker(ex, tmp_path)
+        queued = [ex.submit(sleep_and_return, 0.01, i) for i in range(10)]
+        os.kill(os_pid, signal.SIGKILL)
+
+        assert isinstance(blocker.exception(timeout=DEATH_BUDGET), ProcessExitedException)
+        outcomes = [f.exception(timeout=DEATH_BUDGET + 10) or f.result() for f in queued]
+        lost = [e for e in outcomes if isinstance(e, BaseException)]
+        assert all(isinstance(e, ProcessExitedException) and e.worker_id == victim
+                   for e in lost), lost
+        assert len(lost) <= MAX_IN_FLIGHT - 1  # only what had been sent to the victim
+        assert [v for v in outcomes if not isinstance(v, BaseException)] == \
+            [i for i in range(10) if outcomes[i] == i]
+        assert ex.workers() != [victim] and not ex._broken
+        assert ex.submit(os.getpid).result(timeout=10) != os_pid
+    wait_until(lambda: is_gone(os_pid), 10)
+
+
+def test_losing_every_worker_of_a_pool_breaks_the_executor(tmp_path):
+    """Workers the executor did not launch are not replaced."""
+    (pid,) = distexec.addprocs(1)
+    ex = DistributedExecutor(pool=distexec.WorkerPool([pid]))
     blocker, os_pid = _start_blocker(ex, tmp_path)
     # long enough that the one sent to the worker's free slot is still running at the kill
     queued = [ex.submit(sleep_and_return, 1.0, i) for i in range(10)]
@@ -80,8 +109,10 @@ def test_losing_every_worker_breaks_the_executor(tmp_path):
     errors = [f.exception(timeout=DEATH_BUDGET) for f in queued]
     assert all(isinstance(e, (ProcessExitedException, BrokenExecutor)) for e in errors), errors
     assert any(isinstance(e, BrokenExecutor) for e in errors)  # never sent anywhere
+    assert all(isinstance(e, BrokenProcessPool) for e in errors)  # ProcessPoolExecutor's type
     assert ex._broken
-    with pytest.raises(BrokenExecutor):
+    with pytest.raises(BrokenProcessPool):
         ex.submit(sleep_and_return, 0, "too late")
     ex.shutdown(wait=True)  # returns: there is nothing left to wait for
+    assert distexec.workers() == [1]  # nobody launched a replacement
     wait_until(lambda: is_gone(os_pid), 10)

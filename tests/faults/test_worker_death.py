@@ -27,7 +27,8 @@ import psutil
 import pytest
 
 import distexec
-from distexec import DistributedExecutor, ProcessExitedException, RemoteChannel, RemoteException
+from distexec import (AllWorkersExited, DistributedExecutor, ProcessExitedException, RemoteChannel,
+                      RemoteException)
 from distexec import Future as RemoteFuture
 from tests.faults.catalogue import T_DET, T_EXIT
 from tests.faults.helpers import (
@@ -371,7 +372,9 @@ def test_crash_races_workers_killing_each_other(add_workers, tmp_path, n):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.fault("W10")
 def test_killing_every_worker_with_1000_tasks_queued_fails_them_all(no_workers):
-    executor = DistributedExecutor(2)
+    """Workers the executor did not launch (pool=) are not replaced, so nothing is left to run
+    the queue; an executor's own workers are replaced (W10 below)."""
+    executor = DistributedExecutor(pool=distexec.WorkerPool(distexec.addprocs(2)))
     try:
         workers = executor.workers()
         os_pids = [os_pid(p) for p in workers]
@@ -392,8 +395,10 @@ def test_killing_every_worker_with_1000_tasks_queued_fails_them_all(no_workers):
             type(e).__name__ for e in errors}
         assert {e.worker_id for e in errors} <= set(workers)
         assert all(e.signal == signal.SIGKILL for e in errors)
-        # The tasks never sent anywhere broke the executor: they are BrokenExecutor too.
-        never_sent = [e for e in errors if isinstance(e, BrokenExecutor)]
+        # The tasks never sent anywhere broke the executor: AllWorkersExited, a BrokenExecutor
+        # too (as every ProcessExitedException is, being a BrokenProcessPool).
+        assert all(isinstance(e, BrokenExecutor) for e in errors)
+        never_sent = [e for e in errors if isinstance(e, AllWorkersExited)]
         assert len(never_sent) >= 1000 - 2 * len(workers)
         assert str(never_sent[0]).startswith("All workers of this executor have exited; the last: "
                                              "Worker ")
@@ -405,6 +410,25 @@ def test_killing_every_worker_with_1000_tasks_queued_fails_them_all(no_workers):
         started = time.monotonic()
         executor.shutdown(wait=True)
         assert time.monotonic() - started < T_EXIT
+    wait_gone(os_pids, T_DET)
+
+
+@pytest.mark.fault("W10")
+def test_killing_every_worker_of_an_executor_with_1000_tasks_queued_replaces_them(no_workers):
+    """The executor's own workers come back; only the tasks they were running fail."""
+    with DistributedExecutor(2) as executor:
+        workers = executor.workers()
+        os_pids = [os_pid(p) for p in workers]
+        futures = [executor.submit(sleep_marked, "w10b", 0.005) for _ in range(1000)]
+        for target in os_pids:
+            kill(target, signal.SIGKILL)
+        done, not_done = cf.wait(futures, timeout=T_DET + 30)
+        assert not not_done, f"{len(not_done)} of 1000 futures still pending"
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        assert all(isinstance(e, ProcessExitedException) and e.worker_id in workers
+                   for e in errors), errors[:3]
+        assert len(errors) < len(futures)  # the rest ran on the replacements
+        assert len(executor.workers()) == 2 and not set(executor.workers()) & set(workers)
     wait_gone(os_pids, T_DET)
 
 
