@@ -12,6 +12,7 @@ test feeds; a task that must have started reports on another channel. Nothing sl
 
 from __future__ import annotations
 
+import concurrent.futures.process
 import functools
 import itertools
 import multiprocessing
@@ -28,7 +29,7 @@ import cloudpickle
 import pytest
 
 import distexec
-from distexec import BrokenDistributedExecutor, Pool, WorkerPool
+from distexec import BrokenDistributedExecutor, Pool, ProcessExitedException, WorkerPool
 from tests.helpers import new_log, wait_gone, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -245,6 +246,25 @@ def test_a_result_that_cannot_be_pickled_is_a_maybe_encoding_error(pool):
         pool.apply(threading.Lock)
     assert "lock" in str(info.value)
     assert pool.apply(sq, (4,)) == 16  # the worker is fine
+
+
+def die(_=None):
+    os._exit(3)
+
+
+def test_a_worker_that_dies_fails_only_its_task():
+    """multiprocessing would leave this result pending for ever; here it fails, and the pool
+    goes on with a replacement worker."""
+    with Pool(2) as p:
+        lost = p.apply_async(die)
+        with pytest.raises(ProcessExitedException) as info:
+            lost.get(DEADLINE)
+        assert isinstance(info.value, concurrent.futures.process.BrokenProcessPool)
+        assert not lost.successful()
+        assert p.map(sq, range(20), 1) == [x * x for x in range(20)]
+        wait_until(lambda: len(p._executor.workers()) == 2, DEADLINE,
+                   message="a replacement worker")
+    p.join()
 
 
 # --------------------------------------------------------------------------------------------
