@@ -173,7 +173,9 @@ class SlurmManager(ClusterManager):
         step, task = _step_and_task(config)
         if step is None:
             return None
-        given = set(map(_option_name, self.srun_options))
+        # An option set to None or False gives no flag (_option_flags): it confines nothing.
+        given = {_option_name(k) for k, v in self.srun_options.items()
+                 if v is not None and v is not False}
         dropped = set(_LAYOUT)
         if not step.owns_job:
             dropped |= {"exclusive", "overlap"} | ({"jobid"} if step.job_id else set())
@@ -183,7 +185,9 @@ class SlurmManager(ClusterManager):
             options.update(overlap=True, **({"jobid": step.job_id} if step.job_id else {}))
         elif not given & {"nodelist", "nodefile"}:
             node = None  # a job of its own goes wherever Slurm finds room
-        options.update(nodes=1, nodelist=node)
+        options["nodes"] = 1
+        if node is not None:
+            options["nodelist"] = node
         clone = copy.copy(self)
         clone.ntasks, clone.srun_options = 1, options
         return clone

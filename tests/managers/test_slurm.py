@@ -12,22 +12,26 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import collections
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import psutil
 import pytest
 
 import distexec as d
-from distexec import LaunchWorkerError, RemoteException
+from distexec import LaunchWorkerError, ProcessExitedException, RemoteException
 from distexec.cluster import membership
 from distexec.cluster.slurm import SlurmManager, _Step, _Task
 from distexec.runtime.context import current_context
-from tests.helpers import wait_for_output, wait_gone, wait_until
+from tests.executor.helpers import mark_initialized, square
+from tests.helpers import os_pid, wait_for_output, wait_gone, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,6 +64,30 @@ def hold_the_gil(seconds):
 def own_cmdline() -> bytes:
     with open("/proc/self/cmdline", "rb") as f:
         return f.read()
+
+
+def slurm_probe(seconds=0.0):
+    """An executor task: (OS pid, SLURM_JOB_ID, SLURM_JOB_NAME, SLURMD_NODENAME, on the main
+    thread?, what the initializer left there: ``(tag, OS pid)`` or None)."""
+    import threading
+
+    from tests.executor.helpers import initialized_in
+
+    pid_here, mark = initialized_in(seconds)
+    return (pid_here, os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_JOB_NAME"),
+            os.environ.get("SLURMD_NODENAME"),
+            threading.current_thread() is threading.main_thread(), mark)
+
+
+def report_then_sleep(channel, seconds):
+    """An executor task that says where it runs (``slurm_probe()``), then sleeps."""
+    channel.put(slurm_probe())
+    time.sleep(seconds)
+    return "slept"
+
+
+def kill_myself():
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def job_state(job_id: str) -> str:
@@ -170,6 +198,19 @@ def test_a_replacement_of_a_job_of_its_own_asks_for_one_task_anywhere():
     assert not any(f.startswith(("--ntasks-per-node", "--nodelist", "--jobid", "--overlap"))
                    for f in cmd)
     confined = SlurmManager(2, **{"nodelist": "n[3-4]"})  # stays inside the nodes it was given
+    assert "--nodelist=n3" in _replacement_command(confined, _launched_config(owns_job=True))
+
+
+def test_a_replacement_of_a_replacement_still_goes_wherever_slurm_finds_room():
+    """A recycled or replaced worker is replaced in turn: it must not get confined to a node."""
+    replacement = SlurmManager(2, time="00:05:00").replacement(_launched_config(owns_job=True))
+    again = _replacement_command(replacement, _launched_config(owns_job=True))
+    assert "--time=00:05:00" in again
+    assert not any(f.startswith("--nodelist") for f in again)
+    unset = SlurmManager(2, nodelist=None)  # an option set to None is no --nodelist either
+    assert not any(f.startswith("--nodelist")
+                   for f in _replacement_command(unset, _launched_config(owns_job=True)))
+    confined = SlurmManager(2, nodelist="n[3-4]").replacement(_launched_config(owns_job=True))
     assert "--nodelist=n3" in _replacement_command(confined, _launched_config(owns_job=True))
 
 
@@ -294,6 +335,104 @@ def test_a_replacement_starts_one_task_in_a_job_of_its_own(slurm_workers):
         assert d.remotecall_fetch(d.myid, new[0]) == new[0]
     finally:
         d.rmprocs(new, waitfor=20)
+    wait_job_gone(job)
+
+
+# --------------------------------------------------------------------------------------------
+# DistributedExecutor and Pool on Slurm workers
+# --------------------------------------------------------------------------------------------
+# The node of .ci/setup-slurm.sh has 2 CPUs, and a job holds all its CPUs until every one of its
+# tasks has ended (docs/managers.md, "Replacement workers under Slurm"): a replacement of one
+# task of a two-task job would wait in the queue for the whole job. So the tests that replace
+# workers from outside an allocation use jobs of one task, whose CPU is free once that task
+# dies; inside an allocation replacements are --overlap steps, tested with two tasks below.
+@pytest.mark.timeout(90)
+def test_an_executor_initializes_a_slurm_worker_and_replaces_it_when_killed(slurm):
+    name = f"distexec-test-replaced-{os.getpid()}"
+    with d.DistributedExecutor(manager=SlurmManager(1, job_name=name),
+                               initializer=mark_initialized, initargs=("slurm",)) as executor:
+        (first,) = executor.workers()
+        remote, job, job_name, node, on_main, mark = \
+            executor.submit(slurm_probe).result(timeout=30)
+        assert job and node and job_name == name
+        assert on_main and mark == ("slurm", remote)
+
+        started = d.RemoteChannel(1, 10)
+        running = executor.submit(report_then_sleep, started, 60)
+        assert started.take(timeout=15)[0] == remote
+        d.remote_do(kill_myself, first)
+        with pytest.raises(ProcessExitedException) as info:
+            running.result(timeout=20)
+        assert isinstance(info.value, BrokenProcessPool)
+        assert info.value.worker_id == first
+
+        # Its job ended with its only task: the replacement is a one-task job of its own, with
+        # the same srun options, on the node Slurm has room on (here the only one).
+        (replacement,) = wait_until(lambda: [p for p in executor.workers() if p != first], 30,
+                                    message=f"a replacement of worker {first}")
+        new_remote, new_job, new_job_name, new_node, on_main, mark = \
+            executor.submit(slurm_probe).result(timeout=30)
+        assert new_remote == os_pid(replacement) != remote
+        assert new_job not in (None, job) and (new_job_name, new_node) == (name, node)
+        assert on_main and mark == ("slurm", new_remote)
+    assert d.procs() == [1]
+    wait_gone([remote, new_remote])
+    wait_job_gone(job)
+    wait_job_gone(new_job)
+
+
+@pytest.mark.timeout(90)
+def test_max_tasks_per_child_recycles_slurm_workers_with_the_same_options(slurm):
+    name = f"distexec-test-recycled-{os.getpid()}"
+    with d.DistributedExecutor(manager=SlurmManager(1, job_name=name), max_tasks_per_child=2,
+                               initializer=mark_initialized, initargs=("recycled",)) as executor:
+        outcomes = list(executor.map(slurm_probe, [0.0] * 6, timeout=60))
+    assert d.procs() == [1]
+    ran = collections.Counter(remote for remote, *_ in outcomes)
+    assert sorted(ran.values()) == [2, 2, 2], ran  # three processes, two tasks each
+    jobs = {remote: job for remote, job, *_ in outcomes}
+    assert len(set(jobs.values())) == 3  # each one the task of a one-task job of its own
+    nodes = set()
+    for remote, job, job_name, node, on_main, mark in outcomes:
+        assert job_name == name and on_main
+        assert mark == ("recycled", remote)  # each replacement ran the initializer first
+        nodes.add(node)
+    assert len(nodes) == 1 and None not in nodes
+    wait_gone(list(jobs))
+    for job in set(jobs.values()):
+        wait_job_gone(job)
+
+
+@pytest.mark.timeout(90)
+def test_a_pool_on_slurm_workers_maps_calls_back_and_terminates_a_sleeping_task(slurm):
+    pool = d.Pool(initializer=mark_initialized, initargs=("pool",), manager=SlurmManager(2))
+    try:
+        workers = d.workers()
+        assert len(workers) == 2
+        remotes = [os_pid(p) for p in workers]
+        assert pool.map(square, range(20)) == [x * x for x in range(20)]
+        called: list = []
+        applied = pool.apply_async(slurm_probe, (0.0,), callback=called.append)
+        outcome = applied.get(timeout=20)
+        assert called == [outcome]
+        remote, job, _job_name, node, on_main, mark = outcome
+        assert remote in remotes and job and node and on_main and mark == ("pool", remote)
+        assert list(pool.imap(square, range(10))) == [x * x for x in range(10)]
+
+        started = d.RemoteChannel(1, 10)
+        sleeping = pool.apply_async(report_then_sleep, (started, 60))
+        sleeper = started.take(timeout=15)[0]
+        start = time.monotonic()
+        pool.terminate()
+        wait_gone([sleeper])
+        assert time.monotonic() - start < 10
+        with pytest.raises(BrokenProcessPool):
+            sleeping.get(timeout=10)
+    finally:
+        pool.terminate()
+        pool.join()
+    assert d.procs() == [1]
+    wait_gone(remotes)
     wait_job_gone(job)
 
 
@@ -501,6 +640,77 @@ def test_inside_an_allocation_a_replacement_is_a_step_of_it_on_the_same_node(tmp
     assert len(report["new"]) == 1 and report["myid"] == report["new"][0]
     assert report["other"] == report["pids"][1]  # the other original task runs on
     wait_job_gone(report["job"])
+
+
+EXECUTOR_INSIDE = textwrap.dedent("""
+    import json, os
+    from concurrent.futures.process import BrokenProcessPool
+    import distexec as d
+    from distexec.cluster.slurm import SlurmManager
+    from distexec.runtime.context import current_context
+    from tests.executor.helpers import mark_initialized
+    from tests.helpers import wait_until
+    from tests.managers.test_slurm import kill_myself, report_then_sleep, slurm_probe
+
+    def step():
+        return os.environ["SLURM_STEP_ID"]
+
+    ctx = current_context()
+    with d.DistributedExecutor(manager=SlurmManager(), initializer=mark_initialized,
+                               initargs=("alloc",)) as executor:
+        first = executor.workers()  # every CPU of the allocation: one step of two tasks
+        by_os_pid = {ctx.record(p).os_pid: p for p in first}
+        started = d.RemoteChannel(1, 10)
+        running = executor.submit(report_then_sleep, started, 60)
+        before = started.take(timeout=15)
+        victim = by_os_pid[before[0]]
+        victim_step = d.remotecall_fetch(step, victim)
+        d.remote_do(kill_myself, victim)
+        try:
+            running.result(timeout=20)
+            error = None
+        except BrokenProcessPool as exc:
+            error = [type(exc).__name__, exc.worker_id]
+        (new,) = wait_until(lambda: [p for p in executor.workers() if p not in first], 30,
+                            message="a replacement")
+        new_os_pid = ctx.record(new).os_pid
+        seen = {}
+
+        def landed():  # until a task ran on the replacement (the other worker takes some too)
+            seen.update((o[0], o) for o in executor.map(slurm_probe, [0.01] * 4, timeout=30))
+            return new_os_pid in seen
+
+        wait_until(landed, 30, interval=0, message="a task on the replacement")
+        report = {"job": os.environ["SLURM_JOB_ID"], "before": before, "victim": victim,
+                  "victim_step": victim_step, "error": error, "new": new,
+                  "new_step": d.remotecall_fetch(step, new), "after": seen[new_os_pid],
+                  "workers": executor.workers(), "first": first}
+    report["left"] = d.procs()
+    print("REPORT", json.dumps(report), flush=True)
+""")
+
+
+def test_inside_an_allocation_an_executor_replaces_a_killed_worker_by_an_overlapping_step(
+        tmp_path, slurm):
+    script = tmp_path / "executor_inside.py"
+    script.write_text(EXECUTOR_INSIDE)
+    result = run_script(["salloc", "--ntasks=2", sys.executable, str(script)])
+    lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
+    assert result.returncode == 0 and lines, result.stdout + result.stderr
+    report = json.loads(lines[0][len("REPORT "):])
+    victim_os_pid, job, _name, node, on_main, mark = report["before"]
+    assert job == report["job"] and on_main and mark == ["alloc", victim_os_pid]
+    assert report["error"] == ["ProcessExitedException", report["victim"]]
+    new_os_pid, new_job, _name, new_node, on_main, mark = report["after"]
+    # a step of the same allocation, on the same node, beside the step the victim was in
+    assert (new_job, new_node) == (job, node)
+    assert report["new_step"] != report["victim_step"]
+    assert on_main and mark == ["alloc", new_os_pid]
+    assert sorted(report["workers"]) == sorted(
+        [*(set(report["first"]) - {report["victim"]}), report["new"]])
+    assert report["left"] == [1]
+    wait_job_gone(report["job"])
+
 
 MASTER = textwrap.dedent("""
     import json, os, sys

@@ -8,6 +8,7 @@ afterwards that no remote worker process outlived the test.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -19,6 +20,7 @@ import sys
 import textwrap
 import time
 import warnings
+from concurrent.futures.process import BrokenProcessPool
 
 import psutil
 import pytest
@@ -28,7 +30,8 @@ from distexec import LaunchWorkerError, ProcessExitedException, RemoteException
 from distexec.cluster import membership
 from distexec.cluster.ssh import SSHManager
 from distexec.runtime.context import current_context
-from tests.helpers import wait_until
+from tests.executor.helpers import mark_initialized, square
+from tests.helpers import is_gone, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -234,6 +237,145 @@ def test_a_replacement_keeps_the_machine_spec_with_its_bind_port_as_a_hint(ssh_w
     assert current_context().record(pid).connect_at[1] != port
     assert d.remotecall_fetch(_where, pid)[2] == "127.0.0.1"
     assert d.remotecall_fetch(d.myid, pid) == pid
+
+
+# --------------------------------------------------------------------------------------------
+# DistributedExecutor and Pool on SSH workers: ProcessPoolExecutor's model, replacements
+# --------------------------------------------------------------------------------------------
+def _probe(seconds=0.0):
+    """An executor task: (OS pid, the address ssh reached, on the main thread?, what the
+    initializer left there: ``(tag, OS pid)`` or None)."""
+    import threading
+
+    from tests.executor.helpers import initialized_in
+
+    pid_here, mark = initialized_in(seconds)
+    return pid_here, _where()[2], threading.current_thread() is threading.main_thread(), mark
+
+
+def _report_then_sleep(channel, seconds):
+    """An executor task that says where it runs (``_probe()``), then sleeps."""
+    channel.put(_probe())
+    time.sleep(seconds)
+    return "slept"
+
+
+def _probe_until_seen(executor, os_pids, timeout: float = 30) -> dict[int, tuple]:
+    """Run rounds of ``_probe`` tasks until each of ``os_pids`` ran one; {OS pid: the rest}."""
+    seen: dict[int, tuple] = {}
+
+    def one_round():
+        for pid_here, *rest in executor.map(_probe, [0.01] * 4, timeout=timeout):
+            seen[pid_here] = tuple(rest)
+        return set(os_pids) <= set(seen)
+
+    wait_until(one_round, timeout, interval=0, message=f"tasks on worker processes {os_pids}")
+    return seen
+
+
+def _plain_ssh_problem(host: str) -> str | None:
+    """Why ``ssh host`` without the test servers' sshflags fails, or None when it works.
+
+    ``distexec.Pool`` (like ``distexec run``) passes no addprocs parameters, so its SSH
+    workers rely on ~/.ssh/config, where .ci/setup-sshd.sh declares the namespace hosts.
+    """
+    plain = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host, "true"],
+                           capture_output=True, text=True, timeout=15)
+    if plain.returncode == 0:
+        return None
+    return (f"plain `ssh {host}` fails ({plain.stderr.strip()}): ~/.ssh/config lacks the "
+            "block .ci/setup-sshd.sh writes")
+
+
+@pytest.mark.filterwarnings("ignore::distexec.SecurityWarning")  # plaintext to dxh1, dxh2
+def test_an_executor_initializes_ssh_workers_and_replaces_a_killed_one_on_its_host(
+        ssh_workers, ssh_namespaces):
+    host1, host2 = ssh_namespaces.hosts["dxh1"], ssh_namespaces.hosts["dxh2"]
+    with d.DistributedExecutor(manager=SSHManager([host1, host2]), initializer=mark_initialized,
+                               initargs=("ssh",), sshflags=ssh_namespaces.sshflags) as executor:
+        first = executor.workers()
+        assert len(first) == 2
+        by_os_pid = {os_pid(p): p for p in first}
+        ssh_workers.seen.extend(by_os_pid)  # the fixture checks that they exit
+        seen = _probe_until_seen(executor, by_os_pid)
+        assert {address for address, _, _ in seen.values()} == {host1, host2}
+        for remote, (_address, on_main, mark) in seen.items():
+            assert on_main and mark == ("ssh", remote)  # the task ran where the initializer did
+
+        started = d.RemoteChannel(1, 10)
+        running = executor.submit(_report_then_sleep, started, 60)
+        victim_os_pid, victim_host, on_main, _mark = started.take(timeout=15)
+        assert on_main
+        victim = by_os_pid[victim_os_pid]
+        d.remote_do(_kill_myself, victim)
+        with pytest.raises(ProcessExitedException) as info:
+            running.result(timeout=20)
+        assert isinstance(info.value, BrokenProcessPool)
+        assert info.value.worker_id == victim
+
+        (replacement,) = wait_until(lambda: [p for p in executor.workers() if p not in first],
+                                    30, message=f"a replacement of worker {victim}")
+        replacement_os_pid = os_pid(replacement)
+        ssh_workers.seen.append(replacement_os_pid)
+        assert sorted(executor.workers()) == sorted([*(set(first) - {victim}), replacement])
+        assert current_context().record(replacement).connect_at[0] == victim_host
+        seen = _probe_until_seen(executor, [replacement_os_pid])
+        assert seen[replacement_os_pid] == (victim_host, True, ("ssh", replacement_os_pid))
+    assert d.procs() == [1]
+
+
+@pytest.mark.filterwarnings("ignore::distexec.SecurityWarning")  # plaintext to dxh1
+def test_max_tasks_per_child_recycles_ssh_workers_on_the_same_host(ssh_workers, ssh_namespaces):
+    host1 = ssh_namespaces.hosts["dxh1"]
+    with d.DistributedExecutor(manager=SSHManager([host1]), max_tasks_per_child=2,
+                               initializer=mark_initialized, initargs=("recycled",),
+                               sshflags=ssh_namespaces.sshflags) as executor:
+        try:
+            outcomes = list(executor.map(_probe, [0.0] * 6, timeout=60))
+        finally:
+            ssh_workers.seen.extend(os_pid(p) for p in executor.workers())
+        ssh_workers.seen.extend(remote for remote, *_ in outcomes)
+    assert d.procs() == [1]
+    ran = collections.Counter(remote for remote, *_ in outcomes)
+    assert sorted(ran.values()) == [2, 2, 2], ran  # three processes, two tasks each
+    for remote, address, on_main, mark in outcomes:
+        assert address == host1 and on_main
+        assert mark == ("recycled", remote)  # each replacement ran the initializer first
+
+
+@pytest.mark.filterwarnings("ignore::distexec.SecurityWarning")  # plaintext to dxh1, dxh2
+def test_a_pool_on_ssh_workers_maps_calls_back_and_terminates_a_sleeping_task(
+        ssh_workers, ssh_namespaces):
+    host1, host2 = ssh_namespaces.hosts["dxh1"], ssh_namespaces.hosts["dxh2"]
+    problem = _plain_ssh_problem(host1)
+    if problem is not None:
+        pytest.skip(problem)
+    pool = d.Pool(initializer=mark_initialized, initargs=("pool",),
+                  manager=SSHManager([host1, host2]))
+    try:
+        ssh_workers.seen.extend(os_pid(p) for p in d.workers())
+        assert len(d.workers()) == 2
+        assert pool.map(square, range(20)) == [x * x for x in range(20)]
+        called: list = []
+        applied = pool.apply_async(_probe, (0.0,), callback=called.append)
+        remote, address, on_main, mark = applied.get(timeout=20)
+        assert called == [(remote, address, on_main, mark)]
+        assert address in (host1, host2) and on_main and mark == ("pool", remote)
+        assert list(pool.imap(square, range(10))) == [x * x for x in range(10)]
+
+        started = d.RemoteChannel(1, 10)
+        sleeping = pool.apply_async(_report_then_sleep, (started, 60))
+        sleeper, *_ = started.take(timeout=15)
+        start = time.monotonic()
+        pool.terminate()
+        wait_until(lambda: is_gone(sleeper), 10, message="the worker running the task to exit")
+        assert time.monotonic() - start < 10
+        with pytest.raises(BrokenProcessPool):
+            sleeping.get(timeout=10)
+    finally:
+        pool.terminate()
+        pool.join()
+    assert d.procs() == [1]
 
 
 # --------------------------------------------------------------------------------------------
