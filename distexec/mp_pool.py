@@ -53,7 +53,9 @@ __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
 
 _NO_KWDS: Mapping[str, Any] = types.MappingProxyType({})
 _UNSENDABLE_PREFIX = "the result of the call ("  # runtime.calls.unsendable's message
-FEED_AHEAD = 8  # imap: tasks per worker submitted ahead of their results
+#: imap: tasks per worker submitted ahead of their results; bounded for endless inputs, and
+#: enough of a backlog for the executor to batch short tasks.
+FEED_AHEAD = 256
 
 
 # -- run on the workers: one chunk of a map is one task -------------------------------------

@@ -457,6 +457,15 @@ def test_a_pool_on_existing_workers_leaves_them_running(add_workers):
     assert set(pids) <= set(distexec.workers())
 
 
+def test_a_pool_launched_through_a_manager():
+    with Pool(manager=distexec.LocalManager(2)) as p:
+        assert len(p._executor.workers()) == 2
+        assert p.map(sq, range(6)) == [x * x for x in range(6)]
+        os_pids = worker_os_pids(p)
+    p.join()
+    wait_gone(os_pids)
+
+
 def test_an_unclosed_pool_that_is_dropped_warns_and_releases_its_workers():
     p = Pool(1)
     os_pids = worker_os_pids(p)
