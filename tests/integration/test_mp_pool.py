@@ -494,8 +494,9 @@ BAD_CONSTRUCTIONS = [
 
 
 @pytest.mark.parametrize(("kwargs", "error"), BAD_CONSTRUCTIONS, ids=str)
-def test_bad_constructor_arguments_fail_as_in_multiprocessing(kwargs, error):
-    # multiprocessing checks these before it starts any process
+def test_bad_constructor_arguments_fail_as_in_multiprocessing(kwargs, error, reference):
+    # multiprocessing checks these before it starts a worker (``reference``: its resource
+    # tracker, which its queues may start, is already running)
     with pytest.raises(error) as expected:
         multiprocessing.Pool(**kwargs)
     with pytest.raises(error) as got:
