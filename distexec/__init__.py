@@ -15,7 +15,8 @@ from .cluster.worker import init_worker, process_messages, start_worker
 from .errors import (AllWorkersExited, AuthenticationError, BrokenDistributedExecutor, CapturedException, ChannelClosedError,
                      CompositeException, DistexecError, DistributedError, InvalidStateError,
                      LaunchWorkerError, MessageTooLarge, ProcessExitedException, ProtocolError,
-                     RemoteDeserializationError, RemoteException, SecurityWarning,
+                     RemoteDeserializationError, RemoteException, ResultPicklingError,
+                     SecurityWarning,
                      WaitTimeout)
 from .executor import BrokenExecutor, DistributedExecutor
 from .mp_pool import Pool
@@ -41,7 +42,7 @@ __all__ = [
     "init_worker", "start_worker", "process_messages", "RRID", "current_destination", "Channel",
     "ClusterContext", "WorkerState", "Future", "RemoteChannel", "channel_from_id", "remoteref_id",
     "DistexecError", "DistributedError", "RemoteException", "CapturedException",
-    "RemoteDeserializationError", "ProcessExitedException", "AllWorkersExited", "BrokenDistributedExecutor",
+    "RemoteDeserializationError", "ProcessExitedException", "AllWorkersExited", "BrokenDistributedExecutor", "ResultPicklingError",
     "CompositeException",
     "LaunchWorkerError", "AuthenticationError", "ProtocolError", "MessageTooLarge",
     "ChannelClosedError", "InvalidStateError", "SecurityWarning", "WaitTimeout", "Security",

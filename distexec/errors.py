@@ -9,6 +9,7 @@ Two families, in the h11 spirit: errors the *caller* caused (bad arguments get t
 
 from __future__ import annotations
 
+import pickle as _pickle
 import signal as _signal
 import sys
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,7 @@ __all__ = [
     "ProcessExitedException",
     "AllWorkersExited",
     "BrokenDistributedExecutor",
+    "ResultPicklingError",
     "CompositeException",
     "LaunchWorkerError",
     "AuthenticationError",
@@ -199,6 +201,24 @@ class ProcessExitedException(DistexecError, _BrokenProcessPool):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.worker_id, self.exitcode, self.signal, self.reason))
+
+
+class ResultPicklingError(_pickle.PicklingError):
+    """A call's result could not be pickled (or was too large) to be sent back.
+
+    Raised, in place of the result, by ``remotecall_fetch``, ``fetch`` and an executor
+    future's ``result()``; the worker is fine. ``type_name`` names the result's type (or its
+    size, when only that is known); ``__cause__`` is the error pickling raised. It is a
+    ``pickle.PicklingError``; ``distexec.Pool`` reports it as multiprocessing's
+    ``MaybeEncodingError``.
+    """
+
+    def __init__(self, type_name: str, reason: str) -> None:
+        super().__init__(f"the result of the call ({type_name}) could not be sent: {reason}")
+        self.type_name, self.reason = type_name, reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.type_name, self.reason))
 
 
 class BrokenDistributedExecutor(DistexecError, _BrokenProcessPool):

@@ -16,7 +16,7 @@ from .errors import RemoteDeserializationError, RemoteException, WaitTimeout
 from .runtime.refs import invoke_callbacks_guarded
 
 
-class _RemoteTraceback(Exception):
+class RemoteTraceback(Exception):
     """Carries the remote traceback text as the ``__cause__`` of a re-raised exception."""
 
     def __init__(self, tb: str):
@@ -36,7 +36,7 @@ def original_exception(remote: RemoteException) -> BaseException:
     ex = remote.captured.ex
     if isinstance(ex, (RemoteDeserializationError, RemoteException)) or ex is None:
         return remote
-    ex.__cause__ = _RemoteTraceback(f'\n"""\n{remote.captured.traceback_text.rstrip()}\n"""')
+    ex.__cause__ = RemoteTraceback(f'\n"""\n{remote.captured.traceback_text.rstrip()}\n"""')
     note = f"(raised on worker {remote.pid})"
     notes = getattr(ex, "__notes__", None)
     if notes is None or note not in notes:

@@ -38,9 +38,9 @@ from multiprocessing.pool import (  # type: ignore[attr-defined]  # not in types
     CLOSE, INIT, RUN, TERMINATE, MaybeEncodingError, RemoteTraceback)
 from typing import TYPE_CHECKING, Any
 
-from .errors import BrokenDistributedExecutor
+from .errors import BrokenDistributedExecutor, ResultPicklingError
 from .executor import DistributedExecutor
-from .executor_futures import _RemoteTraceback
+from .executor_futures import RemoteTraceback as _RemoteTraceback
 from .mp_results import (ApplyResult, AsyncResult, IMapIterator, IMapUnorderedIterator, MapResult,
                          Outcome)
 
@@ -52,7 +52,6 @@ __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
            "IMapUnorderedIterator", "TimeoutError"]
 
 _NO_KWDS: Mapping[str, Any] = types.MappingProxyType({})
-_UNSENDABLE_PREFIX = "the result of the call ("  # runtime.calls.unsendable's message
 #: imap: tasks per worker submitted ahead of their results; bounded for endless inputs, and
 #: enough of a backlog for the executor to batch short tasks.
 FEED_AHEAD = 256
@@ -88,10 +87,9 @@ def _pool_error(exc: BaseException) -> BaseException:
     cause = exc.__cause__
     if isinstance(cause, _RemoteTraceback):
         exc.__cause__ = RemoteTraceback(cause.tb)
-    if isinstance(exc, pickle.PicklingError) and str(exc).startswith(_UNSENDABLE_PREFIX):
-        what = str(exc)[len(_UNSENDABLE_PREFIX):].partition(")")[0]
+    if isinstance(exc, ResultPicklingError):
         wrapped = _UnsendableResult(exc, None)
-        wrapped.value = f"<{what} object>"  # the value itself never left the worker
+        wrapped.value = f"<{exc.type_name} object>"  # the value itself never left the worker
         wrapped.__cause__ = exc.__cause__
         return wrapped
     return exc

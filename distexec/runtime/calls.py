@@ -18,12 +18,11 @@ thread), and still report errors as ``RemoteException`` so callers see one type.
 from __future__ import annotations
 
 import logging
-import pickle
 import sys
 import threading
 from typing import Any, Callable
 
-from ..errors import RemoteException
+from ..errors import RemoteException, ResultPicklingError
 from ..protocol import serialization
 from ..protocol.frames import RRID, Flag, Kind
 from ..protocol.tracebacks import capture
@@ -220,8 +219,7 @@ def unsendable(ctx: ClusterContext, value: Any, exc: BaseException, *,
                what: str | None = None) -> RemoteException:
     """The error a call fails with when its result ``value`` could not be pickled or sent."""
     what = what or type(value).__qualname__
-    error = pickle.PicklingError(
-        f"the result of the call ({what}) could not be sent: {type(exc).__name__}: {exc}")
+    error = ResultPicklingError(what, f"{type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return RemoteException(ctx.myid, capture(error))
 

@@ -44,6 +44,7 @@ from distexec import (
     ProcessExitedException,
     RemoteDeserializationError,
     RemoteException,
+    ResultPicklingError,
     WorkerPool,
 )
 from tests.faults.catalogue import T_DET
@@ -374,17 +375,17 @@ WORKER_SIDE = [
                  Raises(SystemExit, ("SystemExit: 5",)),
                  1.0, id="S4-sys-exit-at-unpickle", marks=pytest.mark.fault("S4")),
     pytest.param(_return_a_lock, (),
-                 _remote(pickle.PicklingError, "PicklingError", "could not be sent", LOCK_TEXT),
-                 Raises(pickle.PicklingError, ("could not be sent", LOCK_TEXT)),
+                 _remote(ResultPicklingError, "ResultPicklingError", "could not be sent", LOCK_TEXT),
+                 Raises(ResultPicklingError, ("could not be sent", LOCK_TEXT)),
                  1.0, id="S5-lock-result", marks=pytest.mark.fault("S5")),
     pytest.param(_return_a_socket, (),
-                 _remote(pickle.PicklingError, "PicklingError", "could not be sent", SOCKET_TEXT),
-                 Raises(pickle.PicklingError, ("could not be sent", SOCKET_TEXT)),
+                 _remote(ResultPicklingError, "ResultPicklingError", "could not be sent", SOCKET_TEXT),
+                 Raises(ResultPicklingError, ("could not be sent", SOCKET_TEXT)),
                  1.0, id="S5-socket-result", marks=pytest.mark.fault("S5")),
     pytest.param(_return_a_reduce_exits, (),
-                 _remote(pickle.PicklingError, "PicklingError", "could not be sent",
+                 _remote(ResultPicklingError, "ResultPicklingError", "could not be sent",
                          "pickling called sys.exit(7)"),
-                 Raises(pickle.PicklingError, ("could not be sent", "pickling called sys.exit(7)")),
+                 Raises(ResultPicklingError, ("could not be sent", "pickling called sys.exit(7)")),
                  1.0, id="S5-result-reduce-sys-exit", marks=pytest.mark.fault("S5")),
     pytest.param(_raise_needs_two_args, (),
                  _remote(RemoteDeserializationError, "_NeedsTwoArgs", "1-2", "_NeedsTwoArgs: 1-2",
@@ -423,9 +424,9 @@ WORKER_SIDE = [
                  2.0, id="S11a-unbounded-recursion", marks=pytest.mark.fault("S11")),
     # cloudpickle reports a RecursionError while pickling as this PicklingError.
     pytest.param(_nested, (lambda: 200_000,),
-                 _remote(pickle.PicklingError, "PicklingError", "could not be sent",
+                 _remote(ResultPicklingError, "ResultPicklingError", "could not be sent",
                          "excessively deep recursion"),
-                 Raises(pickle.PicklingError, ("could not be sent", "excessively deep recursion")),
+                 Raises(ResultPicklingError, ("could not be sent", "excessively deep recursion")),
                  2.0, id="S11b-result-nested-200k-deep", marks=pytest.mark.fault("S11")),
 ]
 
