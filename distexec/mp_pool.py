@@ -188,6 +188,9 @@ class Pool:
         pool: run on the workers of this ``WorkerPool`` without owning them: ``close``,
             ``join`` and ``terminate`` never stop them, and ``terminate`` lets their running
             tasks finish.
+        **addprocs_params: how to start the workers, as for ``DistributedExecutor``:
+            ``env``, ``dir``, ``exeflags``, ``security``, ``sshflags`` (with an SSH
+            manager), ...; an unknown keyword is a ``TypeError``.
 
     Raises:
         ValueError: ``processes < 1``, or ``maxtasksperchild`` is not a positive int.
@@ -197,7 +200,7 @@ class Pool:
     def __init__(self, processes: int | None = None, initializer: Callable | None = None,
                  initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
                  context: Any = None, *, manager: ClusterManager | None = None,
-                 pool: AbstractWorkerPool | None = None) -> None:
+                 pool: AbstractWorkerPool | None = None, **addprocs_params: Any) -> None:
         self._state = INIT  # __del__ reads it even when __init__ raises
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
@@ -214,7 +217,7 @@ class Pool:
         self._executor = DistributedExecutor(
             processes, None, initializer, tuple(initargs),
             max_tasks_per_child=None if maxtasksperchild is None else int(maxtasksperchild),
-            manager=manager, pool=pool)
+            manager=manager, pool=pool, **addprocs_params)
         self._finalizer = weakref.finalize(self, _release, self._executor, self._callbacks)
         self._finalizer.atexit = False  # at exit the executor finishes and the cluster ends
         self._state = RUN

@@ -597,3 +597,15 @@ def test_exiting_with_a_pool_never_closed(tmp_path):
     assert done.stdout == "[0.0, 1.0, 2.0, 3.0]\n"
 
 
+
+
+def _env_value(name):
+    import os
+    return os.environ.get(name)
+
+
+def test_launch_keywords_reach_the_workers_and_unknown_ones_are_refused():
+    with Pool(1, env={"DISTEXEC_POOL_TEST": "from-pool"}) as p:
+        assert p.apply(_env_value, ("DISTEXEC_POOL_TEST",)) == "from-pool"
+    with pytest.raises(TypeError, match="unexpected keyword argument 'procesess'"):
+        Pool(procesess=2)
