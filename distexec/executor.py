@@ -391,7 +391,8 @@ class DistributedExecutor(cf.Executor):
         ctx = self._ctx
         rrid = ctx.next_rrid()
         for task, _, _ in pickled:
-            task.future._sent_to = (ctx, pid)
+            if self._sizer.is_short(task.fn):
+                task.future._sent_to = (ctx, pid)
         if len(pickled) == 1:
             task, payload, buffers = pickled[0]
             waiter: _TaskWaiter | _BatchWaiter = _TaskWaiter(self, pid, task)

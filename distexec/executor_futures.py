@@ -88,7 +88,9 @@ class ExecutorFuture(cf.Future):
         return self._result
 
     # Where the task went, once sent: (context, pid). A caller that waits without a timeout
-    # reads that connection itself rather than being woken by its reader thread.
+    # reads that connection itself rather than being woken by its reader thread, unless the
+    # task is known to run long: taking the read role over wakes the reader thread, which
+    # costs more CPU than it saves when the reply is far off (executor: BatchSizer.is_short).
     _sent_to: tuple[Any, int] | None = None
     _reading: Any = None  # the connection a waiting thread reads for this future, meanwhile
 

@@ -162,6 +162,7 @@ calls.SELF_SENDING[Outcomes] = send_outcomes
 MAX_BATCH = 256          # tasks in one message
 BATCH_SECONDS = 0.002    # of estimated work in one message: short enough to keep workers even
 BATCH_BYTES = 1 << 20    # of pickled tasks in one message (beyond that, batching saves nothing)
+SHORT_TASK_ROUND_TRIPS = 4  # a task this many quickest round trips long, or less, is short
 
 
 def by_size(pickled: list[tuple], limit: int) -> list[list[tuple]]:
@@ -196,6 +197,7 @@ class BatchSizer:
 
     def __init__(self):
         self._estimates: dict = {}  # key(fn) -> seconds
+        self._fastest = float("inf")  # the shortest round trip of any task sent alone
         self._lock = threading.Lock()  # results of different workers arrive on their threads
 
     def limit(self, fn, backlog: int, free_slots: int, slots: int) -> int:
@@ -217,6 +219,15 @@ class BatchSizer:
         old = self._estimates.get(key)
         if old is None or round_trip < old:  # the task took at most its round trip
             self._remember(key, round_trip)
+        if round_trip < self._fastest:
+            self._fastest = round_trip
+
+    def is_short(self, fn) -> bool:
+        """Whether ``fn``'s tasks are not known to take much longer than a round trip of the
+        quickest task seen: worth reading the reply on the waiting thread. A ratio of times
+        this executor measured itself, so it means the same on a fast or a slow machine."""
+        estimate = self._estimates.get(cost_key(fn))
+        return estimate is None or estimate <= SHORT_TASK_ROUND_TRIPS * self._fastest
 
     def measured_batch(self, fns, longest: float) -> None:
         for key in {cost_key(fn) for fn in fns}:

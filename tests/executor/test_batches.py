@@ -149,7 +149,7 @@ def test_each_task_in_a_batch_ends_as_it_would_alone(tmp_path, sizes):
     assert alone[0] == ("value", 9)
     assert alone[1] == ("error", "Boom", "boom 4")
     assert alone[2][:2] == ("error", "SystemExit")
-    assert alone[3][:2] == ("error", "PicklingError") and "lock" in alone[3][2]
+    assert alone[3][:2] == ("error", "ResultPicklingError") and "lock" in alone[3][2]
     assert alone[4] == ("error", "ValueError", f"cannot be unpickled on process {master}")
     assert alone[5] == ("error", "ValueError", f"cannot be unpickled on process {worker_os_pid}")
     assert alone[6:9] == [("value", 1)] * 3 and shared == []
@@ -179,7 +179,7 @@ def test_results_too_large_together_travel_apart(tmp_path, sizes, monkeypatch):
         assert ex.submit(behave, "ok", 2).result(timeout=30) == 4
     assert [o[0] for o in outcomes] == ["value", "value", "error", "value", "value"]
     assert [len(o[1]) for o in outcomes if o[0] == "value"] == [600_000, 600_000, 10, 600_000]
-    assert outcomes[2][1] == "PicklingError" and "max_message_size" in outcomes[2][2]
+    assert outcomes[2][1] == "ResultPicklingError" and "max_message_size" in outcomes[2][2]
 
 
 def test_arguments_too_large_together_travel_in_several_messages(tmp_path, sizes, monkeypatch):
