@@ -114,6 +114,16 @@ def run_script(cmd: list[str], timeout: float = 45, **extra_env: str):
                           env=outside_env(**extra_env))
 
 
+def report_of_script_in_allocation(tmp_path, name: str, text: str) -> dict:
+    """Run ``text`` as a script under ``salloc --ntasks=2``; the dict it printed after REPORT."""
+    script = tmp_path / name
+    script.write_text(text)
+    result = run_script(["salloc", "--ntasks=2", sys.executable, str(script)])
+    lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
+    assert result.returncode == 0 and lines, result.stdout + result.stderr
+    return json.loads(lines[0][len("REPORT "):])
+
+
 @pytest.fixture
 def slurm_workers(slurm):
     """Factory: ``slurm_workers(ntasks, **options)`` adds Slurm workers, removed after the test."""
@@ -587,12 +597,7 @@ INSIDE = textwrap.dedent("""
 
 
 def test_inside_an_allocation_the_workers_use_it_and_it_survives(tmp_path, slurm):
-    script = tmp_path / "inside.py"
-    script.write_text(INSIDE)
-    result = run_script(["salloc", "--ntasks=2", sys.executable, str(script)])
-    lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
-    assert result.returncode == 0 and lines, result.stdout + result.stderr
-    report = json.loads(lines[0][len("REPORT "):])
+    report = report_of_script_in_allocation(tmp_path, "inside.py", INSIDE)
     assert len(report["pids"]) == 2  # SLURM_NTASKS of the allocation
     assert {job for job, _step in report["workers"]} == {report["job"]}
     assert report["steps_left"] == []
@@ -628,12 +633,7 @@ REPLACED_INSIDE = textwrap.dedent("""
 
 
 def test_inside_an_allocation_a_replacement_is_a_step_of_it_on_the_same_node(tmp_path, slurm):
-    script = tmp_path / "replaced.py"
-    script.write_text(REPLACED_INSIDE)
-    result = run_script(["salloc", "--ntasks=2", sys.executable, str(script)])
-    lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
-    assert result.returncode == 0 and lines, result.stdout + result.stderr
-    report = json.loads(lines[0][len("REPORT "):])
+    report = report_of_script_in_allocation(tmp_path, "replaced.py", REPLACED_INSIDE)
     (job, step, node), (new_job, new_step, new_node) = report["before"][0], report["after"]
     assert (new_job, new_node) == (job, node) == (report["job"], node)
     assert new_step != step
@@ -692,12 +692,7 @@ EXECUTOR_INSIDE = textwrap.dedent("""
 
 def test_inside_an_allocation_an_executor_replaces_a_killed_worker_by_an_overlapping_step(
         tmp_path, slurm):
-    script = tmp_path / "executor_inside.py"
-    script.write_text(EXECUTOR_INSIDE)
-    result = run_script(["salloc", "--ntasks=2", sys.executable, str(script)])
-    lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
-    assert result.returncode == 0 and lines, result.stdout + result.stderr
-    report = json.loads(lines[0][len("REPORT "):])
+    report = report_of_script_in_allocation(tmp_path, "executor_inside.py", EXECUTOR_INSIDE)
     victim_os_pid, job, _name, node, on_main, mark = report["before"]
     assert job == report["job"] and on_main and mark == ["alloc", victim_os_pid]
     assert report["error"] == ["ProcessExitedException", report["victim"]]
