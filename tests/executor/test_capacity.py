@@ -158,3 +158,56 @@ def test_done_callbacks_never_run_two_at_a_time():
     wait_until(lambda: state["count"] == 300 or state["active"] == 0, 10)
     assert state["peak"] == 1
     assert state["count"] == 300
+
+
+class _NoReplacement(distexec.LocalManager):
+    """A manager that cannot replace its workers (a custom manager's default)."""
+
+    def replacement(self, config):
+        return None
+
+
+class _ReplacementFails(distexec.LocalManager):
+    """A manager whose replacements never start (a host that went away, a full queue)."""
+
+    def replacement(self, config):
+        return _LaunchFails(1)
+
+
+class _LaunchFails(distexec.LocalManager):
+    def launch(self, params, launched, launch_ntfy):
+        raise distexec.LaunchWorkerError("the host is gone")
+
+
+def test_without_replacements_the_queue_fails_once_every_worker_is_gone(tmp_path):
+    ex = DistributedExecutor(manager=_NoReplacement(1))
+    (worker,) = ex.workers()
+    blocker = ex.submit(sleep_and_return, 60, "blocker")
+    queued = [ex.submit(abs, -i) for i in range(5)]
+    wait_until(blocker.running, 10)
+    kill_worker(worker)
+    assert isinstance(blocker.exception(timeout=15), ProcessExitedException)
+    for future in queued:
+        assert isinstance(future.exception(timeout=15), BrokenProcessPool)
+    with pytest.raises(BrokenDistributedExecutor):
+        ex.submit(abs, 1)
+    ex.shutdown(wait=True)
+    assert distexec.workers() == [1]
+
+
+def test_a_replacement_that_cannot_start_breaks_the_executor_and_says_why():
+    ex = DistributedExecutor(manager=_ReplacementFails(1))
+    (worker,) = ex.workers()
+    blocker = ex.submit(sleep_and_return, 60, "blocker")
+    queued = [ex.submit(abs, -i) for i in range(5)]
+    wait_until(blocker.running, 10)
+    kill_worker(worker)
+    assert isinstance(blocker.exception(timeout=15), ProcessExitedException)
+    errors = [f.exception(timeout=15) for f in queued]
+    sent_along = [e for e in errors if isinstance(e, ProcessExitedException)]
+    assert len(sent_along) <= 1  # the one in the dead worker's second slot
+    never_sent = [e for e in errors if e not in sent_along]
+    assert never_sent and all(isinstance(e, BrokenDistributedExecutor) for e in never_sent)
+    assert "no replacement could be launched: the host is gone" in str(never_sent[0])
+    ex.shutdown(wait=True)
+    assert distexec.workers() == [1]
