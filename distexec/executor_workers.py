@@ -98,9 +98,9 @@ class WorkerLifecycle:
     def usable(self, targets: list[int]) -> tuple[list[int], list[int]]:
         """The ``targets`` that may take a task now, and those whose initializer must run
         first (marked as initializing: the caller starts them with ``initialize``)."""
+        if self._initializer is None and not self._retiring:  # the common case, lock-free
+            return targets, []
         with self._lock:
-            if self._initializer is None and not self._retiring:
-                return targets, []
             usable, new = [], []
             for pid in targets:
                 if pid in self._retiring:
