@@ -14,17 +14,14 @@ the executor by name from ``concurrent.futures``.
 
 from __future__ import annotations
 
-import importlib
 import os
-import shutil
 import sys
-import tempfile
 import unittest
-from pathlib import Path
 
 import pytest
 
 import distexec
+from compat.cpython_staging import import_staged
 
 MODULE_NAME = "_cpython_test_concurrent_futures"
 SUBPROCESS_TESTS = ("test_interpreter_shutdown", "test_submit_after_interpreter_shutdown",
@@ -35,17 +32,7 @@ CANDIDATES = [
 ]
 
 
-def _load_suite():
-    for candidate in CANDIDATES:
-        if candidate and Path(candidate).is_file():
-            staging = Path(tempfile.mkdtemp(prefix="distexec-cpython-tests-"))
-            shutil.copy(candidate, staging / f"{MODULE_NAME}.py")
-            sys.path.insert(0, str(staging))  # before any worker starts: they inherit it
-            return importlib.import_module(MODULE_NAME)
-    return None
-
-
-suite = _load_suite()
+suite = import_staged(MODULE_NAME, CANDIDATES)
 if suite is None:
     pytest.skip("CPython's test_concurrent_futures.py is not installed "
                 "(set DISTEXEC_CPYTHON_FUTURES_TESTS; .ci/run does)", allow_module_level=True)

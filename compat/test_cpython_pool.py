@@ -19,24 +19,20 @@ cannot apply; each override says why, and the rest run as CPython wrote them.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import multiprocessing
 import multiprocessing.pool
 import os
-import shutil
 import sys
 import sysconfig
-import tempfile
 import threading
 import types
 import unittest
 import unittest.mock
-from pathlib import Path
 
 import pytest
 
 import distexec
+from compat.cpython_staging import import_staged
 
 MODULE_NAME = "_cpython_test_multiprocessing"
 CANDIDATES = [
@@ -46,20 +42,8 @@ CANDIDATES = [
 ]
 
 
-def _load_suite():
-    if importlib.util.find_spec(MODULE_NAME) is not None:  # a worker: staged by the master
-        return importlib.import_module(MODULE_NAME)
-    for candidate in CANDIDATES:
-        if candidate and Path(candidate).is_file():
-            staging = Path(tempfile.mkdtemp(prefix="distexec-cpython-tests-"))
-            shutil.copy(candidate, staging / f"{MODULE_NAME}.py")
-            sys.path.insert(0, str(staging))  # before any worker starts: they inherit it
-            return importlib.import_module(MODULE_NAME)
-    return None
-
-
 try:
-    suite = _load_suite()
+    suite = import_staged(MODULE_NAME, CANDIDATES)
 except unittest.SkipTest as exc:  # e.g. no working sem_open on this machine
     pytest.skip(f"CPython's multiprocessing tests skip themselves here: {exc}",
                 allow_module_level=True)

@@ -500,8 +500,9 @@ class DistributedExecutor(cf.Executor):
 def _stop_worker(ctx: ClusterContext, pid: int, kill: bool) -> None:
     """SIGTERM or SIGKILL a local worker; ask any other to exit at once."""
     found = membership.launched_by(ctx, pid)
-    process = found[1].process if found is not None else None
-    if isinstance(found and found[0], LocalManager) and process is not None:
+    manager, config = found if found is not None else (None, None)
+    process = config.process if config is not None else None
+    if isinstance(manager, LocalManager) and process is not None:
         try:
             process.kill() if kill else process.terminate()
         except OSError:

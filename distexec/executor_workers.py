@@ -90,6 +90,7 @@ class WorkerLifecycle:
         self._initializing: set[int] = set()
         self._sent: dict[int, int] = {}       # tasks sent to each worker (max_tasks_per_child)
         self._retiring: set[int] = set()      # quota reached: no more tasks, removed once idle
+        self._leaving: set[int] = set()       # retiring workers whose replacement has begun
         self._launching = 0                   # replacements on their way
         self._deaths: deque[float] = deque()  # when launched workers died and were replaced
         self._closed = False                  # shut down or terminated: replace nothing
@@ -182,9 +183,9 @@ class WorkerLifecycle:
     def idle(self, pid: int) -> None:
         """``pid`` has no task in flight: if it is retiring, remove and replace it now."""
         with self._lock:
-            if pid not in self._retiring or self._sent.get(pid, 0) < 0:
+            if pid not in self._retiring or pid in self._leaving:
                 return
-            self._sent[pid] = -1  # marks the retirement as started, once
+            self._leaving.add(pid)
             self._launching += 1
         threading.Thread(target=self._retire, args=(pid,), daemon=True,
                          name=f"distexec-retire-{pid}").start()
@@ -202,9 +203,9 @@ class WorkerLifecycle:
             self._ready.discard(pid)
             self._initializing.discard(pid)
             if pid in self._retiring:
-                if self._sent.get(pid, 0) < 0:
+                if pid in self._leaving:
                     return  # removed by _retire, which replaces it
-                self._sent[pid] = -1  # died with its last tasks: its retirement starts here
+                self._leaving.add(pid)  # died with its last tasks: its retirement starts here
                 self._launching += 1
                 retired = True
             elif pid not in self._owned:

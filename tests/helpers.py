@@ -247,3 +247,24 @@ class ZeroCopyBytes(bytearray):
     def _reconstruct(cls, data):
         with memoryview(data) as view:
             return cls(view)
+
+
+def assert_terminate_stops_a_sleeping_task(pool, report_then_sleep) -> None:
+    """``pool.terminate()`` (a ``distexec.Pool``) ends, within 10 s, the worker process of a
+    task that sleeps 60 s, and the task's result raises ``BrokenProcessPool``.
+
+    ``report_then_sleep(channel, seconds)`` runs on a worker: it puts a tuple whose first item
+    is its OS pid on ``channel``, then sleeps.
+    """
+    import pytest
+    from concurrent.futures.process import BrokenProcessPool
+
+    started = distexec.RemoteChannel(1, 10)
+    sleeping = pool.apply_async(report_then_sleep, (started, 60))
+    sleeper = started.take(timeout=15)[0]
+    start = time.monotonic()
+    pool.terminate()
+    wait_gone([sleeper], 10)
+    assert time.monotonic() - start < 10
+    with pytest.raises(BrokenProcessPool):
+        sleeping.get(timeout=10)

@@ -179,14 +179,21 @@ class _LaunchFails(distexec.LocalManager):
         raise distexec.LaunchWorkerError("the host is gone")
 
 
-def test_without_replacements_the_queue_fails_once_every_worker_is_gone(tmp_path):
-    ex = DistributedExecutor(manager=_NoReplacement(1))
+def _lose_the_only_worker(manager):
+    """An executor on ``manager``'s one worker, killed under a running task and five queued
+    ones: returns the executor and the queued futures (the running one failed as it should)."""
+    ex = DistributedExecutor(manager=manager)
     (worker,) = ex.workers()
     blocker = ex.submit(sleep_and_return, 60, "blocker")
     queued = [ex.submit(abs, -i) for i in range(5)]
     wait_until(blocker.running, 10)
     kill_worker(worker)
     assert isinstance(blocker.exception(timeout=15), ProcessExitedException)
+    return ex, queued
+
+
+def test_without_replacements_the_queue_fails_once_every_worker_is_gone():
+    ex, queued = _lose_the_only_worker(_NoReplacement(1))
     for future in queued:
         assert isinstance(future.exception(timeout=15), BrokenProcessPool)
     with pytest.raises(BrokenDistributedExecutor):
@@ -196,13 +203,7 @@ def test_without_replacements_the_queue_fails_once_every_worker_is_gone(tmp_path
 
 
 def test_a_replacement_that_cannot_start_breaks_the_executor_and_says_why():
-    ex = DistributedExecutor(manager=_ReplacementFails(1))
-    (worker,) = ex.workers()
-    blocker = ex.submit(sleep_and_return, 60, "blocker")
-    queued = [ex.submit(abs, -i) for i in range(5)]
-    wait_until(blocker.running, 10)
-    kill_worker(worker)
-    assert isinstance(blocker.exception(timeout=15), ProcessExitedException)
+    ex, queued = _lose_the_only_worker(_ReplacementFails(1))
     errors = [f.exception(timeout=15) for f in queued]
     sent_along = [e for e in errors if isinstance(e, ProcessExitedException)]
     assert len(sent_along) <= 1  # the one in the dead worker's second slot

@@ -31,7 +31,8 @@ from distexec.cluster import membership
 from distexec.cluster.slurm import SlurmManager, _Step, _Task
 from distexec.runtime.context import current_context
 from tests.executor.helpers import mark_initialized, square
-from tests.helpers import os_pid, wait_for_output, wait_gone, wait_until
+from tests.helpers import (assert_terminate_stops_a_sleeping_task, os_pid, wait_for_output,
+                           wait_gone, wait_until)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -429,15 +430,7 @@ def test_a_pool_on_slurm_workers_maps_calls_back_and_terminates_a_sleeping_task(
         assert remote in remotes and job and node and on_main and mark == ("pool", remote)
         assert list(pool.imap(square, range(10))) == [x * x for x in range(10)]
 
-        started = d.RemoteChannel(1, 10)
-        sleeping = pool.apply_async(report_then_sleep, (started, 60))
-        sleeper = started.take(timeout=15)[0]
-        start = time.monotonic()
-        pool.terminate()
-        wait_gone([sleeper])
-        assert time.monotonic() - start < 10
-        with pytest.raises(BrokenProcessPool):
-            sleeping.get(timeout=10)
+        assert_terminate_stops_a_sleeping_task(pool, report_then_sleep)
     finally:
         pool.terminate()
         pool.join()

@@ -31,7 +31,7 @@ from distexec.cluster import membership
 from distexec.cluster.ssh import SSHManager
 from distexec.runtime.context import current_context
 from tests.executor.helpers import mark_initialized, square
-from tests.helpers import is_gone, wait_until
+from tests.helpers import assert_terminate_stops_a_sleeping_task, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -363,15 +363,7 @@ def test_a_pool_on_ssh_workers_maps_calls_back_and_terminates_a_sleeping_task(
         assert address in (host1, host2) and on_main and mark == ("pool", remote)
         assert list(pool.imap(square, range(10))) == [x * x for x in range(10)]
 
-        started = d.RemoteChannel(1, 10)
-        sleeping = pool.apply_async(_report_then_sleep, (started, 60))
-        sleeper, *_ = started.take(timeout=15)
-        start = time.monotonic()
-        pool.terminate()
-        wait_until(lambda: is_gone(sleeper), 10, message="the worker running the task to exit")
-        assert time.monotonic() - start < 10
-        with pytest.raises(BrokenProcessPool):
-            sleeping.get(timeout=10)
+        assert_terminate_stops_a_sleeping_task(pool, _report_then_sleep)
     finally:
         pool.terminate()
         pool.join()
