@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
-PAGES = ["migrating.md", "executor.md"]  # every python block runs (a signature is a py block)
+PAGES = ["migrating.md", "executor.md", "pool.md"]  # every python block runs (a signature is a py block)
 
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 
