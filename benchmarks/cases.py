@@ -49,6 +49,8 @@ METRICS = {
     "remotecall_fetch_p99_us": ("µs", False, 1.0, "{:.0f}"),
     "pingpong_us": ("µs", False, 1.0, "{:.0f}"),
     "pingpong_p99_us": ("µs", False, 1.0, "{:.0f}"),
+    "pingpong_unix_us": ("µs", False, 1.0, "{:.0f}"),
+    "pingpong_unix_p99_us": ("µs", False, 1.0, "{:.0f}"),
     "tcp_MBps": ("MB/s", True, 1.0, "{:.0f}"),
     "memcpy_MBps": ("MB/s", True, 1.0, "{:.0f}"),
 }
@@ -310,7 +312,7 @@ CASE_METRICS = {
     "closure": ("closure_s",),
     "closure_cached": ("closure_cached_pmap_s", "closure_cached_fetch_s"),
     "remotecall": ("remotecall_fetch_us", "remotecall_fetch_p99_us"),
-    "pingpong": ("pingpong_us", "pingpong_p99_us"),
+    "pingpong": ("pingpong_us", "pingpong_p99_us", "pingpong_unix_us", "pingpong_unix_p99_us"),
     "tcp": ("tcp_MBps",),
     "memcpy": ("memcpy_MBps",),
 }

@@ -1,11 +1,13 @@
 """The machine's own limits: what any executor on this host could at best reach.
 
-* loopback TCP ping-pong of 8 bytes between two Python processes (TCP_NODELAY), sequential;
+* loopback TCP ping-pong of 8 bytes between two Python processes (TCP_NODELAY), sequential,
+  and the same through a Unix socket pair (what links the master to its local workers);
 * raw TCP transfer of 64 MiB to another Python process and back (``sendall`` from the
   array's memory, ``recv_into`` preallocated memory); MB/s = 2 × 64 MiB / round trip;
 * memcpy bandwidth: ``numpy.copyto`` of 64 MiB.
 
-The peer is a fresh ``python -m benchmarks.limits PORT MODE SIZE`` process.
+The peer is a fresh ``python -m benchmarks.limits PORT MODE SIZE`` process (PORT: the
+inherited socket's fd for a Unix socket pair).
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
 
 def _serve(port: int, mode: str, size: int) -> None:
     """The peer: echo ``size``-byte messages until the connection closes."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if mode == "pingpong-unix":
+        sock = socket.socket(fileno=port)
+    else:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = bytearray(size)
     view = memoryview(buf)
     try:
@@ -44,6 +49,13 @@ def _serve(port: int, mode: str, size: int) -> None:
 
 class _Peer:
     def __init__(self, mode: str, size: int):
+        if mode == "pingpong-unix":
+            self.sock, theirs = socket.socketpair()
+            with theirs:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.limits", str(theirs.fileno()), mode,
+                     str(size)], pass_fds=(theirs.fileno(),))
+            return
         listener = socket.create_server(("127.0.0.1", 0))
         port = listener.getsockname()[1]
         self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.limits", str(port),
@@ -60,8 +72,19 @@ class _Peer:
 
 
 def pingpong(cfg):
-    from .cases import percentile, timed_calls
-    peer = _Peer("pingpong", 8)
+    from .cases import percentile
+    metrics, info = {}, {}
+    for mode, name in (("pingpong", "pingpong"), ("pingpong-unix", "pingpong_unix")):
+        samples = _pingpong(cfg, mode)
+        metrics[f"{name}_us"] = statistics.median(samples) * 1e6
+        metrics[f"{name}_p99_us"] = percentile(samples, 0.99) * 1e6
+        info[f"{name}_calls"] = len(samples)
+    return metrics, info
+
+
+def _pingpong(cfg, mode: str) -> list[float]:
+    from .cases import timed_calls
+    peer = _Peer(mode, 8)
     msg, buf = b"12345678", bytearray(8)
     view = memoryview(buf)
     sock = peer.sock
@@ -71,11 +94,9 @@ def pingpong(cfg):
         _recv_exact(sock, view)
 
     try:
-        samples = timed_calls(call, cfg.budget, n_max=5000 if cfg.quick else 20000, warmup=200)
+        return timed_calls(call, cfg.budget / 2, n_max=5000 if cfg.quick else 20000, warmup=200)
     finally:
         peer.close()
-    return ({"pingpong_us": statistics.median(samples) * 1e6,
-             "pingpong_p99_us": percentile(samples, 0.99) * 1e6}, {"calls": len(samples)})
 
 
 def tcp_transfer(cfg):

@@ -56,6 +56,8 @@ ROW_LABELS = {
     "remotecall_fetch_p99_us": "remotecall_fetch, p99",
     "pingpong_us": "loopback TCP ping-pong, 8 bytes, median",
     "pingpong_p99_us": "loopback TCP ping-pong, p99",
+    "pingpong_unix_us": "Unix-socket ping-pong (master ↔ local worker link), median",
+    "pingpong_unix_p99_us": "Unix-socket ping-pong, p99",
     "tcp_MBps": "raw TCP, 64 MiB there and back",
     "memcpy_MBps": "memcpy (numpy copy of 64 MiB)",
 }

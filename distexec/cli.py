@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                              "stdin after the cookie line")
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     worker.add_argument("--die-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    worker.add_argument("--master-fd", type=int, default=None, help=argparse.SUPPRESS)
     run = commands.add_parser(
         "run", help="start workers, run a script as __main__ with the cluster ready, shut down")
     where = run.add_mutually_exclusive_group()
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         args.slurm = srun_tokens if args.slurm else None
     if args.command == "worker":
         start_worker(bind_to=args.bind_to, parent_pid=args.parent_pid,
-                     die_with_stdin=args.die_with_stdin, tls_from_stdin=args.tls)
+                     die_with_stdin=args.die_with_stdin, tls_from_stdin=args.tls,
+                     master_fd=args.master_fd)
         return 0
     return run_script(args)
 

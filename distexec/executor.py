@@ -106,6 +106,33 @@ class _TaskWaiter:
         self.executor._task_done(self.waitingfor)
 
 
+def _probe() -> None:
+    """The empty task each worker gets from an executor ahead of its first task."""
+
+
+class _ProbeWaiter:
+    """Times the round trip of ``_probe``: what a task costs beyond its own work.
+
+    ``BatchSizer.is_short`` compares each function's tasks with the quickest round trip
+    seen; without this, an executor that only ever runs long tasks would take its long tasks
+    for short ones (and have its waiting threads read their replies, which costs more CPU
+    than it saves when replies are far apart).
+    """
+
+    __slots__ = ("waitingfor", "sizer", "sent")
+
+    def __init__(self, pid: int, sizer: batches.BatchSizer):
+        self.waitingfor, self.sizer = pid, sizer
+        self.sent = time.perf_counter()
+
+    def deliver(self, value: Any, is_error: bool) -> None:
+        if not is_error:
+            self.sizer.measured_alone(_probe, time.perf_counter() - self.sent)
+
+    def fail(self, exc: BaseException) -> None:
+        pass  # the worker is gone: its tasks' own futures say so
+
+
 class _BatchWaiter:
     """Receives a batch's outcomes (one RESULT, or one per task) and completes each future."""
 
@@ -180,6 +207,7 @@ class DistributedExecutor(cf.Executor):
         self._in_flight: dict[int, int] = {}  # messages (single tasks or batches) per worker
         self._targets_cache: tuple = (None, [])
         self._sizer = batches.BatchSizer()
+        self._probed: set[int] = set()  # workers that got their _probe
         self._batch_bytes = min(batches.BATCH_BYTES, configured_max_message_size() // 2)
         self._idle = threading.Condition(self._lock)
         self._shutdown = False
@@ -298,6 +326,7 @@ class DistributedExecutor(cf.Executor):
         """Send queued tasks to workers with a free slot, least loaded first."""
         while True:
             doomed = tasks = None
+            probe = False
             with self._lock:
                 if not self._queue or self._broken:
                     return
@@ -311,6 +340,8 @@ class DistributedExecutor(cf.Executor):
                     if tasks:
                         self._in_flight[pid] = self._in_flight.get(pid, 0) + 1
                         self._workers.count_sent(pid, len(tasks))
+                        probe = pid not in self._probed
+                        self._probed.add(pid)
             if new:  # their initializer first; each pumps again when it is done
                 self._workers.initialize(new)
             if doomed is not None:
@@ -319,6 +350,8 @@ class DistributedExecutor(cf.Executor):
             if pid is None:
                 return
             if tasks:
+                if probe and pid != self._ctx.myid:
+                    self._send_probe(pid)
                 self._dispatch(pid, tasks)
 
     def _least_loaded(self, usable: list[int]) -> int | None:
@@ -411,6 +444,18 @@ class DistributedExecutor(cf.Executor):
         except MessageTooLarge as exc:  # a single task (batches stay under half the limit)
             ctx.pop_waiter(rrid)
             waiter.fail(exc)
+
+    def _send_probe(self, pid: int) -> None:
+        """Send ``_probe`` to ``pid`` ahead of its first task (see ``_ProbeWaiter``)."""
+        ctx = self._ctx
+        rrid = ctx.next_rrid()
+        payload, buffers = serialization.dumps((_probe, (), {}), pid)
+        try:
+            ctx.add_waiter(rrid, _ProbeWaiter(pid, self._sizer))
+            ctx.send(pid, Kind.CALL_FETCH, payload=payload, buffers=buffers, notify=rrid,
+                     flags=Flag.IN_ORDER)
+        except (ProcessExitedException, OSError):
+            ctx.pop_waiter(rrid)  # the task that follows finds out and goes elsewhere
 
     def _requeue(self, pid: int, tasks: list[Task]) -> None:
         with self._lock:

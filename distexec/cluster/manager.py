@@ -118,6 +118,13 @@ class ClusterManager(abc.ABC):
         ``config.connect_at``, else to the address the worker printed on ``config.io``, else
         to ``config.host``/``config.port``.
         """
+        host, port = self._worker_address(pid, config)
+        sock = socket.create_connection((host, port), timeout=worker_timeout())
+        return sock, sock
+
+    def _worker_address(self, pid: int, config: WorkerConfig) -> tuple[str, int]:
+        """Where worker ``pid`` listens, found as ``connect`` describes; sets
+        ``config.connect_at``, where its peers reach it."""
         host: str | None
         port: int | None
         if config.connect_at is not None:
@@ -134,8 +141,7 @@ class ClusterManager(abc.ABC):
             config.host, config.port = host, port
             config.bind_addr = config.bind_addr or host
             config.connect_at = (config.bind_addr, port)
-        sock = socket.create_connection((host, int(port)), timeout=worker_timeout())
-        return sock, sock
+        return host, int(port)
 
     def default_addprocs_params(self) -> dict:
         return default_addprocs_params()

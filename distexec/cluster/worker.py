@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 from typing import TYPE_CHECKING, Any, TextIO
@@ -74,14 +75,17 @@ def start_worker(out: TextIO | None = None, cookie: str | None = None, *,
                  close_stdin: bool = True,
                  stderr_to_stdout: bool = True, bind_to: str | None = None,
                  die_with_stdin: bool = False, parent_pid: int | None = None,
-                 security: Security | None = None, tls_from_stdin: bool = False) -> None:
+                 security: Security | None = None, tls_from_stdin: bool = False,
+                 master_fd: int | None = None) -> None:
     """Run this process as a worker until the master goes away (never returns normally).
 
     Reads the cookie from the first line of stdin unless given, listens on ``bind_to``
     (``ADDR``, ``ADDR:PORT`` or ``ADDR:[PORT_HINT]``; default 127.0.0.1), prints
     ``distexec_worker:PORT#ADDR`` to ``out`` and serves calls. With ``security`` (or
     ``tls_from_stdin``: the TLS line that follows the cookie line, ``distexec worker --tls``)
-    every link is TLS. Julia: ``start_worker``.
+    every link is TLS. ``master_fd``: an inherited socket to the master (a local worker's
+    end of a socket pair), authenticated like an accepted connection; the address line
+    still tells peers where to connect. Julia: ``start_worker``.
     """
     out = out or sys.stdout
     if cookie is None or tls_from_stdin:
@@ -101,6 +105,8 @@ def start_worker(out: TextIO | None = None, cookie: str | None = None, *,
                                 handshake_timeout=handshake_timeout(), tls=tls)
     ctx.listener = listener
     listener.start()
+    if master_fd is not None:
+        listener.adopt(socket.socket(fileno=master_fd))
     host, port = listener.address
     ctx.worker_address = (host, port)
     _install_sigint(ctx)

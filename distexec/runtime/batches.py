@@ -225,7 +225,9 @@ class BatchSizer:
     def is_short(self, fn) -> bool:
         """Whether ``fn``'s tasks are not known to take much longer than a round trip of the
         quickest task seen: worth reading the reply on the waiting thread. A ratio of times
-        this executor measured itself, so it means the same on a fast or a slow machine."""
+        this executor measured itself, so it means the same on a fast or a slow machine
+        (the executor sends each worker an empty task first, so that the quickest round trip
+        is known even where every real task is long)."""
         estimate = self._estimates.get(cost_key(fn))
         return estimate is None or estimate <= SHORT_TASK_ROUND_TRIPS * self._fastest
 

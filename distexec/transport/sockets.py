@@ -120,6 +120,14 @@ class Listener:
             pass
         self.sock.close()
 
+    def adopt(self, conn: socket.socket) -> None:
+        """Authenticate ``conn``, a socket connected by other means (the launcher's end of a
+        socket pair), as if this listener had accepted it."""
+        with self._lock:
+            self._preauth += 1
+        threading.Thread(target=self._authenticate, args=(conn,), daemon=True,
+                         name="distexec-handshake").start()
+
     def _accept_loop(self) -> None:
         while not self._closed:
             try:

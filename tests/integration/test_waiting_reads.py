@@ -141,3 +141,18 @@ def test_ctrl_c_while_the_main_thread_reads_a_reply_leaves_the_connection_whole(
     assert report["after_ok"] and report["same_worker"], report
     assert len(report["workers"]) == 1, report
     assert "closing connection" not in done.stderr, done.stderr[-3000:]
+
+
+def test_an_executor_that_only_runs_long_tasks_leaves_their_replies_to_the_reader_thread():
+    """Reading a reply on the waiting thread pays only when the reply comes soon: for a long
+    task it wakes the reader thread twice for nothing. An executor that has run nothing but
+    50 ms tasks must still know they are long; its yardstick is the empty task each worker
+    gets first, whose reply the worker sends before it starts the first real task."""
+    with distexec.DistributedExecutor(1) as executor:
+        executor.submit(time.sleep, 0.05).result()
+        later = executor.submit(time.sleep, 0.05)
+        assert later._sent_to is None  # not read by the thread waiting in result()
+        assert later.result() is None
+        quick = executor.submit(abs, -1)  # a function not seen yet counts as short
+        assert quick._sent_to is not None
+        assert quick.result() == 1
