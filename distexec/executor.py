@@ -208,6 +208,9 @@ class DistributedExecutor(cf.Executor):
         self._targets_cache: tuple = (None, [])
         self._sizer = batches.BatchSizer()
         self._probed: set[int] = set()  # workers that got their _probe
+        # Per worker: the __main__ globals its tasks carried, so that each goes once (and
+        # again only when the master binds the name to another object).
+        self._sent_globals: dict[int, serialization.SentGlobals] = {}
         self._batch_bytes = min(batches.BATCH_BYTES, configured_max_message_size() // 2)
         self._idle = threading.Condition(self._lock)
         self._shutdown = False
@@ -409,11 +412,20 @@ class DistributedExecutor(cf.Executor):
 
     def _pickle_tasks(self, pid: int, tasks: list[Task]) -> list[tuple]:
         """(task, payload, buffers) for each task; one whose arguments cannot be pickled
-        fails alone."""
+        fails alone.
+
+        A worker runs the executor's tasks in the order they were sent, so a task leaves out
+        the ``__main__`` globals that earlier tasks already took there (``_send`` records
+        them once a message is sent).
+        """
+        sent = self._sent_globals.get(pid)
+        if sent is None:
+            sent = self._sent_globals.setdefault(pid, serialization.SentGlobals())
         pickled = []
         for task in tasks:
             try:
-                payload, buffers = serialization.dumps((task.fn, task.args, task.kwargs), pid)
+                payload, buffers, task.shipped = serialization.dumps_tracked(
+                    (task.fn, task.args, task.kwargs), pid, sent)
             except BaseException as exc:  # an argument that cannot be pickled fails this task only
                 task.future.set_exception(exc)
                 continue
@@ -431,9 +443,10 @@ class DistributedExecutor(cf.Executor):
             waiter: _TaskWaiter | _BatchWaiter = _TaskWaiter(self, pid, task)
         else:
             waiter = _BatchWaiter(self, pid, [task for task, _, _ in pickled], rrid)
-            sent = [(payload, [pickle.PickleBuffer(b) for b in buffers])
-                    for _, payload, buffers in pickled]
-            payload, buffers = serialization.dumps((batches.run_batch, (sent, ctx.myid), {}), pid)
+            inner = [(payload, [pickle.PickleBuffer(b) for b in buffers])
+                     for _, payload, buffers in pickled]
+            payload, buffers = serialization.dumps((batches.run_batch, (inner, ctx.myid), {}),
+                                                   pid)
         try:
             ctx.add_waiter(rrid, waiter)
             ctx.send(pid, Kind.CALL_FETCH, payload=payload, buffers=buffers, notify=rrid,
@@ -441,9 +454,21 @@ class DistributedExecutor(cf.Executor):
         except (ProcessExitedException, OSError):
             ctx.pop_waiter(rrid)  # it never reached the worker: another one runs it
             self._requeue(pid, [task for task, _, _ in pickled])
+            return
         except MessageTooLarge as exc:  # a single task (batches stay under half the limit)
             ctx.pop_waiter(rrid)
             waiter.fail(exc)
+            return
+        self._commit_globals(pid, pickled)
+
+    def _commit_globals(self, pid: int, pickled: list[tuple]) -> None:
+        """The tasks just sent to ``pid`` took their ``__main__`` globals there: later tasks
+        leave them out (``_pickle_tasks``)."""
+        sent = self._sent_globals.get(pid)
+        if sent is not None:
+            for task, _, _ in pickled:
+                if task.shipped:
+                    sent.commit(task.shipped)
 
     def _send_probe(self, pid: int) -> None:
         """Send ``_probe`` to ``pid`` ahead of its first task (see ``_ProbeWaiter``)."""

@@ -133,11 +133,13 @@ class ExecutorFuture(cf.Future):
 
 
 class Task:
-    __slots__ = ("future", "fn", "args", "kwargs", "started")
+    __slots__ = ("future", "fn", "args", "kwargs", "started", "shipped")
 
     def __init__(self, future, fn, args, kwargs):
         self.future, self.fn, self.args, self.kwargs = future, fn, args, kwargs
         self.started = False
+        # the __main__ globals its pickle carries (serialization.dumps_tracked)
+        self.shipped: dict[str, int] = {}
 
     def start(self) -> bool:
         """Mark the future running unless it was cancelled; False: drop the task.

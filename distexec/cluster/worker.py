@@ -14,6 +14,7 @@ Imports the other cluster modules, ``distexec.runtime`` and below. Julia: ``star
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import logging
 import math
@@ -23,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import types
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..errors import DistributedError, ProtocolError
@@ -96,6 +98,7 @@ def start_worker(out: TextIO | None = None, cookie: str | None = None, *,
         os.dup2(out.fileno() if hasattr(out, "fileno") else 1, 2)
     if close_stdin:
         _detach_stdin(die_with_stdin)
+    _fresh_main_module()
     ctx = init_worker(cookie, security=security)
     assert ctx.cookie is not None  # init_worker set it
     host, port, hint = sockets.parse_bind_to(bind_to)
@@ -116,6 +119,19 @@ def start_worker(out: TextIO | None = None, cookie: str | None = None, *,
     out.flush()
     ctx.runner.serve_main_thread(lambda: ctx.closed)
     _exit(0)
+
+
+def _fresh_main_module() -> None:
+    """Make ``__main__`` an empty module, where ``everywhere`` and the globals of functions
+    shipped from the master's ``__main__`` live.
+
+    The module running is distexec's own ``__main__`` (``python -m distexec worker``): its
+    names (``main``, ``sys``) must not stand in for the user's, and a ``multiprocessing``
+    child started with spawn must not run it again as its main module.
+    """
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = main
 
 
 def _read_stdin(cookie: str | None, security: Security | None,

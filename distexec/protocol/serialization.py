@@ -9,6 +9,11 @@ the two pieces of context that remote references need while (un)pickling:
 * the *receiving* context while unpickling, so an arriving reference can de-duplicate
   against the references this process already holds.
 
+It also owns how the globals of ``__main__`` travel with the functions shipped by value
+(Julia's rule for the globals of ``Main``): they are defined in the receiver's ``__main__``,
+never overwrite a name the receiver bound itself, and with ``dumps_tracked`` are sent to a
+destination only when it has not had the sender's current value yet.
+
 May import ``distexec.errors`` and ``distexec.protocol.tracebacks`` only.
 """
 
@@ -133,8 +138,8 @@ class _MainGlobals(dict):
     task assigns is gone for the next, and ``everywhere("x = 1")`` is invisible to shipped
     functions. Functions from ``__main__`` get the receiver's ``__main__`` namespace instead:
     the globals they reference are defined there (Julia ships globals of ``Main`` into the
-    worker's ``Main``), and state kept in module globals lasts between calls, as it does with
-    ``ProcessPoolExecutor``'s workers.
+    worker's ``Main``; see ``_MainGlobalValues`` for when), and state kept in module globals
+    lasts between calls, as it does with ``ProcessPoolExecutor``'s workers.
     """
 
     def __reduce__(self):
@@ -146,11 +151,152 @@ def _receiver_main_globals() -> dict:
     return main.__dict__ if main is not None else {}
 
 
+# -- the values of __main__'s globals ---------------------------------------------------------
+#
+# Sender: each global of __main__ that a shipped function names travels with a token, which
+# changes when the name is bound to another object here (the object is kept, so that its id
+# is never reused for another). Receiver: a name is defined from the value when it is missing,
+# or still holds the value this sender sent before; a name the receiver bound itself (by
+# everywhere, an initializer, a task's ``global`` statement, ``clear``) is left alone, and so
+# is a value sent again under the same token (the sender's value did not change: what the
+# receiver did to it in place stays). ``dumps_tracked`` leaves out the values a destination
+# has had under their current token (``SentGlobals``): that needs the messages to be unpickled
+# in the order they were sent, as the executor's tasks are.
+
+class _Missing:
+    """A value left out: the destination has it (one instance, ``_MISSING``)."""
+
+    def __reduce__(self):
+        return (_missing, ())
+
+
+def _missing() -> _Missing:
+    return _MISSING
+
+
+_MISSING = _Missing()
+_OWN = object()  # the receiver bound the name itself
+
+
+class _Tokens:
+    """This process's tokens for the globals of its ``__main__`` it ships."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[Any, int]] = {}  # name -> (value, token)
+        self._next = 0
+
+    def token(self, name: str, value: Any) -> int:
+        with self._lock:
+            last = self._last.get(name)
+            if last is not None and last[0] is value:
+                return last[1]
+            self._next += 1
+            self._last[name] = (value, self._next)
+            return self._next
+
+
+_tokens = _Tokens()
+
+
+class SentGlobals:
+    """The tokens of the ``__main__`` globals one destination has had from this process.
+
+    Kept by a sender whose messages to that destination are unpickled in the order they were
+    sent (the executor's tasks); ``commit`` what ``dumps_tracked`` shipped once the message
+    is on its way.
+    """
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, int] = {}
+
+    def has(self, name: str, token: int) -> bool:
+        return self._tokens.get(name) == token
+
+    def commit(self, shipped: dict[str, int]) -> None:
+        self._tokens.update(shipped)
+
+
+class _MainGlobalValues:
+    """The ``__main__`` globals one shipped function names: ``(name, token, value)`` each,
+    the value ``_MISSING`` where the destination has it already. Unpickled, it defines them
+    in the receiver's ``__main__`` (``_define_main_globals``) and stands for no globals at
+    all, so that cloudpickle's own update of the function's globals changes nothing."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: list[tuple[str, int, Any]]):
+        self.entries = entries
+
+    def __reduce__(self):
+        return (_define_main_globals, (self.entries,))
+
+
+class _Defined:
+    """What the receiver defined from each sender: (source pid, name) -> (token, value)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_source: dict[tuple[Any, str], tuple[int, Any]] = {}
+
+
+_defined = _Defined()
+
+
+def _define_main_globals(entries: list[tuple[str, int, Any]]) -> dict:
+    receiving = _receiving.get()
+    source = receiving[1] if receiving is not None else None
+    namespace = _receiver_main_globals()
+    with _defined.lock:
+        for name, token, value in entries:
+            key = (source, name)
+            last = _defined.by_source.get(key)
+            if last is not None and last[0] == token:
+                continue  # the sender's value has not changed since it was sent
+            if value is _MISSING:  # (cannot happen: the sender thinks it came)
+                raise pickle.UnpicklingError(
+                    f"global {name!r} of __main__ was left out as sent before, and it was not")
+            current = namespace.get(name, _MISSING)
+            if current is _MISSING or (last is not None and current is last[1]):
+                namespace[name] = value
+                _defined.by_source[key] = (token, value)
+            else:
+                _defined.by_source[key] = (token, _OWN)
+    return {}
+
+
 def _share_main_globals(pickler) -> None:
     main = sys.modules.get("__main__")
     if main is not None:
         # cloudpickle looks each function's globals up here before making a fresh dict.
         pickler.globals_ref[id(main.__dict__)] = _MainGlobals()
+
+
+class _ClusterPickler(cloudpickle.Pickler):
+    """cloudpickle, with the ``__main__`` globals of functions shipped by value sent as
+    ``_MainGlobalValues``."""
+
+    sent: SentGlobals | None = None  # the destination's, for dumps_tracked
+    shipped: dict[str, int] | None = None  # what this message carries, for SentGlobals.commit
+
+    def _dynamic_function_reduce(self, func):
+        reduced = super()._dynamic_function_reduce(func)
+        main = sys.modules.get("__main__")
+        if main is None or func.__globals__ is not main.__dict__:
+            return reduced
+        _, slotstate = reduced[2]
+        entries = []
+        for name, value in slotstate["__globals__"].items():
+            token = _tokens.token(name, value)
+            if self.sent is not None and self.sent.has(name, token):
+                value = _MISSING
+            elif self.shipped is not None:
+                self.shipped[name] = token
+            entries.append((name, token, value))
+        slotstate["__globals__"] = _MainGlobalValues(entries)
+        return reduced
 
 
 class _ReusedPickler:
@@ -163,8 +309,8 @@ class _ReusedPickler:
     def __init__(self) -> None:
         self.file = io.BytesIO()
         self.buffers: list[memoryview] = []  # the current message's out-of-band buffers
-        self.pickler = cloudpickle.Pickler(self.file, protocol=5,
-                                           buffer_callback=self._keep_large_out_of_band)
+        self.pickler = _ClusterPickler(self.file, protocol=5,
+                                       buffer_callback=self._keep_large_out_of_band)
 
     def _keep_large_out_of_band(self, buf: pickle.PickleBuffer) -> bool:
         view = buf.raw()
@@ -173,11 +319,13 @@ class _ReusedPickler:
         self.buffers.append(view)
         return False
 
-    def dumps(self, obj: Any) -> tuple[bytes, list[memoryview]]:
+    def dumps(self, obj: Any, sent: SentGlobals | None = None,
+              shipped: dict[str, int] | None = None) -> tuple[bytes, list[memoryview]]:
         pickler, file = self.pickler, self.file
         buffers: list[memoryview] = []
         self.buffers = buffers
         pickler.globals_ref = {}  # cloudpickle's per-message table of shipped globals dicts
+        pickler.sent, pickler.shipped = sent, shipped
         _share_main_globals(pickler)
         try:
             pickler.dump(obj)
@@ -185,6 +333,7 @@ class _ReusedPickler:
         finally:
             pickler.clear_memo()
             pickler.globals_ref = {}
+            pickler.sent = pickler.shipped = None
             file.seek(0)
             file.truncate()
             self.buffers = []  # the caller owns the list it was given
@@ -217,12 +366,31 @@ def dumps(obj: Any, destination: int | None) -> tuple[bytes, list[memoryview]]:
     """
     if is_plain(obj):
         return pickle.dumps(obj, protocol=5), []  # what cloudpickle writes too, sooner
+    return _dumps(obj, destination, None, None)
+
+
+def dumps_tracked(obj: Any, destination: int,
+                  sent: SentGlobals) -> tuple[bytes, list[memoryview], dict[str, int]]:
+    """Like ``dumps``, leaving out the ``__main__`` globals ``destination`` has had (``sent``).
+
+    Also returns the tokens of the globals the payload carries: ``sent.commit`` them once it
+    is sent. Only for messages the destination unpickles in the order they were sent.
+    """
+    shipped: dict[str, int] = {}
+    if is_plain(obj):
+        return pickle.dumps(obj, protocol=5), [], shipped
+    payload, buffers = _dumps(obj, destination, sent, shipped)
+    return payload, buffers, shipped
+
+
+def _dumps(obj: Any, destination: int | None, sent: SentGlobals | None,
+           shipped: dict[str, int] | None) -> tuple[bytes, list[memoryview]]:
     # Take this thread's pickler; a reducer that sends a message of its own meanwhile
     # (nested dumps) finds none idle and builds a fresh one.
     pickler, _picklers.idle = _picklers.idle or _ReusedPickler(), None
     token = _destination.set(destination)
     try:
-        return pickler.dumps(_wrap_large(obj, {}, 2))
+        return pickler.dumps(_wrap_large(obj, {}, 2), sent, shipped)
     except SystemExit as exc:
         # A __reduce__ that calls sys.exit fails this one message: it must neither end
         # the master (an argument) nor escape a worker's reply, leaving its caller
