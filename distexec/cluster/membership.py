@@ -36,7 +36,7 @@ from ..runtime.context import ClusterContext, WorkerRecord, WorkerState, DEAD_ST
 from ..transport import sockets
 from ..transport.connection import Connection
 from ..transport.streams import as_transport, expire_after
-from . import callbacks, interrupts, peers
+from . import callbacks, interrupts, peers, process_view
 from . import security as security_mod
 from .launch import worker_timeout
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
@@ -296,7 +296,8 @@ def _join(ctx: ClusterContext, record: WorkerRecord, params: dict):
     record.userdata["knows"] = {p for p, _ in peer_list}
     slot, notify = ReplySlot(record.pid), ctx.next_rrid()
     ctx.add_waiter(notify, slot)
-    payload, _ = serialization.dumps((record.pid, peer_list, ctx.topology, ctx.lazy), record.pid)
+    payload, _ = serialization.dumps((record.pid, peer_list, ctx.topology, ctx.lazy,
+                                      process_view.master_view()), record.pid)
     assert record.conn is not None  # create_worker linked it
     record.conn.send(Kind.JOIN, payload, notify=notify)
     threading.Thread(target=_manage_quietly, args=(record, "register"), daemon=True).start()

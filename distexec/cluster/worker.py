@@ -37,6 +37,7 @@ from ..runtime.context import (ClusterContext, WorkerRecord, WorkerState, curren
 from ..transport import sockets
 from ..transport.connection import Connection
 from ..transport.streams import as_transport, expire_after
+from . import process_view
 from .launch import worker_timeout
 
 if TYPE_CHECKING:  # annotations only
@@ -100,6 +101,7 @@ def start_worker(out: TextIO | None = None, cookie: str | None = None, *,
         _detach_stdin(die_with_stdin)
     _fresh_main_module()
     ctx = init_worker(cookie, security=security)
+    ctx.adopts_master_view = True  # this process is the worker program: see process_view
     assert ctx.cookie is not None  # init_worker set it
     host, port, hint = sockets.parse_bind_to(bind_to)
     tls = security.server_context() if security is not None and security.tls else None
@@ -236,7 +238,9 @@ def _on_join(ctx: ClusterContext, conn: Connection, frame) -> None:
     """The master's JOIN: learn our pid and peers, connect eagerly if asked, then reply."""
     if ctx.myid != 0 or conn.peer_pid is not None:
         raise ProtocolError("a second JOIN message: only the master joins a worker, once")
-    pid, peers, topology, lazy = pickle.loads(frame.payload)
+    pid, peers, topology, lazy, view = pickle.loads(frame.payload)
+    if ctx.adopts_master_view:
+        process_view.adopt(view, pid)
     ctx.myid = pid
     ctx.topology, ctx.lazy = topology, lazy
     conn.peer_pid = 1

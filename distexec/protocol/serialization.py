@@ -383,6 +383,10 @@ def dumps_tracked(obj: Any, destination: int,
     return payload, buffers, shipped
 
 
+#: multiprocessing's own words when one of its objects is pickled outside a child's start.
+_INHERITED_ONLY = "should only be shared between processes through inheritance"
+
+
 def _dumps(obj: Any, destination: int | None, sent: SentGlobals | None,
            shipped: dict[str, int] | None) -> tuple[bytes, list[memoryview]]:
     # Take this thread's pickler; a reducer that sends a message of its own meanwhile
@@ -396,6 +400,15 @@ def _dumps(obj: Any, destination: int | None, sent: SentGlobals | None,
         # the master (an argument) nor escape a worker's reply, leaving its caller
         # waiting forever (a result). Callers handle pickling errors as Exceptions.
         raise pickle.PicklingError(f"pickling called sys.exit({exc.code!r})") from exc
+    except RuntimeError as exc:
+        if _INHERITED_ONLY not in str(exc):
+            raise
+        raise pickle.PicklingError(
+            f"{exc}: multiprocessing's Queue, Lock, Value, Array and the other objects of its "
+            "synchronization reach only child processes, by inheritance, and distexec's "
+            "workers are not children of this process. Pass a multiprocessing.Manager() "
+            "proxy instead (manager.Queue(), manager.Lock(), manager.dict()), or use a "
+            "distexec.RemoteChannel") from exc
     finally:
         _destination.reset(token)
         _picklers.idle = pickler

@@ -191,6 +191,9 @@ class ClusterContext:
             = None
         self.worker_address: tuple[str, int] | None = None   # where this worker listens
         self.joined = threading.Event()      # set when this worker has received its JOIN
+        # the ``distexec worker`` program (not a user's process serving a custom transport):
+        # it takes the master's sys.argv, __main__ path and authkey (cluster.process_view)
+        self.adopts_master_view = False
         self.closed = False
 
     def __repr__(self) -> str:
