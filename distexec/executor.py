@@ -459,6 +459,10 @@ class DistributedExecutor(cf.Executor):
             ctx.pop_waiter(rrid)
             waiter.fail(exc)
             return
+        except Exception as exc:  # anything else fails these tasks: none may stay in flight
+            ctx.pop_waiter(rrid)
+            waiter.fail(exc)
+            return
         self._commit_globals(pid, pickled)
 
     def _commit_globals(self, pid: int, pickled: list[tuple]) -> None:
@@ -479,8 +483,8 @@ class DistributedExecutor(cf.Executor):
             ctx.add_waiter(rrid, _ProbeWaiter(pid, self._sizer))
             ctx.send(pid, Kind.CALL_FETCH, payload=payload, buffers=buffers, notify=rrid,
                      flags=Flag.IN_ORDER)
-        except (ProcessExitedException, OSError):
-            ctx.pop_waiter(rrid)  # the task that follows finds out and goes elsewhere
+        except Exception:  # (the worker is gone, say): the task that follows finds out
+            ctx.pop_waiter(rrid)
 
     def _requeue(self, pid: int, tasks: list[Task]) -> None:
         with self._lock:

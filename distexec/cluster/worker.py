@@ -111,7 +111,9 @@ def start_worker(out: TextIO | None = None, cookie: str | None = None, *,
     ctx.listener = listener
     listener.start()
     if master_fd is not None:
-        listener.adopt(socket.socket(fileno=master_fd))
+        link = socket.socket(fileno=master_fd)
+        link.set_inheritable(False)  # inherited from the launcher; no further
+        listener.adopt(link)
     host, port = listener.address
     ctx.worker_address = (host, port)
     _install_sigint(ctx)

@@ -21,6 +21,8 @@ import time
 import psutil
 
 import distexec
+from distexec.cluster.local import LocalManager
+from distexec.cluster.manager import ClusterManager
 from distexec.protocol import handshake
 from distexec.runtime.context import default_context
 from tests.faults.catalogue import T_DET
@@ -37,11 +39,24 @@ def connect_at(pid: int) -> tuple[str, int]:
     return tuple(record.connect_at)
 
 
+class TcpLinkedLocalManager(LocalManager):
+    """Local workers whose link to the master is TCP, as remote workers' is, rather than the
+    Unix socket pair ``LocalManager`` makes: for tests that watch a transfer in the kernel's
+    TCP counters (``bytes_received_from``)."""
+
+    def connect(self, pid, config):
+        link = (config.environ or {}).pop("link", None)
+        if link is not None:
+            link.close()
+        return ClusterManager.connect(self, pid, config)
+
+
 def bytes_received_from(pid: int) -> int:
-    """Bytes the master's connection to worker ``pid`` has received so far (TCP_INFO).
+    """Bytes the master's TCP connection to worker ``pid`` has received so far (TCP_INFO).
 
     ``tcpi_bytes_received`` (Linux 4.1+) sits at offset 128 of ``struct tcp_info``. Socket
-    traffic does not show in ``/proc/PID/io``, so this is how a test sees a transfer's progress.
+    traffic does not show in ``/proc/PID/io``, so this is how a test sees a transfer's progress
+    (start the worker with ``TcpLinkedLocalManager``).
     """
     import struct
     sock = default_context().record(pid).conn.sock

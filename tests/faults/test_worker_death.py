@@ -33,6 +33,7 @@ from distexec import Future as RemoteFuture
 from tests.faults.catalogue import T_DET, T_EXIT
 from tests.faults.helpers import (
     MemoryWatchdog,
+    TcpLinkedLocalManager,
     bytes_received_from,
     grow_memory,
     kill,
@@ -284,7 +285,7 @@ def _huge_result(size: int) -> bytes:
 @pytest.mark.fault("W8")
 @pytest.mark.timeout(120)
 def test_a_worker_killed_while_sending_a_huge_result(add_workers):
-    victim, survivor = add_workers(2)
+    victim, survivor = add_workers(TcpLinkedLocalManager(2))  # TCP: see bytes_received_from
     sender = os_pid(victim)
     master = psutil.Process()
     gc.collect()
