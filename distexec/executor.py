@@ -39,7 +39,6 @@ from .cluster.local import LocalManager
 from .errors import (
     AllWorkersExited,
     BrokenDistributedExecutor,
-    MessageTooLarge,
     ProcessExitedException,
     RemoteException,
 )
@@ -455,12 +454,8 @@ class DistributedExecutor(cf.Executor):
             ctx.pop_waiter(rrid)  # it never reached the worker: another one runs it
             self._requeue(pid, [task for task, _, _ in pickled])
             return
-        except MessageTooLarge as exc:  # a single task (batches stay under half the limit)
-            ctx.pop_waiter(rrid)
-            waiter.fail(exc)
-            return
-        except Exception as exc:  # anything else fails these tasks: none may stay in flight
-            ctx.pop_waiter(rrid)
+        except Exception as exc:  # MessageTooLarge (a single task: batches stay under half the
+            ctx.pop_waiter(rrid)  # limit), or anything else: none of them may stay in flight
             waiter.fail(exc)
             return
         self._commit_globals(pid, pickled)
@@ -469,10 +464,11 @@ class DistributedExecutor(cf.Executor):
         """The tasks just sent to ``pid`` took their ``__main__`` globals there: later tasks
         leave them out (``_pickle_tasks``)."""
         sent = self._sent_globals.get(pid)
-        if sent is not None:
-            for task, _, _ in pickled:
-                if task.shipped:
-                    sent.commit(task.shipped)
+        if sent is None:  # lost meanwhile (_worker_lost)
+            return
+        for task, _, _ in pickled:
+            if task.shipped:
+                sent.commit(task.shipped)
 
     def _send_probe(self, pid: int) -> None:
         """Send ``_probe`` to ``pid`` ahead of its first task (see ``_ProbeWaiter``)."""
@@ -513,6 +509,9 @@ class DistributedExecutor(cf.Executor):
         with self._lock:
             if self._in_flight.pop(pid, None) is not None:  # one of ours: it was sent work
                 self._last_lost = pid
+            # what it was sent (recycled workers would otherwise pile up here)
+            self._probed.discard(pid)
+            self._sent_globals.pop(pid, None)
         self._workers.lost(pid)  # replaced, if the executor launched it
         self._pump()  # queued work moves to the others (or the executor breaks if none is left)
 

@@ -93,7 +93,7 @@ class LocalManager(ClusterManager):
     def connect(self, pid: int, config: WorkerConfig) -> tuple[Any, Any]:
         """The link made at launch (after the address line, which tells peers where the
         worker listens); TCP like any manager for a worker launched another way."""
-        link = (config.environ or {}).pop("link", None)
+        link = _take_link(config)
         if link is None:
             return super().connect(pid, config)
         try:
@@ -155,9 +155,14 @@ def _terminate_now(process: subprocess.Popen) -> None:
     _close_pipes(process)
 
 
+def _take_link(config: WorkerConfig) -> socket.socket | None:
+    """The master's end of the link ``launch`` made for this worker, if not taken yet."""
+    return (config.environ or {}).pop("link", None)
+
+
 def _close_link(config: WorkerConfig) -> None:
     """Close the master's end of a link that was never used (the worker did not start)."""
-    link = (config.environ or {}).pop("link", None)
+    link = _take_link(config)
     if link is not None:
         link.close()
 
