@@ -102,6 +102,7 @@ def start_worker(out: TextIO | None = None, cookie: str | None = None, *,
     _fresh_main_module()
     ctx = init_worker(cookie, security=security)
     ctx.adopts_master_view = True  # this process is the worker program: see process_view
+    ctx.runner.reserve_main_thread()  # before anyone can connect: calls wait for this thread
     assert ctx.cookie is not None  # init_worker set it
     host, port, hint = sockets.parse_bind_to(bind_to)
     tls = security.server_context() if security is not None and security.tls else None

@@ -162,11 +162,24 @@ class CallRunner:
         return pooled.task is not None
 
     # -- the main thread (workers) -----------------------------------------------------------
+    def reserve_main_thread(self) -> None:
+        """The calling thread will ``serve_main_thread``: calls that arrive before it gets
+        there wait for it rather than run elsewhere.
+
+        A worker calls this before it can be reached. Its first call must not run on a pool
+        thread (where SIGINT cannot stop a ``time.sleep``) or its first executor task on the
+        lane thread (where ``signal`` fails) only because the master was quick.
+        """
+        with self._lock:
+            if self._main_queue is None:
+                self._main_queue = deque()
+                self._main_ident = threading.get_ident()
+                self._main_idle = True  # on its way: the wake-up waits in _main_wake
+
     def serve_main_thread(self, should_stop: Callable[[], bool]) -> None:
         """Run tasks on the calling (main) thread until ``should_stop()``; used by workers."""
-        with self._lock:
-            self._main_queue = deque()
-            self._main_ident = threading.get_ident()
+        self.reserve_main_thread()
+        assert self._main_ident == threading.get_ident(), "reserved by another thread"
         while not should_stop():
             try:
                 task = self._next_main_task(should_stop)

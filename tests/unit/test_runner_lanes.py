@@ -92,3 +92,34 @@ def test_in_order_tasks_without_a_served_main_thread_use_one_lane_thread(monkeyp
     assert len({thread for _, thread, _, _ in log}) == 1
     assert all(b[2] >= a[3] for a, b in zip(log, log[1:]))
     wait_until(lambda: not runner._lane_running, 5)  # the lane thread ends when idle
+
+
+def test_calls_that_arrive_before_the_main_thread_serves_wait_for_it(monkeypatch):
+    """A worker reserves its main thread before it can be reached: its first call and first
+    executor task run there even when they arrive while it is still starting up."""
+    monkeypatch.setattr("distexec.runtime.context.use_context", lambda ctx: None)
+    runner = CallRunner(ctx=None)
+    log, lock = [], threading.Lock()
+    reserved, submitted, stopping = threading.Event(), threading.Event(), []
+
+    def main():
+        runner.reserve_main_thread()
+        reserved.set()
+        submitted.wait(5)  # still starting up while the calls arrive
+        runner.serve_main_thread(lambda: bool(stopping))
+
+    thread = threading.Thread(target=main, name="served-main")
+    thread.start()
+    try:
+        assert reserved.wait(5)
+        runner.submit(_recorder(log, lock, "call"))
+        runner.submit_in_order(_recorder(log, lock, "task"))
+        assert log == []
+        submitted.set()
+        wait_until(lambda: len(log) == 2, 5)
+        assert [(name, where) for name, where, _, _ in log] == [("call", "served-main"),
+                                                               ("task", "served-main")]
+    finally:
+        stopping.append(True)
+        runner.stop()
+        thread.join(5)
