@@ -17,6 +17,8 @@ deadlines, bounded lazy submission) to ``distexec.ordered_map``. Imports those,
     shutdown ──► (cancel queued) ──► wait ──► remove the workers this executor launched
     interpreter exit ──► no new futures; wait for every executor's queued and running work
                          (before the cluster's own atexit hook removes the workers)
+    made on a worker ──► a cluster of its own, which the worker masters (_cluster_for); its
+                         workers are the worker's children and die with it
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from .pools import AbstractWorkerPool, WorkerPool
 from .protocol import serialization
 from .protocol.frames import Flag, Kind, configured_max_message_size
 from .runtime import batches, calls
-from .runtime.context import ClusterContext, current_context
+from .runtime.context import (ClusterContext, current_context, private_master_context,
+                               using_context)
 
 if TYPE_CHECKING:  # annotations only
     from .cluster.manager import ClusterManager
@@ -199,7 +202,7 @@ class DistributedExecutor(cf.Executor):
         _check_max_tasks(max_tasks_per_child, pool)
         check_initializer(initializer, tuple(initargs))
         self._mp_context = mp_context
-        self._ctx: ClusterContext = current_context()
+        self._ctx: ClusterContext = _cluster_for(pool)
         self._lock = threading.Lock()
         self._callback_lock = threading.RLock()
         self._queue: deque[Task] = deque()
@@ -220,8 +223,13 @@ class DistributedExecutor(cf.Executor):
         params: dict | None = None
         if pool is None:
             manager, params = _manager_and_params(max_workers, manager, addprocs_params)
-            owned = membership.addprocs(self._ctx, manager, dict(params))
-            pool = WorkerPool(owned)
+            try:
+                owned = membership.addprocs(self._ctx, manager, dict(params))
+            except BaseException:
+                self._close_private()
+                raise
+            with using_context(self._ctx):
+                pool = WorkerPool(owned)
         elif addprocs_params or manager is not None:
             raise TypeError("pool= uses existing workers: manager= and addprocs parameters "
                             f"({', '.join(addprocs_params) or 'manager'}) launch new ones")
@@ -421,14 +429,15 @@ class DistributedExecutor(cf.Executor):
         if sent is None:
             sent = self._sent_globals.setdefault(pid, serialization.SentGlobals())
         pickled = []
-        for task in tasks:
-            try:
-                payload, buffers, task.shipped = serialization.dumps_tracked(
-                    (task.fn, task.args, task.kwargs), pid, sent)
-            except BaseException as exc:  # an argument that cannot be pickled fails this task only
-                task.future.set_exception(exc)
-                continue
-            pickled.append((task, payload, buffers))
+        with using_context(self._ctx):  # whichever thread pumps: references check their cluster
+            for task in tasks:
+                try:
+                    payload, buffers, task.shipped = serialization.dumps_tracked(
+                        (task.fn, task.args, task.kwargs), pid, sent)
+                except BaseException as exc:  # an argument that cannot be pickled fails it alone
+                    task.future.set_exception(exc)
+                    continue
+                pickled.append((task, payload, buffers))
         return pickled
 
     def _send(self, pid: int, pickled: list[tuple]) -> None:
@@ -556,6 +565,14 @@ class DistributedExecutor(cf.Executor):
             alive = [p for p in owned if p in self._ctx.live_pids()]
             if alive:
                 membership.rmprocs(self._ctx, alive, waitfor=None)
+            self._close_private()
+
+    def _close_private(self) -> None:
+        """Close the cluster this executor made for itself on a worker (``_cluster_for``)."""
+        ctx = self._ctx
+        if ctx.outer is not None and not ctx.closed:
+            ctx.close()
+            membership.stop_launcher(ctx)
 
     def _finish_in_background(self) -> None:
         self._wait_idle()
@@ -568,6 +585,18 @@ class DistributedExecutor(cf.Executor):
         for pid in owned:
             if pid in live:
                 _stop_worker(self._ctx, pid, kill)
+
+
+def _cluster_for(pool: AbstractWorkerPool | None) -> ClusterContext:
+    """The cluster an executor works in: the caller's, unless the caller is a worker (a task,
+    say) and the executor is to launch workers of its own. Only process 1 adds workers to a
+    cluster, so the worker becomes process 1 of a new cluster, private to this executor
+    (as a ProcessPoolExecutor task can start a pool of its own); its workers are this
+    worker's children and die with it, as the workers of any master do."""
+    ctx = current_context()
+    if pool is not None or ctx.role == "master":
+        return ctx
+    return private_master_context(ctx)
 
 
 def _stop_worker(ctx: ClusterContext, pid: int, kill: bool) -> None:

@@ -32,7 +32,7 @@ from .cluster import membership
 from .errors import ProcessExitedException, RemoteException
 from .protocol import serialization
 from .protocol.frames import Flag, Kind
-from .runtime.context import ClusterContext, WorkerState
+from .runtime.context import ClusterContext, WorkerState, using_context
 
 log = logging.getLogger("concurrent.futures")
 
@@ -151,8 +151,9 @@ class WorkerLifecycle:
         for pid in pids:
             rrid = self._ctx.next_rrid()
             try:
-                payload, buffers = serialization.dumps(
-                    (self._initializer, self._initargs, {}), pid)
+                with using_context(self._ctx):  # references among initargs check their cluster
+                    payload, buffers = serialization.dumps(
+                        (self._initializer, self._initargs, {}), pid)
                 self._ctx.add_waiter(rrid, _InitializerWaiter(self, pid))
                 self._ctx.send(pid, Kind.CALL_FETCH, payload=payload, buffers=buffers,
                                notify=rrid, flags=Flag.IN_ORDER)

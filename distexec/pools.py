@@ -170,7 +170,7 @@ class WorkerPool(AbstractWorkerPool):
 
     # -- sending to other processes: a proxy to this pool ------------------------------------
     def __reduce__(self):
-        if serialization.current_destination() is None:
+        if serialization.current_destination() is None or current_context() is not self._ctx:
             raise DistributedError("a WorkerPool can only be sent to processes of its cluster")
         return (_pool_proxy, (self._owner, self._id, type(self).__name__))
 

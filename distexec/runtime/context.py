@@ -144,6 +144,42 @@ def use_context(ctx: "ClusterContext"):
     return _current.set(ctx)
 
 
+class using_context:
+    """``with using_context(ctx):`` make ``ctx`` current in this thread, then restore the
+    previous one (a thread that acts for a cluster other than its own for a while)."""
+
+    __slots__ = ("ctx", "token")
+
+    def __init__(self, ctx: "ClusterContext"):
+        self.ctx = ctx
+
+    def __enter__(self) -> "ClusterContext":
+        self.token = _current.set(self.ctx)
+        return self.ctx
+
+    def __exit__(self, *exc) -> None:
+        _current.reset(self.token)
+
+
+def private_master_context(outer: "ClusterContext") -> "ClusterContext":
+    """A new context in which this process is process 1 of a cluster of its own.
+
+    Why it exists: a worker is process ``myid`` of its master's cluster, where only process 1
+    adds workers (Julia's rule, kept for ``addprocs``). A task on a worker may still make an
+    executor or ``Pool`` of its own, as a ProcessPoolExecutor task can; that executor gets
+    this separate cluster, which the worker masters: its own cookie (made on first
+    ``addprocs``), peers, call runner and threads, used by that executor alone. It is never
+    the process default, so the worker's own calls, its globals and the outer cluster are
+    untouched; the code acting for it makes it current while it does (``using_context``).
+
+    ``outer`` is the context the creating thread was in: a thread running a call of the
+    outer cluster must not read this cluster's links itself (``read_while_waiting``).
+    """
+    ctx = ClusterContext()
+    ctx.outer = outer
+    return ctx
+
+
 class ClusterContext:
     """All state of this process's part in a cluster. Julia: ``ClusterContext``."""
 
@@ -186,14 +222,16 @@ class ClusterContext:
         self.local_launched: set[int] = set()
         self.handlers: dict[Kind, Callable] = {}  # extra inline handlers (cluster layer: JOIN, IDENTIFY)
         self.multi = False                  # multi-process mode started (cookie, exit hook)
-        # the long-lived launcher thread's queue (master)
-        self.launcher_jobs: queue.SimpleQueue[tuple[Callable[[], Any], cf.Future[Any]]] | None \
-            = None
+        # the long-lived launcher thread's queue (master); None stops the thread
+        self.launcher_jobs: queue.SimpleQueue[tuple[Callable[[], Any], cf.Future[Any]] | None] \
+            | None = None
         self.worker_address: tuple[str, int] | None = None   # where this worker listens
         self.joined = threading.Event()      # set when this worker has received its JOIN
         # the ``distexec worker`` program (not a user's process serving a custom transport):
         # it takes the master's sys.argv, __main__ path and authkey (cluster.process_view)
         self.adopts_master_view = False
+        # a worker's private cluster (private_master_context): the context it was made in
+        self.outer: ClusterContext | None = None
         self.closed = False
 
     def __repr__(self) -> str:
@@ -311,6 +349,8 @@ class ClusterContext:
         conn = record.conn if record is not None else None
         if conn is None or not conn.can_read_here or self.runner.in_user_code():
             return
+        if self.outer is not None and self.outer.runner.in_user_code():
+            return  # a task of the outer cluster waits here: it may be interrupted as one
         if waitable is not None:
             waitable._reading = conn
         try:

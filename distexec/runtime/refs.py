@@ -114,6 +114,9 @@ class _RefBase:
         dest = serialization.current_destination()
         if dest is None or self.rrid == NULL_RRID or self._released:
             return False
+        if current_context() is not self._ctx:  # the private cluster of an executor on a worker
+            raise DistributedError(f"a {type(self).__name__} can only be sent to processes of "
+                                   "its cluster")
         if dest != self.where:
             self._ctx.gc.send_now(self.where, gc.ADD, self.rrid, dest)
         return True
