@@ -16,6 +16,7 @@ import runpy
 import shlex
 import sys
 
+from .cluster.thread_limits import apply_host_share
 from .cluster.worker import start_worker
 from .progress import PROGRESS_ENV
 from .progress import bar as progress_bar
@@ -34,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--tls", action="store_true",
                         help="use TLS: read the certificate line (Security.stdin_line()) from "
                              "stdin after the cookie line")
+    worker.add_argument("--separate-stderr", action="store_true",
+                        help="leave stderr apart from stdout (for a launcher that relays both); "
+                             "by default stderr joins stdout")
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     worker.add_argument("--die-with-stdin", action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("--master-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -62,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         args.slurm = srun_tokens if args.slurm else None
     if args.command == "worker":
+        apply_host_share()  # before any user code can load a numeric library
         start_worker(bind_to=args.bind_to, parent_pid=args.parent_pid,
                      die_with_stdin=args.die_with_stdin, tls_from_stdin=args.tls,
-                     master_fd=args.master_fd)
+                     master_fd=args.master_fd, stderr_to_stdout=not args.separate_stderr)
         return 0
     return run_script(args)
 

@@ -71,34 +71,42 @@ def wait_until(
 
 
 def wait_for_output(capfd, *needles: str, timeout: float = 5.0,
-                    message: str | None = None) -> str:
-    """Wait until every one of ``needles`` appeared on the captured stdout; return all of it.
+                    message: str | None = None, stream: str = "out",
+                    consume: bool = True) -> str:
+    """Wait until every one of ``needles`` appeared on the captured stdout (``stream="err"``:
+    stderr); return all of it.
 
-    Workers' output reaches the master's stdout through the relay thread, a little after the
-    worker printed it. ``capfd.readouterr()`` reads and then truncates its file, so a line the
-    relay writes between those two steps would be lost; instead the captured file is read
-    without moving its offset (``os.pread``) until the needles are there, and consumed once.
+    Workers' output reaches the master's stdout and stderr through relay threads, a little
+    after the worker printed it. ``capfd.readouterr()`` reads and then truncates its files, so
+    a line a relay writes between those two steps would be lost; instead the captured file is
+    read without moving its offset (``os.pread``) until the needles are there, and consumed
+    once.
 
     Args:
         capfd: pytest's ``capfd`` fixture of the test.
         needles: substrings that must all appear (a line such as ``"From worker 2:\\thi"``).
         timeout: seconds before giving up.
         message: what was being waited for, for the failure message.
+        stream: ``"out"`` (the master's stdout, where workers' stdout goes) or ``"err"``
+            (its stderr, where workers' stderr and their log records go).
+        consume: False leaves everything captured in place (``readouterr`` consumes both
+            streams at once: wait for the other stream's needles first this way).
 
     Returns:
-        The stdout captured so far.
+        What was captured of that stream so far.
     """
-    fd = capfd._capture.out.tmpfile.fileno()  # pytest internals: the file behind fd 1
+    name = {"out": "stdout", "err": "stderr"}[stream]
+    fd = getattr(capfd._capture, stream).tmpfile.fileno()  # pytest internals: the file behind it
 
     def captured() -> str:
         return os.pread(fd, 1 << 24, 0).decode(errors="replace")
 
     try:
         wait_until(lambda: all(n in captured() for n in needles), timeout,
-                   message=message or f"{needles} on the master's stdout")
+                   message=message or f"{needles} on the master's {name}")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}; the captured stdout was:\n{captured()}") from None
-    return capfd.readouterr().out
+        raise AssertionError(f"{exc}; the captured {name} was:\n{captured()}") from None
+    return getattr(capfd.readouterr(), stream) if consume else captured()
 
 
 # --------------------------------------------------------------------------------------------

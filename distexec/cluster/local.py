@@ -6,8 +6,9 @@ Julia: ``LocalManager``.
 
 Each worker gets the cookie (and, with TLS, the certificate line) on stdin, never in argv or
 environ; it gets the master's ``sys.path`` and
-working directory, its own session (a terminal Ctrl-C reaches only the master), and three
-ways to die with the master: the master connection's EOF, its stdin's EOF, and
+working directory, its share of this host's cores for the thread pools of numeric
+libraries (``thread_limits``), its own session (a terminal Ctrl-C reaches only the master),
+and three ways to die with the master: the master connection's EOF, its stdin's EOF, and
 ``PR_SET_PDEATHSIG``.
 
 The master's link to each worker is one end of a Unix socket pair made at launch (the worker
@@ -29,12 +30,12 @@ import threading
 from typing import Any
 
 from ..errors import LaunchWorkerError
+from .launch import STDERR_KEY
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
 from .security import worker_flags, worker_stdin
+from .thread_limits import HOST_WORKERS_ENV, cpu_share, forget_own_limits, limit_threads
 
 log = logging.getLogger("distexec")
-
-_BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class LocalManager(ClusterManager):
@@ -56,29 +57,33 @@ class LocalManager(ClusterManager):
     def launch(self, params: dict, launched: list[WorkerConfig],
                launch_ntfy: threading.Condition) -> None:
         bind_to = "127.0.0.1" if self.restrict else "0.0.0.0"
+        # joblib's rule: the master's local workers, these included, share this host's cores
+        thread_limit = cpu_share(_local_workers() + self.n)
         for _ in range(self.n):
-            process, link = self._start(params, bind_to)
+            process, link = self._start(params, bind_to, thread_limit)
             config = WorkerConfig(io=process.stdout, process=process,
                                   enable_threaded_blas=params["enable_threaded_blas"],
                                   environ={"exit_timeout": params["exit_timeout"],
-                                           "link": link})
+                                           "link": link, STDERR_KEY: process.stderr})
             with launch_ntfy:
                 launched.append(config)
                 launch_ntfy.notify()
 
-    def _start(self, params: dict, bind_to: str) -> tuple[subprocess.Popen, socket.socket]:
+    def _start(self, params: dict, bind_to: str,
+               thread_limit: int) -> tuple[subprocess.Popen, socket.socket]:
         """Start one worker; returns its process and the master's end of its link."""
         exeflags = params["exeflags"]
         exeflags = [exeflags] if isinstance(exeflags, str) else list(exeflags)
         link, worker_end = socket.socketpair()
         cmd = [str(params["exename"]), *exeflags, "-m", "distexec", "worker",
                "--bind-to", bind_to, "--parent-pid", str(os.getpid()), "--die-with-stdin",
-               "--master-fd", str(worker_end.fileno()), *worker_flags(params.get("security"))]
+               "--master-fd", str(worker_end.fileno()), "--separate-stderr",
+               *worker_flags(params.get("security"))]
         try:
             process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, cwd=params["dir"],
-                                       env=worker_environment(params), start_new_session=True,
-                                       pass_fds=(worker_end.fileno(),))
+                                       stderr=subprocess.PIPE, cwd=params["dir"],
+                                       env=worker_environment(params, thread_limit),
+                                       start_new_session=True, pass_fds=(worker_end.fileno(),))
         except OSError as exc:  # bad exename or dir: a launch failure like any other
             link.close()
             raise LaunchWorkerError(f"Unable to start worker process {cmd[0]!r}: {exc}") from exc
@@ -133,19 +138,40 @@ class LocalManager(ClusterManager):
         return clone
 
 
-def worker_environment(params: dict) -> dict:
-    """The master's environment, its current ``sys.path``, BLAS threads off, then ``env``."""
+def worker_environment(params: dict, thread_limit: int = 1) -> dict:
+    """The master's environment, its current ``sys.path``, ``env``, then thread limits.
+
+    Unless ``enable_threaded_blas``, each thread-pool variable of the numeric libraries
+    (``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS``, ...) that neither the
+    master's environment nor ``env`` sets becomes ``thread_limit`` (or the user's
+    ``OMP_NUM_THREADS``). ``LocalManager`` passes its host's share of the cores per worker;
+    a manager that starts several workers on one host passes
+    ``thread_limits.cpu_share(n)``.
+    """
     env = dict(os.environ)
+    env.pop(HOST_WORKERS_ENV, None)  # meant for one worker, never inherited further
+    limited = not params.get("enable_threaded_blas")
+    if limited:
+        forget_own_limits(env)  # a worker's workers: what distexec set for it is not the user's
     path = [p if p else os.getcwd() for p in sys.path]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
     env["PYTHONUNBUFFERED"] = "1"
-    if not params.get("enable_threaded_blas"):
-        for name in _BLAS_THREAD_VARS:
-            env.setdefault(name, "1")
     user_env = params.get("env") or {}
     for key, value in (user_env.items() if isinstance(user_env, dict) else user_env):
         env[str(key)] = str(value)
+    if limited:
+        limit_threads(env, thread_limit)
     return env
+
+
+def _local_workers() -> int:
+    """Local workers of this master that are starting or running (not leaving)."""
+    from ..runtime.context import WorkerState, current_context
+    ctx = current_context()
+    with ctx.lock:
+        return sum(1 for record in ctx.peers.values()
+                   if isinstance(record.manager, LocalManager)
+                   and record.state in (WorkerState.CREATED, WorkerState.CONNECTED))
 
 
 def _terminate_now(process: subprocess.Popen) -> None:
@@ -168,7 +194,7 @@ def _close_link(config: WorkerConfig) -> None:
 
 
 def _close_pipes(process: subprocess.Popen) -> None:
-    for stream in (process.stdin, process.stdout):
+    for stream in (process.stdin, process.stdout, process.stderr):
         try:
             if stream is not None:
                 stream.close()

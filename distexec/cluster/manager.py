@@ -69,6 +69,7 @@ def default_addprocs_params(manager: "ClusterManager | None" = None) -> dict:
         "callback_warning_interval": 10.0,
         "exit_timeout": 15.0,
         "security": None,  # a distexec.Security: TLS for every link (cluster/security.py)
+        "output_prefix": None,  # label of workers' output lines; None: env or Julia's (console)
     }
 
 

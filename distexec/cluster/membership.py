@@ -32,11 +32,12 @@ from ..protocol.frames import Kind
 from ..runtime import dispatch
 from ..runtime.calls import ReplySlot, remotecall
 from ..runtime.runner import in_thread
-from ..runtime.context import ClusterContext, WorkerRecord, WorkerState, DEAD_STATES
+from ..runtime.context import (ClusterContext, WorkerRecord, WorkerState, DEAD_STATES,
+                               use_context, using_context)
 from ..transport import sockets
 from ..transport.connection import Connection
 from ..transport.streams import as_transport, expire_after
-from . import callbacks, interrupts, peers, process_view
+from . import callbacks, console, interrupts, peers, process_view
 from . import security as security_mod
 from .launch import worker_timeout
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
@@ -109,6 +110,7 @@ def addprocs(ctx: ClusterContext, manager, params: dict) -> list[int]:
     init_multi(ctx)
     require_master(ctx)
     params = {**default_addprocs_params(manager), **params}
+    params["output_prefix"] = console.resolve_prefix(params.get("output_prefix"))
     errors = callbacks.run_callbacks(ctx, "starting", [(manager, params)],
                                      warning_interval=params["callback_warning_interval"])
     if errors:
@@ -169,7 +171,16 @@ def _launch_and_join(ctx: ClusterContext, manager, params: dict):
 
 
 def _start_setup(ctx, manager, config, params) -> cf.Future:
-    return in_thread(create_worker, ctx, manager, config, params, name="distexec-setup")
+    return in_thread(acting_for, ctx, create_worker, ctx, manager, config, params,
+                     name="distexec-setup")
+
+
+def acting_for(ctx: ClusterContext, fn, *args):
+    """``fn(*args)`` with ``ctx`` current: managers find the cookie and the links of the
+    cluster they work for through ``current_context()``, and a worker's private cluster
+    (``runtime.context.private_master_context``) is not its process's default."""
+    with using_context(ctx):
+        return fn(*args)
 
 
 def run_on_launcher(ctx: ClusterContext, fn) -> cf.Future:
@@ -182,16 +193,29 @@ def run_on_launcher(ctx: ClusterContext, fn) -> cf.Future:
         jobs = ctx.launcher_jobs
         if jobs is None:
             jobs = ctx.launcher_jobs = queue.SimpleQueue()
-            threading.Thread(target=_launcher_loop, args=(jobs,), daemon=True,
+            threading.Thread(target=_launcher_loop, args=(ctx, jobs), daemon=True,
                              name="distexec-launcher").start()
     future: cf.Future = cf.Future()
     jobs.put((fn, future))
     return future
 
 
-def _launcher_loop(jobs: queue.SimpleQueue) -> None:
+def stop_launcher(ctx: ClusterContext) -> None:
+    """End the launcher thread of a cluster whose workers are all gone (a private cluster's,
+    at its executor's shutdown: Linux would SIGKILL any child it still had)."""
+    with ctx.lock:
+        jobs, ctx.launcher_jobs = ctx.launcher_jobs, None
+    if jobs is not None:
+        jobs.put(None)
+
+
+def _launcher_loop(ctx: ClusterContext, jobs: queue.SimpleQueue) -> None:
+    use_context(ctx)
     while True:
-        fn, future = jobs.get()
+        job = jobs.get()
+        if job is None:  # stop_launcher
+            return
+        fn, future = job
         try:
             future.set_result(fn())
         except BaseException as exc:
@@ -218,7 +242,8 @@ def create_worker(ctx: ClusterContext, manager: ClusterManager, config: WorkerCo
     record.conn = conn
     relay = (config.userdata or {}).get("relay") if isinstance(config.userdata, dict) else None
     if relay is not None:
-        relay.pid = pid
+        relay.pid, relay.prefix = pid, params.get("output_prefix", relay.prefix)
+        conn.before_results = getattr(relay, "settle", None)
     conn.start()
     try:
         cpus, os_pid = _join(ctx, record, params)
@@ -507,9 +532,10 @@ def rmprocs(ctx: ClusterContext, pids, waitfor: float | None = None,
     require_master(ctx)
     pids = _flatten(pids)
     if waitfor == 0:
-        return in_thread(_remove, ctx, pids, None, callback_timeout, name="distexec-rmprocs")
+        return in_thread(acting_for, ctx, _remove, ctx, pids, None, callback_timeout,
+                         name="distexec-rmprocs")
     done: cf.Future = cf.Future()
-    _remove(ctx, pids, waitfor, callback_timeout)
+    acting_for(ctx, _remove, ctx, pids, waitfor, callback_timeout)
     done.set_result(None)
     return done
 

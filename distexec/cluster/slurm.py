@@ -1,19 +1,20 @@
 """SlurmManager: workers as the tasks of one ``srun`` job step.
 
-Owns building the ``srun`` command, reading the step's merged output (where each task runs,
-its address line, then its output relayed as ``From worker N:``), signalling one task
+Owns building the ``srun`` command, reading the step's labelled output (where each task runs,
+its address line, then its stdout and stderr relayed as ``From worker N:``), signalling one task
 (``srun --overlap ... kill``) and ending a step that outlives its workers (``scancel``).
 Imports the other cluster modules, ``distexec.runtime`` and below. Julia: ``SlurmManager``
 of ClusterManagers.jl (``addprocs_slurm``).
 
     srun --input=all --label ... sh -c 'echo distexec_slurm_task:...; exec "$@"'
-         python -m distexec worker --bind-to 0.0.0.0 --die-with-stdin
+         python -m distexec worker --bind-to 0.0.0.0 --die-with-stdin --separate-stderr
       stdin  ◄── the cookie line, which --input=all broadcasts to every task; kept open, so
                  its EOF (the master is gone) makes every worker exit
       stdout ──► reader thread ──► "K: distexec_slurm_task:JOB:STEP:N:OSPID:NODE"  task K
                                ──► "K: distexec_worker:PORT#ADDR"  task K's address
                                ──► other lines: startup chatter, then "From worker PID:"
-      stderr ──► reader thread ──► srun's own messages: kept for LaunchWorkerError, logged
+      stderr ──► reader thread ──► "K: ..." task K's stderr: startup chatter, then relayed
+                               ──► srun's own messages: kept for LaunchWorkerError, logged
 
 Inside an allocation (``SLURM_JOB_ID`` set, as under ``salloc`` or ``sbatch``) the step runs
 in it and ``ntasks`` defaults to ``SLURM_NTASKS``; outside, ``srun`` asks Slurm for a job of
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LaunchWorkerError
+from . import console
 from .launch import ADDRESS_LINE, MAX_STARTUP_LINES, worker_timeout
 from .local import worker_environment
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
@@ -114,7 +116,7 @@ class SlurmManager(ClusterManager):
 
     def launch(self, params: dict, launched: list[WorkerConfig],
                launch_ntfy: threading.Condition) -> None:
-        env = worker_environment(params)
+        env = worker_environment(params, self._cpus_per_task())
         step = _Step.start(self.srun_command(params, env), env, self._owns_job(env),
                            float(params["exit_timeout"]))
         try:
@@ -144,7 +146,7 @@ class SlurmManager(ClusterManager):
         exeflags = [exeflags] if isinstance(exeflags, str) else list(exeflags)
         worker = [str(params["exename"]), *exeflags, "-m", "distexec", "worker",
                   "--bind-to", str(params.get("bind_to") or "0.0.0.0"), "--die-with-stdin",
-                  *worker_flags(params.get("security"))]
+                  "--separate-stderr", *worker_flags(params.get("security"))]
         # --kill-on-bad-exit=0 and --wait=0 whatever the site's defaults: one worker that
         # exits (rmprocs, a crash) must not take the other tasks of the step with it.
         # No --unbuffered: with it srun labels every chunk a task writes as a line of its
@@ -152,6 +154,15 @@ class SlurmManager(ClusterManager):
         return [*_die_with_master(), SRUN, *_option_flags(options), "--kill-on-bad-exit=0",
                 "--wait=0", "--input=all", "--label",
                 "sh", "-c", _IDENTIFY_SCRIPT, "distexec-worker", *worker]
+
+    def _cpus_per_task(self) -> int:
+        """The CPUs Slurm gives each task, the workers' thread limit: ``cpus_per_task``, else
+        the allocation's ``SLURM_CPUS_PER_TASK``, else 1 (Slurm's default)."""
+        given = {_option_name(k): v for k, v in self.srun_options.items()}.get("cpus_per_task")
+        try:
+            return max(1, int(given or os.environ.get("SLURM_CPUS_PER_TASK") or 1))
+        except ValueError:
+            return 1
 
     def _owns_job(self, env: dict) -> bool:
         """Whether srun will ask for a job of its own (rather than use an existing one)."""
@@ -298,6 +309,7 @@ class _Task:
     address: tuple[str, int] | None = None
     pid: int | None = None
     startup: list[str] = field(default_factory=list)
+    prefix: str = field(default_factory=console.resolve_prefix)
     gone: threading.Event = field(default_factory=threading.Event)
 
 
@@ -364,17 +376,21 @@ class _Step:
                 self.cond.notify_all()
             stream.close()
 
-    def _on_task_line(self, index: int, text: str) -> None:
+    def _on_task_line(self, index: int, text: str, is_stderr: bool = False) -> None:
         with self.cond:
             task = self.tasks.setdefault(index, _Task(index))
             if task.address is not None:
                 relay = True
             else:
                 relay = False
-                self._on_startup_line(task, text)
+                if is_stderr:  # kept for LaunchWorkerError too: why a task could not start
+                    task.startup.append(text)
+                    self.errors.append(f"{index}: {text}")
+                else:
+                    self._on_startup_line(task, text)
                 self.cond.notify_all()
         if relay:
-            _relay(task, text)
+            _relay(task, text, is_stderr)
 
     def _on_startup_line(self, task: _Task, text: str) -> None:
         identity = _IDENTITY.match(text)
@@ -396,7 +412,12 @@ class _Step:
         assert stream is not None  # stderr=PIPE
         try:
             for raw in iter(stream.readline, b""):
-                self._on_error_line(raw.decode(errors="replace").rstrip("\r\n"))
+                line = raw.decode(errors="replace").rstrip("\r\n")
+                match = _TASK_LINE.match(line)
+                if match:  # a task's stderr (the worker keeps it apart: --separate-stderr)
+                    self._on_task_line(int(match.group(1)), match.group(2), is_stderr=True)
+                else:
+                    self._on_error_line(line)
         except (ValueError, OSError):
             pass
         finally:
@@ -549,14 +570,11 @@ class _Step:
         return f"{self.job_id}.{self.step_id}" if self.step_id else None
 
 
-def _relay(task: _Task, text: str) -> None:
-    who = task.pid if task.pid is not None else f"(Slurm task {task.index})"
-    line = text if text.startswith(_RELAY_PREFIX) else f"{_RELAY_PREFIX}{who}:\t{text}"
-    try:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-    except (ValueError, OSError):  # our stdout is closed (interpreter exit): drop the line
-        pass
+def _relay(task: _Task, text: str, is_stderr: bool) -> None:
+    prefix = console.label(task.prefix, task.pid) if task.pid is not None \
+        else f"{_RELAY_PREFIX}(Slurm task {task.index}):\t"
+    console.console.line(sys.stderr if is_stderr else sys.stdout, (id(task), is_stderr),
+                         prefix, text)
 
 
 def _close_quietly(stream) -> None:

@@ -33,7 +33,8 @@ from typing import Any
 from ..errors import LaunchWorkerError
 from ..runtime.calls import remote_do, remotecall_fetch
 from ..runtime.context import DEAD_STATES, WorkerState, current_context
-from .launch import OutputRelay, read_worker_host_port, worker_timeout
+from .console import DEFAULT_PREFIX
+from .launch import STDERR_KEY, OutputRelay, read_worker_host_port, worker_timeout
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
 from .security import worker_flags, worker_stdin
 from .ssh_commands import (
@@ -241,11 +242,11 @@ def _launch_session(session: _Session) -> None:
 def _start_ssh(session: _Session) -> WorkerConfig:
     params = session.params
     cmd = ssh_command(params, session.host, session.port,
-                      remote_command(params, session.bind_to))
+                      remote_command(params, session.bind_to, session.count))
     try:
         # Its own session: a Ctrl-C at the master's terminal does not reach the ssh client.
         process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.PIPE, start_new_session=True)
     except OSError as exc:
         raise LaunchWorkerError(f"Unable to start ssh ({cmd[0]!r}): {exc}") from exc
     # The cookie (and the TLS line) go through ssh's stdin, never argv; stdin stays open as
@@ -265,7 +266,8 @@ def _start_ssh(session: _Session) -> WorkerConfig:
                         multiplex=bool(params.get("multiplex")), sshflags=params.get("sshflags"),
                         max_parallel=params.get("max_parallel"),
                         enable_threaded_blas=params["enable_threaded_blas"],
-                        environ={"exit_timeout": params.get("exit_timeout", 15.0)},
+                        environ={"exit_timeout": params.get("exit_timeout", 15.0),
+                                 STDERR_KEY: process.stderr},
                         userdata={"ssh": session})
 
 
@@ -344,21 +346,23 @@ def launch_additional(n: int, exename, exeflags, bind_to: str) -> list[tuple[str
     ctx = current_context()
     cookie = worker_stdin(ctx.cookie, ctx.security)  # this worker's own TLS line, if any
     argv = [*words(exename), *words(exeflags), "-m", "distexec", "worker", "--bind-to", bind_to,
-            *worker_flags(ctx.security)]
+            "--separate-stderr", *worker_flags(ctx.security)]
     started: list[subprocess.Popen] = []
     try:
         for _ in range(n):
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+                                       stderr=subprocess.PIPE, start_new_session=True)
             started.append(process)
             assert process.stdin is not None  # stdin=PIPE
             process.stdin.write(cookie)
             process.stdin.close()
         addresses = []
         for process in started:
-            config = WorkerConfig(process=process)
+            config = WorkerConfig(process=process, environ={STDERR_KEY: process.stderr})
             address = read_worker_host_port(process.stdout, config)
-            _additional[address[1]] = (process, config.userdata["relay"])
+            relay = config.userdata["relay"]
+            relay.prefix = DEFAULT_PREFIX  # what the master recognizes and labels its own way
+            _additional[address[1]] = (process, relay)
             threading.Thread(target=process.wait, daemon=True, name="distexec-reap").start()
             addresses.append(address)
         return addresses

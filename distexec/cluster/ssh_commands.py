@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 
 from ..transport import sockets
 from .security import worker_flags
+from .thread_limits import HOST_WORKERS_ENV, LIMITED_ENV
 
 SHELLS = ("posix", "csh")
 CONNECT_TIMEOUT = 10
@@ -25,7 +26,6 @@ KEEPALIVE_COUNT = 3
 """ssh declares a host lost after ``KEEPALIVE_COUNT`` unanswered keepalives sent every
 ``KEEPALIVE_INTERVAL`` s (``ServerAlive*``; sshflags can override both)."""
 _ENV_KEY = re.compile(r"^[a-zA-Z_][a-zA-Z_0-9]*\Z")
-_BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,16 +131,23 @@ def words(value) -> list[str]:
     return [os.fspath(v) for v in value]
 
 
-def remote_environment(params: dict) -> dict[str, str]:
-    """Variables the remote worker gets: the master's ``DISTEXEC_*``, BLAS off, then ``env``.
+def remote_environment(params: dict, host_workers: int | str = 1) -> dict[str, str]:
+    """Variables the remote worker gets: the master's ``DISTEXEC_*``, the number of workers
+    on its host (``host_workers``, a machine's count), then ``env``.
+
+    The host's cores are known only there: the worker sets the thread limits of numeric
+    libraries itself, at start, to its share of them (``thread_limits``); not with
+    ``enable_threaded_blas``.
 
     Raises:
         ValueError: ``invalid env key``, for a name a shell cannot export.
     """
     env = {k: v for k, v in os.environ.items() if k.startswith("DISTEXEC_") and _ENV_KEY.match(k)}
+    env.pop(HOST_WORKERS_ENV, None)
+    env.pop(LIMITED_ENV, None)  # this process's limits, which the host does not share
     env["PYTHONUNBUFFERED"] = "1"  # the worker's prints reach the master as they happen
     if not params.get("enable_threaded_blas"):
-        env.update(dict.fromkeys(_BLAS_THREAD_VARS, "1"))
+        env[HOST_WORKERS_ENV] = str(host_workers)
     user_env = params.get("env") or {}
     for key, value in (user_env.items() if isinstance(user_env, dict) else user_env):
         if not isinstance(key, str) or not _ENV_KEY.match(key):
@@ -150,20 +157,24 @@ def remote_environment(params: dict) -> dict[str, str]:
 
 
 def worker_argv(params: dict, bind_to: str | None) -> list[str]:
-    """``EXENAME EXEFLAGS -m distexec worker --die-with-stdin [--tls] [--bind-to B]``."""
+    """``EXENAME EXEFLAGS -m distexec worker --die-with-stdin --separate-stderr [--tls]
+    [--bind-to B]``: ssh carries the worker's stderr apart, and the master relays it to its
+    own stderr."""
     argv = [*words(params["exename"]), *words(params.get("exeflags")),
-            "-m", "distexec", "worker", "--die-with-stdin", *worker_flags(params.get("security"))]
+            "-m", "distexec", "worker", "--die-with-stdin", "--separate-stderr",
+            *worker_flags(params.get("security"))]
     return argv + (["--bind-to", bind_to] if bind_to else [])
 
 
-def remote_command(params: dict, bind_to: str | None) -> str:
+def remote_command(params: dict, bind_to: str | None, host_workers: int | str = 1) -> str:
     """The command ssh runs on the remote host, fully quoted for its ``shell``.
 
     Without a bind address the worker binds the address the ssh connection arrived on
     (``$SSH_CONNECTION``'s third field): the one interface the master is known to reach.
+    ``host_workers`` is the host's count of workers (``remote_environment``).
     """
     shell = params.get("shell", "posix")
-    env = remote_environment(params)
+    env = remote_environment(params, host_workers)
     argv = worker_argv(params, bind_to)
     if shell == "posix":
         steps = [f"cd -- {shlex.quote(str(params['dir']))}"]

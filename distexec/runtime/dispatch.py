@@ -75,6 +75,8 @@ def _on_result(ctx: ClusterContext, conn, frame) -> None:
     waiter = ctx.pop_waiter(frame.header.response)
     if waiter is None:
         return  # the caller gave up (interrupted); nobody wants this value
+    if conn.before_results is not None:
+        conn.before_results()  # what the call printed is shown before its result
     is_error, value = _decode_value(ctx, conn, frame)
     waiter.deliver(value, is_error)
 
@@ -83,6 +85,8 @@ def _on_done(ctx: ClusterContext, conn, frame) -> None:
     future = ctx.client_refs.get(frame.header.response)
     if future is None:
         return
+    if conn.before_results is not None:
+        conn.before_results()
     if frame.header.flags & Flag.NO_VALUE:
         future._mark_done(None)
         return

@@ -174,6 +174,9 @@ class Connection:
         self.sock = stream
         self.name = name
         self.peer_pid: int | None = None
+        # Called before a RESULT or DONE from this peer is handed over: the cluster layer
+        # writes out a local worker's output first (cluster.console.StreamRelay.settle).
+        self.before_results: Callable[[], None] | None = None
         self.max_message_size = (frames.configured_max_message_size() if max_message_size is None
                                  else max_message_size)
         self._on_frame = on_frame

@@ -189,7 +189,7 @@ def test_an_unidentified_connection_is_closed(short_deadlines, add_workers, capf
         closed_after = time.monotonic() - authenticated_at
     assert window[0] <= closed_after <= window[1], f"closed after {closed_after:.2f} s"
 
-    wait_for_output(capfd, f"From worker {pid}:", logged)
+    wait_for_output(capfd, f"From worker {pid}:", logged, stream="err")  # a log record
     wait_until(lambda: worker.num_fds() <= fds_before, 10,
                message="the worker's file descriptors to return to their count before")
     assert distexec.workers() == [pid]

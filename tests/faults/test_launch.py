@@ -255,5 +255,6 @@ def test_worker_output_is_relayed_with_its_id(add_workers, capfd):
         distexec.remotecall_fetch(print, pid, f"hello from {pid}", flush=True)
     distexec.remotecall_fetch(lambda: print("to stderr", file=sys.stderr, flush=True), pids[0])
     expected = [f"      From worker {pid}:\thello from {pid}\n" for pid in pids]
-    expected.append(f"      From worker {pids[0]}:\tto stderr\n")
-    wait_for_output(capfd, *expected, timeout=5)
+    out = wait_for_output(capfd, *expected, timeout=5, consume=False)
+    err = wait_for_output(capfd, f"      From worker {pids[0]}:\tto stderr\n", stream="err")
+    assert "to stderr" not in out and "hello" not in err

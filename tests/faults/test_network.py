@@ -22,6 +22,7 @@ import pickle
 import secrets
 import socket
 import string
+import sys
 import struct
 import threading
 import time
@@ -261,10 +262,10 @@ def test_port_scan_leaves_the_worker_serving_quietly(add_workers, capfd):
                message="the worker's file descriptors to return to their count before the scan")
     assert distexec.workers() == [pid]
     _assert_worker_serves(pid)
-    # Probes are logged at DEBUG at most: nothing reaches the worker's output before a marker
-    # printed after the scan (its output is one ordered stream).
-    distexec.remotecall_fetch(print, pid, "scan over", flush=True)
-    output = wait_for_output(capfd, f"From worker {pid}:\tscan over")
+    # Probes are logged at DEBUG at most: nothing reaches the worker's stderr (where its log
+    # records go) before a marker printed there after the scan (one ordered stream).
+    distexec.remotecall_fetch(_print_to_stderr, pid, "scan over")
+    output = wait_for_output(capfd, f"From worker {pid}:\tscan over", stream="err")
     assert output.count(f"From worker {pid}:") == 1, output
 
 
@@ -420,6 +421,10 @@ def test_cookie_is_not_in_any_workers_cmdline_or_environ(add_workers):
 # --------------------------------------------------------------------------------------------
 # N10: a connection claiming the id of a live worker
 # --------------------------------------------------------------------------------------------
+def _print_to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def _link_to(pid: int) -> int:
     """Runs on a worker: open (if needed) the link to ``pid`` and return its identity."""
     from distexec.runtime.context import current_context
@@ -447,7 +452,7 @@ def test_identify_with_a_live_workers_id_is_rejected(add_workers, capfd):
 
     _claim(connect_at(second), _cookie_key(), first)
     wait_for_output(capfd, f"From worker {second}:", "ProtocolError",
-                    f"claims worker id {first}")
+                    f"claims worker id {first}", stream="err")
     assert distexec.remotecall_fetch(_link_to, second, first) == link_before
     assert distexec.workers() == [first, second]
 
@@ -461,7 +466,7 @@ def test_identify_with_a_removed_workers_id_is_rejected(add_workers, capfd):
 
     _claim(connect_at(second), _cookie_key(), removed)
     wait_for_output(capfd, f"From worker {second}:", "ProtocolError",
-                    f"worker id {removed} was removed")
+                    f"worker id {removed} was removed", stream="err")
     assert distexec.workers() == [second]
     _assert_worker_serves(second)
 
@@ -474,7 +479,7 @@ def test_identify_claiming_a_lower_unlinked_id_is_rejected(add_workers, capfd):
 
     _claim(connect_at(higher), _cookie_key(), lower)
     wait_for_output(capfd, f"From worker {higher}:", "ProtocolError",
-                    f"worker {lower} may not open a link to worker {higher}")
+                    f"worker {lower} may not open a link to worker {higher}", stream="err")
     # The real worker is still the one answering calls made through that pid.
     assert distexec.remotecall_fetch(
         lambda: distexec.remotecall_fetch(distexec.myid, lower), higher) == lower
@@ -682,7 +687,7 @@ def test_worker_refuses_an_initiator_of_another_version_and_says_why(add_workers
     assert time.monotonic() - started < 1.0
     wait_for_output(capfd, f"From worker {pid}:",
                     f"rejected connection: peer protocol 2, local {handshake.PROTOCOL_VERSION}",
-                    timeout=1.0)
+                    timeout=1.0, stream="err")  # a log record
     monkeypatch.undo()
     assert distexec.workers() == [pid]
     _assert_worker_serves(pid)

@@ -242,8 +242,8 @@ def test_segfault_traceback_is_relayed_to_the_master_output(add_workers, capfd):
     with pytest.raises(ProcessExitedException):
         distexec.remotecall_fetch(_segfault_with_faulthandler, victim)
     expected = f"      From worker {victim}:\tFatal Python error: Segmentation fault"
-    wait_for_output(capfd, expected, timeout=5,
-                    message="the worker's fatal error on the master's stdout")
+    wait_for_output(capfd, expected, timeout=5, stream="err",
+                    message="the worker's fatal error on the master's stderr")
 
 
 # --------------------------------------------------------------------------------------------

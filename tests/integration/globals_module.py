@@ -4,6 +4,7 @@ reference, they use the worker's own copy of this module's globals."""
 from __future__ import annotations
 
 import os
+import time
 
 _model = None
 _cache: dict = {}
@@ -16,6 +17,12 @@ def load() -> None:
 
 def predict(x):
     return _model["pid"], x * 2
+
+
+def predict_slowly(x):
+    """``predict`` taking long enough that every worker of a small executor gets some."""
+    time.sleep(0.02)
+    return predict(x)
 
 
 def cached(x) -> bool:

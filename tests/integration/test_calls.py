@@ -261,7 +261,8 @@ def test_remote_do_error_is_printed_on_the_worker_and_the_worker_keeps_serving(
     token = unique("token")
     distexec.remote_do(fail_loudly, pid, token)
     output = wait_for_output(capfd, f"RuntimeError: remote_do failed with {token}",
-                             timeout=DEADLINE, message="the remote_do error to be relayed")
+                             timeout=DEADLINE, message="the remote_do error to be relayed",
+                             stream="err")
     lines = output.splitlines()
     relayed = [line for line in lines if token in line]
     assert relayed and all(line.lstrip().startswith(f"From worker {pid}:") for line in relayed)

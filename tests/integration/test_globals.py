@@ -211,8 +211,9 @@ def _main_names() -> list[str]:
 # --------------------------------------------------------------------------------------------
 def test_module_globals_set_by_an_initializer_stay_each_workers_own():
     with distexec.DistributedExecutor(2, initializer=mod.load) as ex:
-        results = list(ex.map(mod.predict, range(12)))
-    assert len({pid for pid, _ in results}) == 2
+        results = list(ex.map(mod.predict_slowly, range(12)))
+        workers = {distexec.remotecall_fetch(os.getpid, p) for p in ex.workers()}
+    assert {pid for pid, _ in results} == workers and len(workers) == 2
     assert [y for _, y in results] == [x * 2 for x in range(12)]
     assert mod._model is None
 

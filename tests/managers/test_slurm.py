@@ -154,7 +154,8 @@ def test_srun_options_become_flags_and_the_cookie_stays_off_the_command_line():
                  "--exclusive", "--input=all", "--label"):
         assert flag in cmd
     assert not any(f.startswith(("--overlap", "--mem-per-cpu")) for f in cmd)
-    assert cmd[-6:] == ["-m", "distexec", "worker", "--bind-to", "0.0.0.0", "--die-with-stdin"]
+    assert cmd[-7:] == ["-m", "distexec", "worker", "--bind-to", "0.0.0.0", "--die-with-stdin",
+                        "--separate-stderr"]
     cookie = str(d.cluster_cookie())
     assert not any(cookie in part for part in cmd)
 
@@ -268,10 +269,32 @@ def test_the_cookie_reaches_the_tasks_only_on_stdin(slurm_workers):
     assert cookie not in "".join(d.remotecall_fetch(lambda: list(os.environ.values()), pid))
 
 
+def test_a_workers_thread_limit_is_the_cpus_slurm_gives_its_task(slurm_workers, monkeypatch):
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    (pid,) = slurm_workers(1)
+    assert d.remotecall_fetch(os.getenv, pid, "OPENBLAS_NUM_THREADS") == "1"  # Slurm's default
+    job_id = d.remotecall_fetch(slurm_env, pid)[1]
+    d.rmprocs([pid], waitfor=20)
+    wait_job_gone(job_id)  # its CPU is free again for the next job
+    cpus = min(2, len(os.sched_getaffinity(0)))
+    (pid,) = slurm_workers(1, cpus_per_task=cpus)
+    assert d.remotecall_fetch(os.getenv, pid, "OMP_NUM_THREADS") == str(cpus)
+    assert d.remotecall_fetch(os.getenv, pid, "SLURM_CPUS_PER_TASK") == str(cpus)
+
+
 def test_worker_output_is_relayed_to_the_master(slurm_workers, capfd):
     (pid,) = slurm_workers(1)
     d.remotecall_fetch(print, pid, "hello", "through", "srun")  # several writes, one line
-    wait_for_output(capfd, f"From worker {pid}:\thello through srun")
+    wait_for_output(capfd, f"From worker {pid}:\thello through srun", consume=False)
+    d.remotecall_fetch(_print_to_stderr, pid, "trouble through srun")
+    err = wait_for_output(capfd, f"From worker {pid}:\ttrouble through srun", stream="err")
+    assert "hello" not in err
+
+
+def _print_to_stderr(text):
+    import sys
+    print(text, file=sys.stderr, flush=True)
 
 
 def test_ntasks_may_come_from_other_srun_options(slurm_workers):

@@ -29,9 +29,10 @@ import distexec as d
 from distexec import LaunchWorkerError, ProcessExitedException, RemoteException
 from distexec.cluster import membership
 from distexec.cluster.ssh import SSHManager
+from distexec.cluster.thread_limits import cpu_share
 from distexec.runtime.context import current_context
 from tests.executor.helpers import mark_initialized, square
-from tests.helpers import assert_terminate_stops_a_sleeping_task, wait_until
+from tests.helpers import assert_terminate_stops_a_sleeping_task, wait_for_output, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -50,6 +51,15 @@ def ssh_process(pid: int):
 def _where():
     connection = os.environ.get("SSH_CONNECTION", "").split()
     return os.getpid(), os.getppid(), connection[2] if len(connection) > 2 else None
+
+
+def assert_thread_limit(pid: int, workers_on_host: int) -> None:
+    """Worker ``pid`` limited its numeric libraries' threads to its share of its host's
+    cores (counted there) and removed the count it was told."""
+    share = d.remotecall_fetch(cpu_share, pid, workers_on_host)
+    assert d.remotecall_fetch(os.getenv, pid, "OPENBLAS_NUM_THREADS") == str(share)
+    assert d.remotecall_fetch(os.getenv, pid, "OMP_NUM_THREADS") == str(share)
+    assert d.remotecall_fetch(os.getenv, pid, "DISTEXEC_HOST_WORKERS") is None
 
 
 def _signal_then_sleep(channel, seconds):
@@ -78,6 +88,26 @@ def test_count_two_and_a_plain_host_come_up_and_answer(ssh_workers, ssh_namespac
     first, extra = (a, b) if where[b][1] == where[a][0] else (b, a)
     assert where[extra][1] == where[first][0], where
     assert d.remotecall_fetch(lambda x: x + 1, extra, 41) == 42
+    # two workers on the host share its cores, the extra one too (it inherits the limit)
+    for pid in local_pids:
+        assert_thread_limit(pid, workers_on_host=2)
+
+
+def _print_both(text):
+    print(f"{text} out", flush=True)
+    print(f"{text} err", file=sys.stderr, flush=True)
+
+
+def test_output_of_every_worker_on_a_host_keeps_its_stream_and_takes_the_prefix(
+        ssh_workers, ssh_hosts, capfd):
+    """The second worker on a host is started, and its output relayed, by the first."""
+    pids = ssh_workers([(ssh_hosts.local, 2)], output_prefix="<{pid}> ")
+    for pid in pids:
+        d.remotecall_fetch(_print_both, pid, f"hi {pid}")
+    out = wait_for_output(capfd, *(f"<{p}> hi {p} out\n" for p in pids), consume=False)
+    err = wait_for_output(capfd, *(f"<{p}> hi {p} err\n" for p in pids), stream="err")
+    assert " err" not in out and " out" not in err
+    assert "From worker" not in out + err
 
 
 def test_repeated_specs_merge_and_auto_starts_one_per_cpu(ssh_workers, ssh_hosts):
@@ -95,7 +125,7 @@ def test_env_and_dir_reach_the_remote_worker(ssh_workers, ssh_hosts, tmp_path, m
     assert d.remotecall_fetch(os.getcwd, pid) == str(tmp_path)
     assert d.remotecall_fetch(os.getenv, pid, "DX_VALUE") == tricky
     assert d.remotecall_fetch(os.getenv, pid, "DISTEXEC_TEST_FORWARDED") == "yes"
-    assert d.remotecall_fetch(os.getenv, pid, "OPENBLAS_NUM_THREADS") == "1"
+    assert_thread_limit(pid, workers_on_host=1)
 
 
 def test_invalid_env_key_and_shell_are_refused_before_anything_starts(ssh_workers, ssh_hosts):
@@ -573,7 +603,8 @@ def test_the_remote_command_survives_a_real_posix_shell(tmp_path):
                           env={**os.environ, "SSH_CONNECTION": "fd00::1 5555 fd00::2 22"})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == [
-        str(where), ["-m", "distexec", "worker", "--die-with-stdin", "--bind-to", "[fd00::2]"],
+        str(where), ["-m", "distexec", "worker", "--die-with-stdin", "--separate-stderr",
+                     "--bind-to", "[fd00::2]"],
         tricky]
 
 

@@ -143,9 +143,10 @@ def test_posix_remote_command_is_one_quoted_sh_login_command():
     assert shlex.split(steps[0]) == ["cd", "--", "/work dir"]
     exports = [shlex.split(s)[1] for s in steps if s.startswith("export ")]
     assert f"X={env['X']}" in exports and "EMPTY=" in exports
-    assert "PYTHONUNBUFFERED=1" in exports and "OPENBLAS_NUM_THREADS=1" in exports
+    assert "PYTHONUNBUFFERED=1" in exports and "DISTEXEC_HOST_WORKERS=1" in exports
     assert shlex.split(steps[-1]) == ["exec", "/usr/bin/python3", "-m", "distexec", "worker",
-                                      "--die-with-stdin", "--bind-to", "10.0.0.5:[9000]"]
+                                      "--die-with-stdin", "--separate-stderr",
+                                      "--bind-to", "10.0.0.5:[9000]"]
 
 
 def test_without_a_bind_address_the_worker_binds_where_ssh_arrived():
@@ -184,5 +185,15 @@ def test_distexec_variables_are_forwarded_and_env_wins(monkeypatch):
     monkeypatch.setenv("OTHER_VARIABLE", "x")
     env = remote_environment(params(env={"OMP_NUM_THREADS": "4"}))
     assert env["DISTEXEC_WORKER_TIMEOUT"] == "7" and "OTHER_VARIABLE" not in env
-    assert env["OMP_NUM_THREADS"] == "4" and env["MKL_NUM_THREADS"] == "1"
-    assert "MKL_NUM_THREADS" not in remote_environment(params(enable_threaded_blas=True))
+    assert env["OMP_NUM_THREADS"] == "4" and "MKL_NUM_THREADS" not in env
+
+
+def test_the_worker_is_told_its_hosts_count_and_sets_the_thread_limits_itself(monkeypatch):
+    """The host's cores are known only there: the command carries the machine's count."""
+    monkeypatch.setenv("DISTEXEC_HOST_WORKERS", "9")  # a stray one is not forwarded
+    assert remote_environment(params(), 3)["DISTEXEC_HOST_WORKERS"] == "3"
+    assert remote_environment(params(), "auto")["DISTEXEC_HOST_WORKERS"] == "auto"
+    inner = shlex.split(remote_command(params(), None, 4))[3]
+    assert "export DISTEXEC_HOST_WORKERS=4" in inner.split(" && ")
+    assert "OMP_NUM_THREADS" not in inner  # the worker sets it: the login shell's value wins
+    assert "DISTEXEC_HOST_WORKERS" not in remote_environment(params(enable_threaded_blas=True))
