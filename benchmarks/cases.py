@@ -53,6 +53,8 @@ METRICS = {
     "pingpong_unix_p99_us": ("µs", False, 1.0, "{:.0f}"),
     "tcp_MBps": ("MB/s", True, 1.0, "{:.0f}"),
     "memcpy_MBps": ("MB/s", True, 1.0, "{:.0f}"),
+    "joblib_call_ms": ("ms", False, 1.0, "{:.1f}"),
+    "sklearn_cv_ms": ("ms", False, 1.0, "{:.0f}"),
 }
 
 
@@ -281,6 +283,51 @@ def remotecall(name: str, cfg: Config):
             {"calls": len(samples)})
 
 
+def joblib_call(name: str, cfg: Config):
+    """joblib's ``Parallel(n_jobs=2, backend=name)`` over 8 tiny tasks, a new call each time.
+
+    The median call after warm-up: what a library that calls ``Parallel`` per operation pays.
+    The backends here are joblib's (``"loky"``, ``"distexec"``), not the executors above.
+    """
+    from joblib import Parallel, delayed
+
+    def call():
+        out = Parallel(n_jobs=2, backend=name)(delayed(tasks.inc)(i) for i in range(8))
+        assert out == list(range(1, 9)), out
+
+    samples = timed_calls(call, cfg.budget, n_max=300 if cfg.quick else 1000, n_min=20,
+                          warmup=5)
+    return ({"joblib_call_ms": statistics.median(samples) * 1e3},
+            {"calls": len(samples), "tasks_per_call": 8})
+
+
+SKLEARN_MISSING = "scikit-learn is not installed (pip install -e '.[bench]')"
+
+
+def sklearn_cv(name: str, cfg: Config):
+    """scikit-learn's ``cross_val_score(n_jobs=2)``: logistic regression, iris, 5 folds,
+    inside ``parallel_config(backend=name)``; the median call after warm-up."""
+    try:
+        from sklearn.datasets import load_iris
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import cross_val_score
+    except ImportError:
+        return {}, {"skipped": SKLEARN_MISSING}
+    from joblib import parallel_config
+
+    X, y = load_iris(return_X_y=True)
+
+    def call():
+        scores = cross_val_score(LogisticRegression(max_iter=1000), X, y, cv=5, n_jobs=2)
+        assert len(scores) == 5 and scores.min() > 0.8, scores
+
+    with parallel_config(backend=name):
+        samples = timed_calls(call, cfg.budget * 2, n_max=100 if cfg.quick else 400,
+                              n_min=10 if cfg.quick else 20, warmup=3)
+    return ({"sklearn_cv_ms": statistics.median(samples) * 1e3},
+            {"calls": len(samples), "folds": 5})
+
+
 def pingpong(name: str, cfg: Config):
     from . import limits
     return limits.pingpong(cfg)
@@ -315,6 +362,8 @@ CASE_METRICS = {
     "pingpong": ("pingpong_us", "pingpong_p99_us", "pingpong_unix_us", "pingpong_unix_p99_us"),
     "tcp": ("tcp_MBps",),
     "memcpy": ("memcpy_MBps",),
+    "joblib_call": ("joblib_call_ms",),
+    "sklearn_cv": ("sklearn_cv_ms",),
 }
 
 #: case -> (function, backends it runs on), in table order
@@ -334,4 +383,6 @@ CASES = {
     "pingpong": (pingpong, ("machine",)),
     "tcp": (tcp, ("machine",)),
     "memcpy": (memcpy, ("machine",)),
+    "joblib_call": (joblib_call, ("distexec", "loky")),
+    "sklearn_cv": (sklearn_cv, ("distexec", "loky")),
 }

@@ -2,10 +2,12 @@
 
 ``with joblib.parallel_config(backend="distexec", n_jobs=2): Parallel()(...)`` with real local
 workers: results, lambdas and closures, errors (type, message, remote traceback),
-``return_as="generator"``, abort on error, nested ``Parallel`` inside a task, the three ways the
-backend finds workers (launches its own, uses the cluster's, uses a given executor), and
+``return_as="generator"`` (which keeps a bounded number of results ahead of a slow consumer),
+abort on error, nested ``Parallel`` inside a task, the ways the backend finds workers (its own,
+kept from call to call like loky's; the cluster's; a given executor or pool), and
 scikit-learn's ``GridSearchCV(n_jobs=2)``. The registration itself (``import distexec`` alone,
-joblib imported before or after it) is checked in fresh interpreters.
+joblib imported before or after it) and the exit of the backend's workers with the interpreter
+are checked in fresh interpreters.
 
 The functions the tasks call are module-level, so workers import this module by reference
 (they share the master's ``sys.path``), as they would a user's module.
@@ -14,14 +16,17 @@ The functions the tasks call are module-level, so workers import this module by 
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
 import warnings
+import weakref
 from pathlib import Path
 
+import psutil
 import pytest
 
 import distexec
@@ -29,11 +34,16 @@ from distexec import DistributedExecutor, ProcessExitedException
 
 # The leak checks of tests/ (no worker process, no non-daemon thread left after a test).
 from tests.conftest import no_leaked_processes, no_leaked_threads  # noqa: F401
+from tests.helpers import wait_until
 
 joblib = pytest.importorskip("joblib", reason="joblib is not installed (the `test` extra has it)")
 from joblib import Parallel, delayed, parallel_config  # noqa: E402
 
-from distexec.integrations.joblib_backend import DistexecBackend  # noqa: E402
+from distexec.integrations.joblib_backend import (  # noqa: E402
+    WINDOW_PER_WORKER,
+    DistexecBackend,
+    shutdown_workers,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -102,15 +112,42 @@ def exit_worker(x):
     return x
 
 
+class Payload:
+    """A task's result whose copies in the master are counted in ``MATERIALIZED``."""
+
+    def __init__(self, i):
+        self.i = i
+
+    def __reduce__(self):
+        return _materialize, (self.i,)
+
+
+MATERIALIZED: set[int] = set()
+"""The master's live Payload results (rebuilt there on arrival, dropped when freed)."""
+
+
+def _materialize(i):
+    payload = Payload(i)
+    MATERIALIZED.add(i)
+    weakref.finalize(payload, MATERIALIZED.discard, i)
+    return payload
+
+
+def make_payload(i):
+    return Payload(i)
+
+
 def _cluster_workers():
     return [p for p in distexec.procs() if p != 1]
 
 
 @pytest.fixture(autouse=True)
-def no_cluster_workers():
-    """Each test starts with a master alone, so the backend launches (and removes) its own."""
+def no_cluster_workers(no_leaked_processes, no_leaked_threads):  # noqa: F811
+    """Each test starts with a master alone; the backend's workers, kept for later calls,
+    are let go after it (before the leak checks, which the arguments make run last)."""
     assert _cluster_workers() == [], "workers left over by another test"
     yield
+    shutdown_workers()
     assert _cluster_workers() == [], "the backend left workers behind"
 
 
@@ -180,7 +217,7 @@ def test_abort_on_error_cancels_queued_and_interrupts_running(tmp_path):
 
     All 100 are handed to the backend up front (``pre_dispatch="all"``): the abort must
     cancel the queued ones (few ever start) and interrupt the running ones (the call returns
-    long before BLOCK_SECONDS), and the workers must then go away.
+    long before BLOCK_SECONDS), and the workers must then take the next call.
     """
     start = time.monotonic()
     with parallel_config(backend="distexec", n_jobs=2):
@@ -191,6 +228,8 @@ def test_abort_on_error_cancels_queued_and_interrupts_running(tmp_path):
     started = list(tmp_path.iterdir())
     assert len(started) <= 8, f"{len(started)} of 99 tasks started"
     assert elapsed < BLOCK_SECONDS / 2, f"abort took {elapsed:.1f} s"
+    with parallel_config(backend="distexec", n_jobs=2):
+        assert Parallel()(delayed(square)(i) for i in range(10)) == [i * i for i in range(10)]
 
 
 def test_managed_parallel_stays_usable_after_an_abort(tmp_path):
@@ -223,8 +262,34 @@ def test_generator_closed_early_stops_the_call(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # joblib's note that it cancelled tasks, if any
             gen.close()
-        assert _cluster_workers() == []  # the call is over: its workers are gone
+        # The call is over: the next one runs at once (nothing of the first left queued).
+        assert Parallel()(delayed(square)(i) for i in range(4)) == [0, 1, 4, 9]
     assert len(list(tmp_path.iterdir())) < 100
+
+
+@pytest.mark.parametrize("return_as", ["generator", "generator_unordered"])
+def test_generator_keeps_a_bounded_number_of_results_ahead(return_as):
+    """A consumer slower than the workers: the results waiting in the master stay few.
+
+    Without a bound, joblib dispatches a new batch at each completion, so all 40 results
+    would be in the master after the first few items.
+    """
+    n_tasks, n_jobs = 40, 2
+    bound = WINDOW_PER_WORKER * n_jobs + 1  # the window, and the batch the consumer holds
+    peak = 0
+    with parallel_config(backend="distexec", n_jobs=n_jobs):
+        gen = Parallel(return_as=return_as, batch_size=1)(
+            delayed(make_payload)(i) for i in range(n_tasks))
+        seen = []
+        for item in gen:
+            peak = max(peak, len(MATERIALIZED))
+            seen.append(item.i)
+            del item
+            time.sleep(0.03)  # the workload: a consumer slower than the workers
+    assert sorted(seen) == list(range(n_tasks))
+    assert return_as != "generator" or seen == list(range(n_tasks))
+    assert peak <= bound, f"{peak} results held in the master at once (bound {bound})"
+    wait_until(lambda: not MATERIALIZED, message="the consumed results to be freed")
 
 
 # -- nesting -----------------------------------------------------------------------------------
@@ -289,7 +354,119 @@ def test_managed_parallel_reuses_its_workers_across_calls():
         workers = _cluster_workers()
         assert parallel(delayed(square)(i) for i in range(10)) == [i * i for i in range(10)]
         assert len(workers) == 2 and _cluster_workers() == workers  # the same two, kept
-    assert _cluster_workers() == []
+    assert _cluster_workers() == workers  # and kept for the next call
+
+
+def test_given_pool_is_used_and_left_running():
+    pids = distexec.addprocs(3)
+    try:
+        with parallel_config(backend="distexec", pool=distexec.WorkerPool(pids[:2]), n_jobs=-1):
+            used = set(Parallel(batch_size=1)(delayed(worker_os_pid)(i) for i in range(10)))
+        assert used and used <= _os_pids(pids[:2])
+        assert _cluster_workers() == pids
+    finally:
+        distexec.rmprocs(pids, waitfor=20)
+
+
+# -- the backend's own workers, kept from call to call -------------------------------------------
+def _call_pids(n_jobs=2, n_tasks=20):
+    with parallel_config(backend="distexec", n_jobs=n_jobs):
+        return set(Parallel(batch_size=1)(delayed(worker_os_pid)(i) for i in range(n_tasks)))
+
+
+def test_consecutive_calls_run_on_the_same_workers():
+    first = _call_pids()
+    workers = _cluster_workers()
+    second = _call_pids()
+    assert len(workers) == 2 and _cluster_workers() == workers
+    assert first | second <= _os_pids(workers)
+    assert os.getpid() not in first | second
+
+
+def test_worker_state_persists_between_calls():
+    """As under loky: a module a task imported is still imported in the next call."""
+    _call_pids()
+    workers = _cluster_workers()
+    for pid in workers:
+        distexec.remotecall_fetch(exec, pid, "import colorsys")
+    with parallel_config(backend="distexec", n_jobs=2):
+        seen = Parallel(batch_size=1)(
+            delayed(lambda _: "colorsys" in sys.modules)(i) for i in range(8))
+    assert all(seen)
+
+
+def test_changed_n_jobs_gives_that_many_workers():
+    _call_pids(n_jobs=2)
+    assert len(_cluster_workers()) == 2
+    used = _call_pids(n_jobs=3, n_tasks=30)
+    workers = _cluster_workers()
+    assert len(workers) == 3
+    assert used <= _os_pids(workers)
+    _call_pids(n_jobs=2)
+    assert len(_cluster_workers()) == 2
+
+
+def test_next_call_works_after_a_worker_is_killed():
+    _call_pids()
+    victim = _cluster_workers()[0]
+    os_pid = distexec.remotecall_fetch(os.getpid, victim)
+    psutil.Process(os_pid).kill()
+    wait_until(lambda: victim not in distexec.procs(), message="the master to see the death")
+    with parallel_config(backend="distexec", n_jobs=2):
+        assert Parallel()(delayed(square)(i) for i in range(20)) == [i * i for i in range(20)]
+    assert os_pid not in _call_pids()
+
+
+def test_next_call_works_after_the_workers_are_removed():
+    """Workers removed on purpose are not replaced: the next call starts new ones."""
+    _call_pids()
+    old = _cluster_workers()
+    distexec.rmprocs(old, waitfor=20)
+    used = _call_pids()
+    new = _cluster_workers()
+    assert len(new) == 2 and not set(new) & set(old)
+    assert used <= _os_pids(new)
+
+
+def test_workers_exit_after_idle_worker_timeout():
+    with parallel_config(backend="distexec", n_jobs=2, idle_worker_timeout=0.5):
+        assert Parallel()(delayed(square)(i) for i in range(4)) == [0, 1, 4, 9]
+    assert len(_cluster_workers()) == 2
+    wait_until(lambda: not _cluster_workers(), message="the idle workers to exit")
+    assert _call_pids() and len(_cluster_workers()) == 2  # a later call starts new ones
+
+
+def test_backend_workers_exit_with_the_interpreter():
+    """No worker outlives the script, the exit does not hang, and nothing is printed, even
+    with a generator left half consumed."""
+    out = _run_fresh("""
+        import json, os, time
+        import distexec
+        from joblib import Parallel, delayed
+
+        def slow(i):
+            time.sleep(0.05)  # the workload: still running when the script ends
+            return i
+
+        for _ in range(2):
+            Parallel(n_jobs=2, backend="distexec")(delayed(abs)(-i) for i in range(8))
+        left = Parallel(n_jobs=2, backend="distexec", return_as="generator", batch_size=1)(
+            delayed(slow)(i) for i in range(1000))
+        assert [next(left), next(left)] == [0, 1]
+        workers = [p for p in distexec.procs() if p != 1]
+        print(json.dumps([distexec.remotecall_fetch(os.getpid, p) for p in workers]))
+    """, flags=("-W", "always"))
+    os_pids = json.loads(out)
+    assert len(os_pids) == 2
+    wait_until(lambda: not any(_running(pid) for pid in os_pids),
+               message="the script's workers to exit")
+
+
+def _running(os_pid):
+    try:
+        return psutil.Process(os_pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_old_apply_async_entry_point():
@@ -328,13 +505,15 @@ def test_gridsearchcv_same_best_params_as_sequential():
 
 
 # -- registration ------------------------------------------------------------------------------
-def _run_fresh(*parts: str) -> str:
-    """Run the code ``parts`` in a new interpreter (which removes its own workers at exit)."""
+def _run_fresh(*parts: str, flags: tuple[str, ...] = ()) -> str:
+    """Run the code ``parts`` in a new interpreter (which removes its own workers at exit);
+    it must succeed and write nothing on stderr."""
     repo = Path(__file__).resolve().parent.parent
     code = "".join(textwrap.dedent(part) for part in parts)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo,
+    proc = subprocess.run([sys.executable, *flags, "-c", code], cwd=repo,
                           capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
     return proc.stdout
 
 
