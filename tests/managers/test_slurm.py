@@ -292,6 +292,18 @@ def test_worker_output_is_relayed_to_the_master(slurm_workers, capfd):
     assert "hello" not in err
 
 
+def _script_view():
+    main = sys.modules["__main__"]
+    return sys.argv, getattr(main, "__file__", None)
+
+
+def test_a_slurm_worker_sees_the_masters_argv_and_script_path(slurm_workers):
+    (pid,) = slurm_workers(1)
+    argv, main_file = d.remotecall_fetch(_script_view, pid)
+    assert argv == sys.argv
+    assert main_file == os.path.abspath(sys.modules["__main__"].__file__)
+
+
 def _print_to_stderr(text):
     import sys
     print(text, file=sys.stderr, flush=True)

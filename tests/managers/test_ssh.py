@@ -93,6 +93,20 @@ def test_count_two_and_a_plain_host_come_up_and_answer(ssh_workers, ssh_namespac
         assert_thread_limit(pid, workers_on_host=2)
 
 
+def _script_view():
+    main = sys.modules["__main__"]
+    return sys.argv, getattr(main, "__file__", None)
+
+
+def test_an_ssh_worker_sees_the_masters_argv_and_script_path_where_it_exists(ssh_workers,
+                                                                               ssh_namespaces):
+    """Both hosts share this machine's files: the script's path exists there."""
+    (pid,) = ssh_workers([ssh_namespaces.hosts["dxh1"]])
+    argv, main_file = d.remotecall_fetch(_script_view, pid)
+    assert argv == sys.argv
+    assert main_file == os.path.abspath(sys.modules["__main__"].__file__)
+
+
 def _print_both(text):
     print(f"{text} out", flush=True)
     print(f"{text} err", file=sys.stderr, flush=True)
