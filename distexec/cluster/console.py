@@ -191,13 +191,13 @@ class StreamRelay:
         self._splitter = LineSplitter()
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._lock = threading.Lock()  # held while bytes are read and written out
-        self._stream, self._fd = _take_pipe(stream)
-        self.fd = self._fd  # the pipe read, if it is one (None: nothing to settle)
+        # the pipe read, if it is one (None: a stream read as it comes, nothing to settle)
+        self._stream, self.fd = _take_pipe(stream)
         self._ended = False
-        if self._fd is not None:
+        if self.fd is not None:
             self._waiting, self._settling = select.poll(), select.poll()  # one per thread
             for poller in (self._waiting, self._settling):
-                poller.register(self._fd, select.POLLIN)
+                poller.register(self.fd, select.POLLIN)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -211,7 +211,7 @@ class StreamRelay:
 
     def settle(self) -> None:
         """Write out everything already in the pipe (nothing for other streams)."""
-        if self._fd is None:
+        if self.fd is None:
             return
         with self._lock:
             if not self._ended and self._settling.poll(0):
@@ -219,7 +219,7 @@ class StreamRelay:
 
     def _run(self) -> None:
         try:
-            if self._fd is None:
+            if self.fd is None:
                 self._read_blocking()
             else:
                 while not self._ended:
@@ -239,10 +239,10 @@ class StreamRelay:
 
     def _drain(self) -> None:
         """With the lock held: read and write out what the pipe holds; note its end."""
-        assert self._fd is not None
+        assert self.fd is not None
         while True:
             try:
-                data = os.read(self._fd, 65536)
+                data = os.read(self.fd, 65536)
             except BlockingIOError:
                 return
             except OSError:  # EIO and the like: the stream is over
@@ -268,8 +268,8 @@ class StreamRelay:
     def _close(self) -> None:
         """The relay is the stream's only reader: it closes it."""
         try:
-            if self._fd is not None:
-                os.close(self._fd)
+            if self.fd is not None:
+                os.close(self.fd)
             else:
                 self._stream.close()
         except (ValueError, OSError):

@@ -125,24 +125,15 @@ def _check_nested_run(result, n):
     return inner
 
 
-@pytest.mark.parametrize("outer_class, inner_class", [
-    (distexec.DistributedExecutor, distexec.DistributedExecutor),
-    (cf.ProcessPoolExecutor, cf.ProcessPoolExecutor),
-], ids=["distexec", "ProcessPoolExecutor"])
-def test_a_task_makes_an_executor_of_its_own(outer_class, inner_class):
+@pytest.mark.parametrize("outer_class, program, inner_class", [
+    (distexec.DistributedExecutor, squares_program, distexec.DistributedExecutor),
+    (cf.ProcessPoolExecutor, squares_program, cf.ProcessPoolExecutor),
+    (distexec.DistributedExecutor, pool_program, distexec.Pool),
+    (cf.ProcessPoolExecutor, pool_program, mp.Pool),
+], ids=["distexec-executor", "ProcessPoolExecutor", "distexec-Pool", "multiprocessing-Pool"])
+def test_a_task_makes_an_executor_or_pool_of_its_own(outer_class, program, inner_class):
     with mp.Manager() as manager, outer_class(2) as outer:
-        result = outer.submit(squares_program, inner_class, manager.Barrier(2), 20).result(60)
-        inner = _check_nested_run(result, 20)
-    wait_gone(inner)
-
-
-@pytest.mark.parametrize("outer_class, pool_class", [
-    (distexec.DistributedExecutor, distexec.Pool),
-    (cf.ProcessPoolExecutor, mp.Pool),
-], ids=["distexec", "multiprocessing"])
-def test_a_task_makes_a_pool_of_its_own(outer_class, pool_class):
-    with mp.Manager() as manager, outer_class(2) as outer:
-        result = outer.submit(pool_program, pool_class, manager.Barrier(2), 20).result(60)
+        result = outer.submit(program, inner_class, manager.Barrier(2), 20).result(60)
         inner = _check_nested_run(result, 20)
     wait_gone(inner)
 
