@@ -163,6 +163,44 @@ def test_lambdas_and_local_functions_pickle_by_value():
     assert loads(*dumps(lambda: "lambda", 2))() == "lambda"
 
 
+@pytest.mark.parametrize("call", [
+    (pickle.dumps, (3, 5), {}),                  # a module's function, by name
+    (divmod, (7, 2), {}),                        # a builtin of a module
+    (pickle.loads, (b"N.",), {"encoding": "ASCII"}),
+    (pickle.dumps, ("x" * 4096, None, True, 1.5, 2j), {}),
+], ids=["function", "builtin", "kwargs", "every-plain-type"])
+def test_a_plain_call_pickles_as_cloudpickle_pickles_it(call):
+    import cloudpickle
+
+    assert serialization.is_plain_call(call)
+    payload, buffers = dumps(call, 2)
+    assert payload == cloudpickle.dumps(call, protocol=5) and buffers == []
+    fn, args, kwargs = loads(payload)
+    assert fn is call[0] and (args, kwargs) == call[1:]
+
+
+def _in_main_module():
+    pass
+
+
+_in_main_module.__module__ = "__main__"
+
+
+@pytest.mark.parametrize("call", [
+    (lambda: 1, (), {}),                         # no name to import it by
+    (_in_main_module, (), {}),                   # __main__: shipped by value
+    ("text".upper, (), {}),                      # a bound builtin method
+    (pickle.dumps, ([1],), {}),                  # a list argument: cloudpickle's way
+    (pickle.dumps, ("x" * 4097,), {}),           # a long string
+    (pickle.dumps, (1,), {"protocol": [5]}),
+    [pickle.dumps, (), {}],
+    (pickle.dumps, tuple(range(17)), {}),
+], ids=["lambda", "main", "bound-method", "list-arg", "long-str", "list-kwarg", "list",
+        "many-args"])
+def test_other_calls_take_cloudpickles_way(call):
+    assert not serialization.is_plain_call(call)
+
+
 # --------------------------------------------------------------------------------------------
 # References pickled outside the cluster become inert null references
 # --------------------------------------------------------------------------------------------
