@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 
 from . import tasks
-from .backends import open_backend
+from .backends import NWORKERS, open_backend
+from .cpu_use import CpuMeter, worker_pids
 
 MiB = 1 << 20
 
@@ -35,13 +36,19 @@ METRICS = {
     "startup_s": ("s", False, 1.0, "{:.3f}"),
     "latency_us": ("µs", False, 1.0, "{:.0f}"),
     "latency_p99_us": ("µs", False, 1.0, "{:.0f}"),
+    "latency_master_cpu_us": ("µs", False, 1.0, "{:.0f}"),
+    "latency_worker_cpu_us": ("µs", False, 1.0, "{:.0f}"),
     "submit_per_s": ("k/s", True, 1e-3, "{:.1f}"),
+    "submit_master_cpu_us": ("µs", False, 1.0, "{:.0f}"),
+    "submit_worker_cpu_us": ("µs", False, 1.0, "{:.0f}"),
     "map1_per_s": ("k items/s", True, 1e-3, "{:.1f}"),
     "map100_per_s": ("k items/s", True, 1e-3, "{:.0f}"),
     "map1000_per_s": ("k items/s", True, 1e-3, "{:.0f}"),
     "bandwidth_MBps": ("MB/s", True, 1.0, "{:.0f}"),
     "sleep_efficiency": ("", True, 1.0, "{:.3f}"),
     "cpu_efficiency": ("", True, 1.0, "{:.3f}"),
+    "cpu_master_cpu_us": ("µs", False, 1.0, "{:.0f}"),
+    "cpu_worker_cpu_us": ("µs", False, 1.0, "{:.0f}"),
     "closure_s": ("s", False, 1.0, "{:.2f}"),
     "closure_cached_pmap_s": ("s", False, 1.0, "{:.3f}"),
     "closure_cached_fetch_s": ("s", False, 1.0, "{:.3f}"),
@@ -125,11 +132,19 @@ def startup(name: str, cfg: Config):
 
 @with_backend
 def latency(backend, cfg: Config):
-    """Sequential ``submit(noop).result()``."""
-    samples = timed_calls(lambda: backend.submit(tasks.noop).result(), cfg.budget,
-                          n_max=2000 if cfg.quick else 10000)
+    """Sequential ``submit(noop).result()``; and the CPU each call costs the master and the
+    worker (``cpu_use``)."""
+    meter = CpuMeter(worker_pids(backend.submit, NWORKERS))
+    call = lambda: backend.submit(tasks.noop).result()  # noqa: E731
+    for _ in range(20):
+        call()
+    meter.start()
+    samples = timed_calls(call, cfg.budget, n_max=2000 if cfg.quick else 10000, warmup=0)
+    cpu = meter.stop(len(samples))
     return ({"latency_us": statistics.median(samples) * 1e6,
-             "latency_p99_us": percentile(samples, 0.99) * 1e6}, {"calls": len(samples)})
+             "latency_p99_us": percentile(samples, 0.99) * 1e6,
+             "latency_master_cpu_us": cpu["master"], "latency_worker_cpu_us": cpu["worker"]},
+            {"calls": len(samples)})
 
 
 @with_backend
@@ -142,8 +157,14 @@ def submit(backend, cfg: Config):
             f.result()
         return time.perf_counter() - t0
 
-    n, seconds = sized(run, 5000 if cfg.quick else 20000, 1000, cfg.budget)
-    return {"submit_per_s": n / seconds}, {"submits": n, "seconds": round(seconds, 3)}
+    meter = CpuMeter(worker_pids(backend.submit, NWORKERS))
+    n, _ = sized(run, 5000 if cfg.quick else 20000, 1000, cfg.budget)
+    meter.start()
+    seconds = run(n)
+    cpu = meter.stop(n)
+    return ({"submit_per_s": n / seconds, "submit_master_cpu_us": cpu["master"],
+             "submit_worker_cpu_us": cpu["worker"]},
+            {"submits": n, "seconds": round(seconds, 3)})
 
 
 def _map_case(chunksize: int):
@@ -203,12 +224,21 @@ def cpu(backend, cfg: Config):
     Not in issue 6; added because a backend that runs two tasks at once on one worker
     (threads) scores above 1 on ``sleep`` without being faster on real work.
     """
-    return _efficiency(backend, tasks.spin, "cpu_efficiency")
+    meter = CpuMeter(worker_pids(backend.submit, NWORKERS))
+    meter.start()
+    metrics, info = _efficiency(backend, tasks.spin, "cpu_efficiency")
+    # what the backend adds to the 10 ms of each task, on the master and on the workers
+    cpu = meter.stop(EFFICIENCY_TASKS, work_s=EFFICIENCY_TASK_S)
+    return {**metrics, "cpu_master_cpu_us": cpu["master"],
+            "cpu_worker_cpu_us": cpu["worker"]}, info
+
+
+EFFICIENCY_TASKS, EFFICIENCY_TASK_S = 200, 0.01
 
 
 def _efficiency(backend, task, metric: str):
     """200 tasks of 10 ms on 2 workers: the ideal 1.0 s / the time they took."""
-    ntasks, seconds = 200, 0.01
+    ntasks, seconds = EFFICIENCY_TASKS, EFFICIENCY_TASK_S
     t0 = time.perf_counter()
     for f in [backend.submit(task, seconds) for _ in range(ntasks)]:
         f.result()
@@ -348,14 +378,15 @@ PEERS = ("distexec", "pp-fork", "pp-forkserver", "loky", "dask")
 #: case -> the metrics it reports
 CASE_METRICS = {
     "startup": ("startup_s",),
-    "latency": ("latency_us", "latency_p99_us"),
-    "submit": ("submit_per_s",),
+    "latency": ("latency_us", "latency_p99_us", "latency_master_cpu_us",
+                "latency_worker_cpu_us"),
+    "submit": ("submit_per_s", "submit_master_cpu_us", "submit_worker_cpu_us"),
     "map1": ("map1_per_s",),
     "map100": ("map100_per_s",),
     "map1000": ("map1000_per_s",),
     "bandwidth": ("bandwidth_MBps",),
     "sleep": ("sleep_efficiency",),
-    "cpu": ("cpu_efficiency",),
+    "cpu": ("cpu_efficiency", "cpu_master_cpu_us", "cpu_worker_cpu_us"),
     "closure": ("closure_s",),
     "closure_cached": ("closure_cached_pmap_s", "closure_cached_fetch_s"),
     "remotecall": ("remotecall_fetch_us", "remotecall_fetch_p99_us"),

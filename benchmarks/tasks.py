@@ -6,6 +6,7 @@ reference) and cheap to import: no numpy at import time.
 
 from __future__ import annotations
 
+import os
 import time
 
 
@@ -29,6 +30,12 @@ def echo(value):
 def sleep(seconds):
     time.sleep(seconds)
     return seconds
+
+
+def sleep_pid(seconds):
+    """Which process ran it (``cpu_use.worker_pids``)."""
+    time.sleep(seconds)
+    return os.getpid()
 
 
 def nbytes_plus(data, x=0):
