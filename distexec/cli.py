@@ -15,6 +15,8 @@ import os
 import runpy
 import shlex
 import sys
+from types import TracebackType
+from typing import NoReturn
 
 from .cluster.thread_limits import apply_host_share
 from .cluster.worker import start_worker
@@ -26,10 +28,18 @@ _SRUN_SHORT = {"-n": "ntasks", "-N": "nodes", "-p": "partition", "-t": "time",
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distexec", description=__doc__.splitlines()[0])
+    from . import __version__
+    parser = argparse.ArgumentParser(
+        prog="distexec", description="Run a Python script on a cluster of workers (distexec "
+                                     "run), or be one of the workers (distexec worker).")
+    parser.add_argument("--version", action="version", version=f"distexec {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     worker = commands.add_parser(
-        "worker", help="start a worker: reads the cookie from stdin, prints its address, serves")
+        "worker", help="start a worker: reads the cookie from stdin, prints its address, serves",
+        description="Start a worker. The first line of stdin must be the cluster cookie (as "
+                    "the master writes it: 16 to 256 printable ASCII characters); the worker "
+                    "then prints distexec_worker:PORT#ADDR and serves its master until the "
+                    "master leaves.")
     worker.add_argument("--bind-to", metavar="ADDR[:PORT|:[HINT]]", default=None,
                         help="interface (and port, or port hint) to listen on; default 127.0.0.1")
     worker.add_argument("--tls", action="store_true",
@@ -42,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--die-with-stdin", action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("--master-fd", type=int, default=None, help=argparse.SUPPRESS)
     run = commands.add_parser(
-        "run", help="start workers, run a script as __main__ with the cluster ready, shut down")
+        "run", help="start workers, run a script as __main__ with the cluster ready, shut down",
+        description="Start the workers, run the script as __main__ with them ready (like "
+                    "julia -p N script.jl), remove them; exit with the script's status.")
     where = run.add_mutually_exclusive_group()
     where.add_argument("-p", "--procs", type=int, metavar="N", help="N local workers")
     where.add_argument("--machine-file", metavar="FILE",
@@ -55,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                           "one for every pmap and executor map of the script that does not "
                           "pass progress= itself (sets DISTEXEC_PROGRESS=1)")
     run.add_argument("script", help="the Python script to run")
-    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    script_args = run.add_argument("args", nargs=argparse.REMAINDER,
+                                   help="arguments passed to the script")
+    script_args.required = False  # argparse makes every REMAINDER positional required
     return parser
 
 
@@ -117,6 +131,7 @@ def run_script(args) -> int:
     """Add the workers, run the script as ``__main__``, remove them; the script's exit status."""
     from . import api
     from .errors import DistexecError
+    _check_script(args.script)  # before any worker starts: a typo must not cost a launch
     target = _cluster_target(args)
     if target is not None:
         try:
@@ -130,17 +145,60 @@ def run_script(args) -> int:
     sys.argv = [args.script, *args.args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
     try:
-        runpy.run_path(args.script, run_name="__main__")
+        # An absolute path, as python gives its script: __file__ and tracebacks show it
+        runpy.run_path(os.path.abspath(args.script), run_name="__main__")
         status = 0
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
+    except BaseException as exc:  # Ctrl-C too: reported as python reports an uncaught one
+        _report_uncaught(exc)
+        status = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 1
     finally:
         workers = [p for p in api.procs() if p != 1]
         if workers:
             api.rmprocs(workers, waitfor=30)
     return status
+
+
+EXIT_INTERRUPTED = 130
+"""``distexec run``'s status when the script stops on Ctrl-C: what a shell reports for python."""
+
+
+def _usage_error(message: str) -> NoReturn:
+    """Stop as argparse does on a bad argument: one line on stderr, exit status 2."""
+    print(f"distexec run: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _check_script(path: str) -> None:
+    """Refuse a script python could not run, with python's words for it."""
+    if os.path.isdir(path):  # runpy runs a directory's __main__.py, as python does
+        if not os.path.isfile(os.path.join(path, "__main__.py")):
+            _usage_error(f"can't find '__main__' module in {path!r}")
+        return
+    try:
+        open(path, "rb").close()
+    except OSError as exc:
+        _usage_error(f"can't open file {path!r}: [Errno {exc.errno}] {exc.strerror}")
+
+
+def _report_uncaught(exc: BaseException) -> None:
+    """Print ``exc`` as ``python script.py`` would: through ``sys.excepthook``, which the
+    script may have replaced, and from the script's first frame on."""
+    exc.__traceback__ = _script_frames(exc.__traceback__)  # the hook reads it from exc
+    sys.excepthook(type(exc), exc, exc.__traceback__)
+
+
+def _script_frames(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` without its leading frames of this module and ``runpy``, which ran the script.
+
+    None when the script never ran (a ``SyntaxError``): python then shows no traceback either.
+    """
+    while tb is not None and tb.tb_frame.f_globals.get("__name__") in (__name__, "runpy"):
+        tb = tb.tb_next
+    return tb
 
 
 def _add_workers(api, target, progress: bool | None) -> None:
@@ -161,33 +219,65 @@ def _add_workers(api, target, progress: bool | None) -> None:
 def _cluster_target(args):
     if args.procs is not None:
         if args.procs < 1:
-            raise SystemExit("distexec run: -p needs a positive number of workers")
+            _usage_error("-p needs a positive number of workers")
         return args.procs
     if args.machine_file is not None:
         from .cluster.ssh import SSHManager
-        return SSHManager(read_machine_file(args.machine_file))
+        return SSHManager(_machines_of(args.machine_file))
     if args.slurm is not None:
         from .cluster.slurm import SlurmManager
         return SlurmManager(**srun_options(" ".join(shlex.quote(t) for t in args.slurm)))
     return None
 
 
-def read_machine_file(path: str) -> list[str | tuple[str, int | str]]:
-    """Julia's machine file: ``[count*][user@]host[:port] [bind_addr[:port]]`` per line."""
-    machines: list[str | tuple[str, int | str]] = []
-    with open(path) as lines:
-        for line in lines:
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            count, star, spec = line.partition("*")
-            if not star:
-                machines.append(line)
-            elif count.strip() == "auto":
-                machines.append((spec.strip(), "auto"))
-            else:
-                machines.append((spec.strip(), int(count)))
+def _machines_of(path: str) -> list[str | tuple[str, int | str]]:
+    """The machine file's hosts, or a usage error saying why there are none."""
+    try:
+        machines = read_machine_file(path)
+    except OSError as exc:
+        _usage_error(f"can't open machine file {path!r}: [Errno {exc.errno}] {exc.strerror}")
+    except ValueError as exc:  # a malformed line, or a file that is not text
+        _usage_error(f"machine file {path!r}: {exc}")
+    if not machines:
+        _usage_error(f"machine file {path!r} names no host")
     return machines
+
+
+def read_machine_file(path: str) -> list[str | tuple[str, int | str]]:
+    """Julia's machine file: ``[count*][user@]host[:port] [bind_addr[:port]]`` per line.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: a malformed line (the message gives its number), or text that is not UTF-8.
+    """
+    machines: list[str | tuple[str, int | str]] = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            line = line.split("#", 1)[0].strip()
+            if line:
+                try:
+                    machines.append(_machine_of_line(line))
+                except ValueError as exc:
+                    raise ValueError(f"line {number}: {exc}") from None
+    return machines
+
+
+def _machine_of_line(line: str) -> str | tuple[str, int | str]:
+    """One machine-file line as ``SSHManager`` takes it, checked here so that a mistake
+    is reported with its line number rather than when the workers start."""
+    from .cluster.ssh_commands import split_machine
+    count, star, spec = line.partition("*")
+    spec = spec.strip() if star else line
+    split_machine(spec)  # ValueError: a malformed host or bind address
+    if not star:
+        return spec
+    count = count.strip()
+    if count == "auto":
+        return spec, "auto"
+    if not count.isdecimal() or int(count) < 1:
+        raise ValueError(f"the count before '*' must be a positive number or 'auto', "
+                         f"not {count!r}")
+    return spec, int(count)
 
 
 def srun_options(text: str) -> dict:

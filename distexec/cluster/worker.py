@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 import types
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from ..errors import DistributedError, ProtocolError
 from ..protocol import secret as secret_mod
@@ -48,6 +48,8 @@ log = logging.getLogger("distexec")
 
 EXIT_MASTER_LOST = 1
 EXIT_STDIN_CLOSED = 70
+EXIT_BAD_STDIN = 1
+"""A worker's status when stdin lacks a valid cookie line (or TLS line): it never listened."""
 
 
 def init_worker(cookie: str, manager: ClusterManager | None = None,
@@ -144,14 +146,36 @@ def _read_stdin(cookie: str | None, security: Security | None,
     """The cookie line (unless given) and, with ``tls``, the TLS line after it."""
     from .security import read_tls_line
     if cookie is None:
-        cookie = sys.stdin.buffer.readline().decode("ascii", "replace").strip()
+        cookie = _cookie_from_stdin()
     if tls:
         try:
             security = read_tls_line(sys.stdin.buffer)
         except ValueError as exc:  # never a traceback: the line holds a key
-            print(f"distexec worker: {exc}", file=sys.stderr, flush=True)
-            _exit(1)
+            _refuse_stdin(str(exc))
     return cookie, security
+
+
+def _cookie_from_stdin() -> str:
+    """The first line of stdin, checked to be a cookie as every launcher writes it.
+
+    Without the check, a worker given no cookie (run by hand, or its stdin closed) would
+    listen with an empty key and wait silently for a master that cannot authenticate.
+    """
+    line = sys.stdin.buffer.readline()
+    if not line:
+        _refuse_stdin("stdin ended before the cookie line (the master writes the cluster "
+                      "cookie as the first line of stdin)")
+    cookie = line.decode("ascii", "replace").strip()
+    try:
+        secret_mod.validate(cookie)
+    except ValueError as exc:  # its message never shows the cookie, a secret
+        _refuse_stdin(f"the first line of stdin is not a cluster cookie: {exc}")
+    return cookie
+
+
+def _refuse_stdin(message: str) -> NoReturn:
+    print(f"distexec worker: {message}", file=sys.stderr, flush=True)
+    _exit(EXIT_BAD_STDIN)
 
 
 def handshake_timeout() -> float:
@@ -274,7 +298,7 @@ def exit_worker(code: int = 0) -> None:
     _exit(code)
 
 
-def _exit(code: int) -> None:
+def _exit(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

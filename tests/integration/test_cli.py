@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -58,10 +59,139 @@ def _running(os_pid: int) -> bool:
         return False
 
 
-def test_a_failing_script_exits_1_with_its_traceback(tmp_path):
-    done = run(tmp_path, "-p", "1", [], script="import distexec\nraise ValueError('boom')\n")
-    assert done.returncode == 1
-    assert "ValueError: boom" in done.stderr
+FAILING_SCRIPT = textwrap.dedent("""
+    import distexec
+
+    def lookup():
+        try:
+            {}["key"]
+        except KeyError as exc:
+            raise ValueError("boom") from exc
+
+    lookup()
+""")
+
+
+@pytest.mark.parametrize("script, workers", [(FAILING_SCRIPT, ["-p", "1"]),
+                                             ("def (\n", [])], ids=["raises", "syntax-error"])
+def test_a_failing_script_shows_its_traceback_as_python_does(tmp_path, script, workers):
+    """Only the script's frames, none of distexec's or runpy's; exit status 1, as python's."""
+    done = run(tmp_path, *workers, [], script=script)
+    alone = subprocess.run([sys.executable, str(tmp_path / "job.py")], capture_output=True,
+                           text=True, timeout=50)
+    assert (done.returncode, alone.returncode) == (1, 1)
+    assert _from_traceback(done.stderr) == _from_traceback(alone.stderr), done.stderr
+    assert "cli.py" not in done.stderr and "runpy" not in done.stderr
+
+
+def _from_traceback(stderr: str) -> str:
+    """What python prints for an uncaught exception: from its first traceback (or, for a
+    SyntaxError, which has none, its first ``File`` line) to the end."""
+    start = stderr.find("Traceback (most recent call last):")
+    return stderr[start:] if start >= 0 else stderr[stderr.find('  File "'):]
+
+
+def _distexec(*argv: str, env: dict | None = None,
+              stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distexec", *argv], input=stdin,
+                          capture_output=True, env=env, timeout=50)
+
+
+@pytest.fixture
+def started_pythons(tmp_path):
+    """An environment in which every Python process logs its command line at start, and a
+    function returning the command lines logged so far: proof of which processes ran."""
+    spy, log = tmp_path / "spy", tmp_path / "pythons.log"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(
+        f"import sys\nwith open({str(log)!r}, 'a') as log:\n"
+        "    log.write(' '.join(sys.orig_argv) + '\\n')\n")
+    path = os.pathsep.join(filter(None, [str(spy), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    return env, lambda: log.read_text().splitlines() if log.exists() else []
+
+
+def test_a_missing_script_is_refused_before_any_worker_starts(tmp_path, started_pythons):
+    env, logged = started_pythons
+    missing = str(tmp_path / "missing.py")
+    done = _distexec("run", "-p", "2", missing, env=env)
+    assert done.returncode == 2
+    assert done.stderr.decode().splitlines() == [
+        f"distexec run: error: can't open file {missing!r}: [Errno 2] No such file or directory"]
+    assert len(logged()) == 1 and " run -p 2 " in logged()[0]  # the command itself, no worker
+
+
+@pytest.mark.parametrize("option, lines, message", [
+    ("--machine-file", None, "can't open machine file {path!r}: [Errno 2] No such file or "
+                             "directory"),
+    ("--machine-file", "# hosts\nfoo*node1\n", "machine file {path!r}: line 2: the count "
+                                                "before '*' must be a positive number or "
+                                                "'auto', not 'foo'"),
+    ("--machine-file", "node1\n0*node2\n", "machine file {path!r}: line 2: the count before "
+                                           "'*' must be a positive number or 'auto', not '0'"),
+    ("--machine-file", "node1:99999\n", "machine file {path!r}: line 1: invalid machine "
+                                        "definition format string: invalid port number "
+                                        "'node1:99999'"),
+    ("--machine-file", "# no host yet\n", "machine file {path!r} names no host"),
+    ("-p", "0", "-p needs a positive number of workers"),
+], ids=["no-file", "bad-count", "zero-count", "bad-port", "no-host", "no-workers"])
+def test_a_bad_cluster_option_is_one_line_and_status_2(tmp_path, option, lines, message):
+    script, path = tmp_path / "job.py", str(tmp_path / "hosts")
+    script.write_text("print('ran')\n")
+    if option == "-p":
+        value = lines
+    else:
+        value = path
+        if lines is not None:
+            (tmp_path / "hosts").write_text(lines)
+    done = _distexec("run", option, value, str(script))
+    assert (done.returncode, done.stdout) == (2, b"")
+    assert done.stderr.decode().splitlines() == [
+        "distexec run: error: " + message.format(path=path)]
+
+
+def test_help_and_version_speak_plainly(capsys):
+    from distexec import __version__
+    overview = _printed(capsys, "--help")
+    assert "``" not in overview and "Run a Python script" in overview
+    worker = " ".join(_printed(capsys, "worker", "--help").split())
+    assert "The first line of stdin must be the cluster cookie" in worker
+    assert _printed(capsys, "--version") == f"distexec {__version__}\n"
+
+
+def _printed(capsys, *argv: str) -> str:
+    """What ``distexec ARGV`` prints before it exits with status 0 (help, version)."""
+    from distexec.cli import main
+    with pytest.raises(SystemExit) as stop:
+        main(list(argv))
+    assert stop.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_run_without_a_script_requires_only_the_script(capsys):
+    from distexec.cli import main
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "-p", "2"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "distexec run: error: the following arguments are required: script")
+
+
+@pytest.mark.parametrize("stdin, message", [
+    (b"", "stdin ended before the cookie line (the master writes the cluster cookie as the "
+          "first line of stdin)"),
+    (b"\n", "the first line of stdin is not a cluster cookie: cookie must have 16 to 256 "
+            "characters"),
+    (b"short\n", "the first line of stdin is not a cluster cookie: cookie must have 16 to 256 "
+                 "characters"),
+    (b"a cookie line with spaces in it\n", "the first line of stdin is not a cluster cookie: "
+                                           "cookie must be printable ASCII without whitespace"),
+], ids=["eof", "empty", "short", "spaces"])
+def test_a_worker_without_a_valid_cookie_refuses_to_serve(stdin, message):
+    """It never listens: no address line, one line on stderr, status 1."""
+    done = _distexec("worker", stdin=stdin)
+    assert (done.returncode, done.stdout) == (1, b"")
+    assert done.stderr.decode().splitlines() == ["distexec worker: " + message]
 
 
 def test_run_without_workers_runs_on_the_master(tmp_path):
