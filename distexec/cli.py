@@ -27,12 +27,21 @@ _SRUN_SHORT = {"-n": "ntasks", "-N": "nodes", "-p": "partition", "-t": "time",
                "-c": "cpus_per_task", "-A": "account", "-q": "qos", "-J": "job_name"}
 
 
+def _version() -> str:
+    """The installed distribution's version: ``distexec.__version__``, read without importing
+    the package root, which the layers keep the CLI from (the test of the layers says so)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("distexec")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
     parser = argparse.ArgumentParser(
         prog="distexec", description="Run a Python script on a cluster of workers (distexec "
                                      "run), or be one of the workers (distexec worker).")
-    parser.add_argument("--version", action="version", version=f"distexec {__version__}")
+    parser.add_argument("--version", action="version", version=f"distexec {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     worker = commands.add_parser(
         "worker", help="start a worker: reads the cookie from stdin, prints its address, serves",
