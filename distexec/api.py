@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures as _cf
 import functools
-import numbers
 import socket as _socket
 import sys
 from collections.abc import Hashable, Iterable, Sequence
@@ -22,8 +21,10 @@ from .cluster.manager import ClusterManager
 from .cluster.ssh import SSHManager
 from .errors import DistributedError, RemoteException
 from .protocol import secret as _secret
+from .protocol import unpicklable as _unpicklable
 from . import pools as _pools
 from .pools import AbstractWorkerPool, CachingPool
+from .runtime import arguments as _arguments
 from .runtime import calls as _calls
 from .runtime import sync as _sync
 from .runtime.channel import Channel
@@ -93,7 +94,9 @@ def rmprocs(*pids: int | Iterable[int], waitfor: float | None = None,
     """Remove workers (pids as arguments or one iterable). Julia: ``rmprocs``.
 
     Returns a ``concurrent.futures.Future``: already finished, or still running when
-    ``waitfor=0``. A finite ``waitfor`` raises if the workers are not gone in time.
+    ``waitfor=0``. A finite ``waitfor`` raises if the workers are not gone in time. A pid that
+    never existed raises ``DistributedError`` before any worker is removed (Julia ignores it);
+    one already removed is ignored.
     """
     return _membership.rmprocs(current_context(), pids, waitfor, callback_timeout)
 
@@ -105,7 +108,8 @@ def interrupt(*pids: int | Iterable[int], grace: float | None = None) -> None:
     on. A worker still running one of them ``grace`` seconds later (it ignores SIGINT, or is
     stuck in C code) is terminated: SIGTERM, then SIGKILL, and its callers get
     ``ProcessExitedException``. ``grace=None`` reads ``DISTEXEC_INTERRUPT_GRACE`` (default
-    10 s); ``math.inf`` never terminates. Returns once the interrupts are sent.
+    10 s); ``math.inf`` never terminates. Returns once the interrupts are sent. An unknown
+    pid raises ``DistributedError``, a worker that has exited ``ProcessExitedException``.
     """
     _membership.interrupt(current_context(), pids, grace)
 
@@ -125,6 +129,7 @@ def procs(pid: int | None = None) -> list[int]:
     ctx = current_context()
     if pid is None:
         return ctx.live_pids()
+    pid = _arguments.check_pid(pid, "procs")
     if ctx.role != "master":
         return remotecall_fetch(procs, 1, pid)
     return _same_host(ctx, pid)
@@ -200,7 +205,7 @@ def cluster_cookie(cookie: str | None = None) -> str:
 def getstatus(pid: int | None = None) -> Any:
     """The status set for worker ``pid`` (default: this process), or None. Julia: ``getstatus``."""
     ctx = current_context()
-    pid = ctx.myid if pid is None else pid
+    pid = ctx.myid if pid is None else _arguments.check_pid(pid, "getstatus")
     if ctx.myid != 1:
         return _ask_master(getstatus, pid)
     return _callbacks.get_status(ctx, pid)
@@ -209,7 +214,7 @@ def getstatus(pid: int | None = None) -> Any:
 def setstatus(x: _T, pid: int | None = None) -> _T:
     """Store ``x`` as the status of worker ``pid`` (kept on the master); returns ``x``."""
     ctx = current_context()
-    pid = ctx.myid if pid is None else pid
+    pid = ctx.myid if pid is None else _arguments.check_pid(pid, "setstatus")
     if ctx.myid != 1:
         return _ask_master(setstatus, x, pid)
     _callbacks.set_status(ctx, pid, x)
@@ -246,9 +251,7 @@ add_worker_exited_callback, remove_worker_exited_callback = _callback_pair("exit
 
 
 # -- calls -----------------------------------------------------------------------------------
-def _is_pid(x: object) -> bool:
-    """Whether ``x`` is one worker id: any integer (numpy's too), but not a bool."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+_is_pid = _arguments.is_pid
 
 
 def _check_target(target: Any) -> int:
@@ -260,9 +263,14 @@ def _check_target(target: Any) -> int:
 
 def _call(how: Callable, pool_how: Callable, fn: Callable, target: int | AbstractWorkerPool,
           args: tuple, kwargs: dict) -> Any:
-    if isinstance(target, AbstractWorkerPool):
-        return pool_how(fn, target, args, kwargs)
-    return how(current_context(), fn, _check_target(target), args, kwargs)
+    _arguments.check_callable(fn, how.__name__)
+    try:
+        if isinstance(target, AbstractWorkerPool):
+            return pool_how(fn, target, args, kwargs)
+        return how(current_context(), fn, _check_target(target), args, kwargs)
+    except Exception as exc:
+        _unpicklable.note_what_failed_to_pickle(exc, fn, args, kwargs)
+        raise
 
 
 def remotecall(fn: Callable, target: int | AbstractWorkerPool, /, *args: Any,
@@ -304,9 +312,15 @@ def remote(fn: Callable, pool: AbstractWorkerPool | None = None) -> Callable:
 
     Julia: ``remote([pool], f)``.
     """
+    _arguments.check_callable(fn, "remote")
+
     def call_remotely(*args: Any, **kwargs: Any) -> Any:
         target = pool if pool is not None else _pools.default_worker_pool()
-        return _pools.pool_remotecall_fetch(fn, target, args, kwargs)
+        try:
+            return _pools.pool_remotecall_fetch(fn, target, args, kwargs)
+        except Exception as exc:
+            _unpicklable.note_what_failed_to_pickle(exc, fn, args, kwargs)
+            raise
     call_remotely.__name__ = f"remote_{getattr(fn, '__name__', 'fn')}"
     return call_remotely
 
@@ -326,6 +340,7 @@ def spawnat(p: int | Literal["any"], fn: Callable, /, *args: Any, **kwargs: Any)
         p = _nextproc()
     elif isinstance(p, str):
         raise ValueError(f'spawnat takes a pid or "any", not {p!r}')
+    _arguments.check_callable(fn, "spawnat")
     return _sync.register(remotecall(fn, p, *args, **kwargs))
 
 
@@ -354,12 +369,15 @@ def everywhere(code_or_fn: str | Callable[..., Any], /, *args: Any,
     Julia: ``@everywhere [procs] expr``.
     """
     code: str | Callable[..., Any]
+    _check_code(code_or_fn, "everywhere")
     if callable(code_or_fn) and (args or kwargs):
         code = functools.partial(code_or_fn, *args, **kwargs)
     elif args or kwargs:
         raise TypeError("everywhere passes arguments only to a callable")
     else:
         code = code_or_fn
+    if procs is not None and not _is_pid(procs):
+        _arguments.check_pid_list(procs, "everywhere")
     targets = globals()["procs"]() if procs is None else procs
     return remotecall_eval(code, targets, module=module)
 
@@ -373,12 +391,7 @@ def clear(names_or_pool: str | Iterable[str] | CachingPool,
     if isinstance(names_or_pool, _pools.CachingPool):
         return names_or_pool.clear()
     names = [names_or_pool] if isinstance(names_or_pool, str) else list(names_or_pool)
-    if procs is None:
-        targets = workers()
-    elif _is_pid(procs):
-        targets = [_check_target(procs)]
-    else:
-        targets = list(cast("Iterable[int]", procs))  # not one pid: several
+    targets = workers() if procs is None else _one_or_several_pids(procs, "clear")
     remotecall_eval(functools.partial(_clear_names, names, module), targets, module=module)
     return None
 
@@ -398,18 +411,30 @@ def remotecall_eval(code: str | Callable[[], Any], procs: int | Iterable[int], *
     concurrently and returns None; failures are collected in a CompositeException.
     Julia: ``remotecall_eval``.
     """
+    _check_code(code, "remotecall_eval")
     if _is_pid(procs):
         return remotecall_fetch(_evaluate, _check_target(procs), code, module)
     ctx = current_context()
     futures, errors = [], []
-    for pid in cast("Iterable[int]", procs):  # not one pid: several
+    for pid in _one_or_several_pids(procs, "remotecall_eval"):
         try:
-            futures.append(_calls.remotecall(ctx, _evaluate, _check_target(pid), (code, module),
-                                             {}))
+            futures.append(_calls.remotecall(ctx, _evaluate, pid, (code, module), {}))
         except Exception as exc:
             errors.append(exc)
     _sync.wait_all(futures, errors)
     return None
+
+
+def _one_or_several_pids(procs: object, what: str) -> list[int]:
+    if _is_pid(procs):
+        return [int(cast(int, procs))]
+    return _arguments.check_pid_list(procs, what)
+
+
+def _check_code(code: object, what: str) -> None:
+    if not isinstance(code, str) and not callable(code):
+        raise TypeError(f"{what} runs source code (a str) or a callable, "
+                        f"not {type(code).__name__}")
 
 
 def _evaluate(code: str | Callable[[], Any], module: str) -> Any:

@@ -19,6 +19,7 @@ import itertools
 import logging
 import random
 import reprlib
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +28,8 @@ from typing import Any, cast
 from .errors import CompositeException, ProcessExitedException, RemoteException
 from .pools import AbstractWorkerPool, CachingPool, pool_remotecall_fetch
 from .progress import bar as progress_bar
+from .protocol.unpicklable import note_what_failed_to_pickle
+from .runtime.arguments import check_callable
 from .runtime.context import current_context
 from .runtime.runner import in_thread
 
@@ -125,15 +128,6 @@ def _with_on_error(fn: Callable, on_error: Callable) -> Callable:
     return guarded
 
 
-def _unwrapping(fn: Callable) -> Callable:
-    def call(*args):
-        try:
-            return fn(*args)
-        except RemoteException as exc:
-            raise unwrap(exc) from None
-    return call
-
-
 def pmap(fn: Callable, *iterables: Iterable[Any] | AbstractWorkerPool,
          pool: AbstractWorkerPool | None = None,
          distributed: bool = True, batch_size: int | str = 1, on_error: Callable | None = None,
@@ -147,6 +141,7 @@ def pmap(fn: Callable, *iterables: Iterable[Any] | AbstractWorkerPool,
     ``progress=True`` draws a tqdm bar when tqdm is installed; ``None`` (the default) follows
     ``DISTEXEC_PROGRESS`` (which ``distexec run --progress`` sets).
     """
+    check_callable(fn, "pmap")
     if iterables and isinstance(iterables[0], AbstractWorkerPool):
         pool, iterables = iterables[0], iterables[1:]
     if not iterables:
@@ -190,21 +185,90 @@ def _has_other_workers(pool: AbstractWorkerPool) -> bool:
     return bool(members) and members != [me]
 
 
-def _map_each(fn, items, pool, distributed, on_error, retry_delays, retry_check, bar) -> list:
+def _map_each(fn, items, pool, distributed, on_error, retry_delays, retry_check, bar, *,
+              numbering: list[int] | None = None, tried: int = 0) -> list:
+    """pmap one item per call. ``numbering``: the items' indices in the caller's input when
+    these are some of them; ``tried``: attempts each item had already (reprocessed batches)."""
     call = fn if on_error is None else _with_on_error(fn, on_error)
     if distributed:
-        remote_call = call
-        call = lambda *args: pool_remotecall_fetch(remote_call, pool, args, {})  # noqa: E731
+        call = _sent_through(pool, call, fn)
     stop = threading.Event()  # set when the map is abandoned: pending retries give up
-    if retry_delays:
-        call = _retrying(_unwrapping(call), retry_delays, retry_check, stop)
+    run: Callable[[int, tuple], Any] = lambda index, args: call(*args)  # noqa: E731
+    if retry_delays or tried:
+        run = _Attempts(retry_delays, retry_check, stop, numbering, tried).wrap(call)
     if distributed and on_error is not None:
         # outside the retries: a death is retried first, like any failure (Julia)
-        call = _local_on_error_for_deaths(call, on_error)
+        run = _local_on_error_for_deaths(run, on_error)
     ntasks = pool.nworkers() if distributed else 1
-    tick = None if bar is None else (lambda _args: bar.update(1))
-    return _ordered_async_map(lambda args: call(*args), items, ntasks, tick,
+    tick = None if bar is None else (lambda _item: bar.update(1))
+    return _ordered_async_map(lambda item: run(*item), enumerate(items), ntasks, tick,
                               caller_feeds=not distributed, stop=stop)
+
+
+def _sent_through(pool: AbstractWorkerPool, call: Callable, fn: Callable) -> Callable:
+    """``call`` run on a worker of ``pool``; a pickling error names the argument at fault."""
+    def remotely(*args):
+        try:
+            return pool_remotecall_fetch(call, pool, args, {})
+        except Exception as exc:
+            note_what_failed_to_pickle(exc, fn, args, {})
+            raise
+    return remotely
+
+
+class _Attempts:
+    """pmap's retries of one item after another, and the note on the error given up on:
+    which item, how many attempts, on which workers (the retries' log lines scroll away)."""
+
+    def __init__(self, delays: list[float], check: Callable | None, stop: threading.Event,
+                 numbering: list[int] | None, tried: int) -> None:
+        self.delays, self.check, self.stop = delays, check, stop
+        self.numbering, self.tried = numbering, tried
+
+    def wrap(self, call: Callable) -> Callable[[int, tuple], Any]:
+        def run(index: int, args: tuple) -> Any:
+            where: list[int | None] = [None] * self.tried  # the batch's worker is not known
+
+            def attempt(*args):
+                try:
+                    return call(*args)
+                except RemoteException as exc:  # retry_check and the caller see the original
+                    where.append(exc.pid)
+                    raise unwrap(exc) from None
+                except Exception as exc:
+                    where.append(_worker_of(exc))
+                    raise
+            try:
+                return _retrying(attempt, self.delays, self.check, self.stop)(*args)
+            except Exception as exc:
+                number = index if self.numbering is None else self.numbering[index]
+                _add_note(exc, _gave_up(number, args, where))
+                raise
+        return run
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
+    else:  # Python 3.10: the exceptiongroup backport displays __notes__
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # type: ignore[attr-defined]
+
+
+def _worker_of(exc: BaseException) -> int | None:
+    """The worker an attempt failed on, when its error says (a local map's never do)."""
+    return exc.worker_id if isinstance(exc, ProcessExitedException) else None
+
+
+def _gave_up(index: int, args: tuple, where: list[int | None]) -> str:
+    """``pmap gave up on the item at index 4, arguments (4,), after 3 attempts, on workers
+    2, 3``."""
+    tries = len(where)
+    text = (f"pmap gave up on the item at index {index}, arguments {reprlib.repr(args)}, "
+            f"after {tries} attempt{'s' if tries != 1 else ''}")
+    known = list(dict.fromkeys(w for w in where if w is not None))
+    if known:
+        text += f", on worker{'s' if len(known) > 1 else ''} {', '.join(map(str, known))}"
+    return text
 
 
 def _local_on_error_for_deaths(call: Callable, on_error: Callable) -> Callable:
@@ -326,8 +390,8 @@ def _reprocess(fn, results, failed, pool, on_error, retry_delays, retry_check) -
         failed_args = [results[i].data for i in failed]
         log.warning("Retrying %d failed element(s) of pmap's batches one by one; first error: "
                     "%s: %s", len(failed), type(errors[0]).__name__, errors[0])
-        again = pmap(fn, *zip(*failed_args, strict=True), pool=pool, batch_size=1,
-                     on_error=on_error, retry_delays=retry_delays[1:], retry_check=retry_check)
+        again = _map_each(fn, failed_args, pool, _has_other_workers(pool), on_error,
+                          retry_delays[1:], retry_check, None, numbering=failed, tried=1)
     elif on_error is not None:
         again = [on_error(e) for e in errors]
     else:
@@ -411,6 +475,9 @@ def distributed_for(body: Callable, iterable: Iterable[Any],
     """
     from .runtime import calls
     from .runtime import sync as sync_mod
+    check_callable(body, "distributed_for")
+    if reducer is not None:
+        check_callable(reducer, "distributed_for's reducer")
     # Indexable and sized (a list, a range, a numpy array: not always a Sequence), or a copy.
     seq: Any = iterable if hasattr(iterable, "__getitem__") and hasattr(iterable, "__len__") \
         else list(iterable)

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import DistributedError, RemoteException
 from .protocol import serialization
-from .runtime import calls
+from .runtime import arguments, calls
 from .runtime.context import ClusterContext, current_context
 from .runtime.refs import RemoteChannel
 
@@ -79,6 +79,7 @@ class WorkerPool(AbstractWorkerPool):
     """A pool of worker ids, shared cluster-wide through its owner. Julia: ``WorkerPool``."""
 
     def __init__(self, workers: Iterable[int] = ()):
+        pids = arguments.check_pid_list(workers, type(self).__name__)
         self._ctx = current_context()
         self._owner = self._ctx.myid
         self._id = next(_pool_ids)
@@ -86,8 +87,8 @@ class WorkerPool(AbstractWorkerPool):
         self._free: deque[int] = deque()
         self._cond = threading.Condition()
         _pool_registry(self._ctx)[self._id] = self
-        for pid in workers:
-            self.push(int(pid))
+        for pid in pids:
+            self.push(pid)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({sorted(self._members)})"
@@ -97,6 +98,8 @@ class WorkerPool(AbstractWorkerPool):
 
     # -- operations --------------------------------------------------------------------------
     def push(self, pid: int) -> None:
+        pid = arguments.check_pid(pid, "WorkerPool.push")
+        arguments.check_exists(self._ctx, pid)  # else the first take would say "no worker"
         with self._cond:
             self._members.add(pid)
             self._free.append(pid)

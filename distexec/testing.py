@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from .api import addprocs, myid, nprocs, procs, remotecall, rmprocs, workers
 from .cluster.manager import ClusterManager
 from .cluster.membership import launched_by
-from .errors import ProcessExitedException, WaitTimeout
+from .errors import CompositeException, ProcessExitedException, WaitTimeout
 from .executor import DistributedExecutor
 from .pools import WorkerPool
 from .runtime.context import current_context
@@ -354,10 +354,11 @@ def _step(step: str, hint: str) -> Iterator[None]:
 
 
 def _explain(exc: BaseException) -> str:
-    """``Type: message``; for a group (several workers failed), the first failure as well."""
+    """``Type: message``; for a group (several workers failed), the first failure as well
+    (a CompositeException's message names it already)."""
     text = f"{type(exc).__name__}: {exc}"
     inner = getattr(exc, "exceptions", None)
-    if inner:
+    if inner and not isinstance(exc, CompositeException):
         text += f"; the first: {_explain(inner[0])}"
     return text
 

@@ -22,7 +22,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-from ..errors import RemoteException, ResultPicklingError
+from ..errors import MessageTooLarge, RemoteException, ResultPicklingError
 from ..protocol import serialization
 from ..protocol.frames import RRID, Flag, Kind
 from ..protocol.tracebacks import capture
@@ -220,7 +220,9 @@ def unsendable(ctx: ClusterContext, value: Any, exc: BaseException, *,
     """The error a call fails with when its result ``value`` could not be pickled or sent."""
     what = what or type(value).__qualname__
     error = ResultPicklingError(what, f"{type(exc).__name__}: {exc}")
-    error.__cause__ = exc
+    # A pickling error's traceback leads to the __reduce__ that failed; a size's only through
+    # distexec's own sending code, and its message is in this one's already.
+    error.__cause__ = None if isinstance(exc, MessageTooLarge) else exc
     return RemoteException(ctx.myid, capture(error))
 
 

@@ -31,6 +31,7 @@ from ..errors import (ChannelClosedError, DistributedError, ProcessExitedExcepti
 from ..protocol.frames import RRID, NULL_RRID
 from ..protocol import serialization
 from . import gc
+from .arguments import check_pid
 from .channel import Channel
 from .context import ClusterContext, current_context
 from .owned import (_TimedOut, _Pickled, _channel_factory, _channel_op, _create_channel,
@@ -153,7 +154,7 @@ class Future(_RefBase, cf.Future):
     def __init__(self, pid: int | None = None):
         cf.Future.__init__(self)
         ctx = current_context()
-        where = ctx.myid if pid is None else int(pid)
+        where = ctx.myid if pid is None else check_pid(pid, "Future")
         self._cache = _EMPTY
         self._lock = threading.Lock()
         self._register(ctx, where, ctx.next_rrid())
@@ -349,7 +350,7 @@ class RemoteChannel(_RefBase):
             factory, pid, size = pid, (None if size is _EMPTY else size), 1
         elif size is _EMPTY:
             size = 1
-        where = ctx.myid if pid is None else int(pid)
+        where = ctx.myid if pid is None else check_pid(pid, "RemoteChannel")
         if factory is None:
             Channel(size)  # validate the size here, in the caller, with a clear error
         self._register(ctx, where, ctx.next_rrid())

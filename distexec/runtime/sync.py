@@ -48,6 +48,8 @@ def wait_all(handles: Iterable[Any], errors: list[Exception] | None = None) -> N
     for handle in handles:
         try:
             _wait(handle)
+        except CompositeException as group:  # a distributed_for's: one flat list, never nested
+            errors.extend(group.exceptions)
         except Exception as exc:
             errors.append(exc)
     if errors:

@@ -208,12 +208,11 @@ def test_sync_collects_every_failure(shared_workers):
             spawnat(1, lambda: int("x"))
             loop = distributed_for(lambda x: 1 / (x - 1), range(4))
     failures = info.value.exceptions
-    assert len(failures) == 4
-    remote = [f for f in failures if isinstance(f, RemoteException)]
-    assert sorted((f.pid, type(f.captured.ex)) for f in remote) == sorted(
-        [(a, ZeroDivisionError), (b, KeyError), (1, ValueError)], key=repr)
-    (nested,) = [f for f in failures if isinstance(f, CompositeException)]  # the loop's
-    assert [type(e.captured.ex) for e in nested.exceptions] == [ZeroDivisionError]
+    assert all(isinstance(f, RemoteException) for f in failures)  # the loop's too: not nested
+    assert Counter(type(f.captured.ex) for f in failures) == Counter(
+        [ZeroDivisionError, KeyError, ValueError, ZeroDivisionError])
+    assert {(f.pid, type(f.captured.ex)) for f in failures[:3]} == {
+        (a, ZeroDivisionError), (b, KeyError), (1, ValueError)}  # the spawns, in their order
     assert ok.done() and ok.fetch() == "fine"
     assert loop.done()
 

@@ -184,11 +184,20 @@ def test_rmprocs_of_pid_1_warns_and_keeps_the_master(empty_cluster, add_workers,
     assert d.myid() == 1
 
 
-def test_rmprocs_ignores_unknown_pids(add_workers):
+def test_rmprocs_of_an_unknown_pid_raises_as_a_call_does_and_removes_nothing(add_workers):
     pids = add_workers(1)
-    handle = d.rmprocs(pids[0] + 1000, pids[0])
+    missing = pids[0] + 1000
+    with pytest.raises(d.DistributedError, match=f"^no process with id {missing} exists$"):
+        d.rmprocs(pids[0], missing)
+    assert pids[0] in d.procs()  # checked before any was removed: a typo removes nothing
+
+
+def test_rmprocs_of_a_removed_pid_does_nothing(add_workers):
+    pids = add_workers(2)
+    d.rmprocs(pids[0])
+    handle = d.rmprocs(pids[0], pids[1])
     assert handle.result(timeout=0) is None
-    assert pids[0] not in d.procs()
+    assert not set(pids) & set(d.procs())
 
 
 def test_removed_pid_leaves_procs_and_calls_to_it_fail(add_workers):
@@ -351,7 +360,15 @@ def test_interrupt_reaches_a_call_on_a_non_main_thread(add_workers):
     assert d.remotecall_fetch(d.myid, pid) == pid
 
 
-def test_interrupt_of_an_unknown_pid_raises(add_workers):
+def test_interrupt_of_an_unknown_pid_raises_as_a_call_does(add_workers):
     (pid,) = add_workers(1)
-    with pytest.raises(KeyError):
+    with pytest.raises(d.DistributedError, match=f"^no process with id {pid + 1000} exists$"):
         d.interrupt(pid + 1000)
+
+
+def test_interrupt_of_a_removed_worker_raises_as_a_call_does(add_workers):
+    (pid,) = add_workers(1)
+    d.rmprocs(pid)
+    with pytest.raises(d.ProcessExitedException) as info:
+        d.interrupt(pid)
+    assert info.value.worker_id == pid

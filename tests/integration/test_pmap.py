@@ -392,6 +392,45 @@ def test_exhausted_retries_raise_the_unwrapped_original_exception(shared_workers
     assert attempts.counts()[4] == 3
 
 
+def _gave_up_on(exc: BaseException, prefix: str) -> list[int]:
+    """The workers a "pmap gave up" note names after ``prefix`` (checked to be its start)."""
+    (note,) = exc.__notes__
+    assert note.startswith(prefix), note
+    rest = note[len(prefix):]
+    if not rest:
+        return []
+    assert rest.startswith((", on worker ", ", on workers ")), note
+    return [int(pid) for pid in rest.split(" ", 3)[3].split(", ")]
+
+
+def test_exhausted_retries_note_the_item_the_attempts_and_the_workers(shared_workers,
+                                                                     attempts):
+    fn = flaky(attempts, failing={4})
+    with pytest.raises(ValueError) as info:
+        pmap(fn, range(6), retry_delays=[0.01, 0.01])
+    workers = _gave_up_on(info.value, "pmap gave up on the item at index 4, arguments (4,), "
+                                      "after 3 attempts")
+    assert workers and set(workers) <= set(shared_workers)
+    assert len(workers) == len(set(workers))  # each named once
+
+
+def test_a_retry_check_that_refuses_notes_the_single_attempt(shared_workers, attempts):
+    fn = flaky(attempts, failing={2}, exc_type=KeyError)
+    with pytest.raises(KeyError) as info:
+        pmap(fn, range(4), retry_delays=[0.01] * 3, retry_check=lambda s, e: False)
+    (worker,) = _gave_up_on(info.value, "pmap gave up on the item at index 2, arguments (2,), "
+                                        "after 1 attempt")
+    assert worker in shared_workers
+
+
+def test_local_retries_note_the_item_and_the_attempts(shared_workers, attempts):
+    fn = flaky(attempts, failing={1})
+    with pytest.raises(ValueError) as info:
+        pmap(fn, range(3), distributed=False, retry_delays=[0.01])
+    assert _gave_up_on(info.value, "pmap gave up on the item at index 1, arguments (1,), "
+                                   "after 2 attempts") == []
+
+
 def test_retry_check_returning_bool_sees_the_unwrapped_error(shared_workers, attempts):
     seen = []
 
@@ -447,6 +486,19 @@ def test_batched_exhausted_retries_raise_the_unwrapped_original(shared_workers, 
         pmap(fn, range(10), batch_size=4, retry_delays=[0.01, 0.01])
     assert info.value.args == (6,)
     assert attempts.counts()[6] == 3  # the batch, then one retry per remaining delay
+    # its index in the whole input (not among the failed ones), the batch's attempt counted
+    workers = _gave_up_on(info.value, "pmap gave up on the item at index 6, arguments (6,), "
+                                      "after 3 attempts")
+    assert set(workers) <= set(shared_workers)
+
+
+def test_batched_items_retried_once_raise_the_original_with_a_note(shared_workers, attempts):
+    fn = flaky(attempts, failing={5})
+    with pytest.raises(ValueError) as info:
+        pmap(fn, range(10), batch_size=4, retry_delays=[0.01])
+    assert type(info.value) is ValueError and info.value.args == (5,)
+    _gave_up_on(info.value, "pmap gave up on the item at index 5, arguments (5,), after 2 "
+                            "attempts")
 
 
 def test_batched_retry_check_false_without_on_error_raises_composite(shared_workers):
