@@ -82,10 +82,12 @@ class WorkerRecord:
     connecting: Any = None                      # a concurrent.futures.Future while a lazy connect runs
     userdata: dict = field(default_factory=dict)
     lost_reason: str | None = None              # set when distexec itself gave up on the peer
+    oom_evidence: str | None = None             # why its SIGKILL was the OOM killer's
 
     def exited_exception(self) -> ProcessExitedException:
         """What callers of this (gone) peer raise."""
-        return ProcessExitedException(self.pid, self.exitcode, self.signal, self.lost_reason)
+        return ProcessExitedException(self.pid, self.exitcode, self.signal, self.lost_reason,
+                                      self.oom_evidence)
 
 
 class Connector(Protocol):
