@@ -20,7 +20,6 @@ cannot apply; each override says why, and the rest run as CPython wrote them.
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.pool
 import os
 import sys
 import sysconfig
@@ -85,30 +84,6 @@ class PoolOverrides:
         finally:
             p.close()
             p.join()
-
-    def test_traceback(self):
-        # cloudpickle sends the bound classmethod by value, as code without a file name
-        # ("<dynamic-code>"), so the remote traceback has no source line: the rest is checked
-        with self.Pool(1) as p:
-            with self.assertRaises(RuntimeError) as caught:
-                p.apply(self._test_traceback)
-        p.join()
-        exc = caught.exception
-        self.assertIs(type(exc), RuntimeError)
-        self.assertEqual(exc.args, (123,))
-        self.assertIs(type(exc.__cause__), multiprocessing.pool.RemoteTraceback)
-        self.assertIn("in _test_traceback", exc.__cause__.tb)
-        with suite.test.support.captured_stderr() as f1:
-            try:
-                raise exc
-            except RuntimeError:
-                sys.excepthook(*sys.exc_info())
-        self.assertIn("in _test_traceback", f1.getvalue())
-        with self.Pool(1) as p:
-            with self.assertRaises(suite.SayWhenError) as caught:
-                p.map(suite.sqr, suite.exception_throwing_generator(1, -1), 1)
-            self.assertIs(caught.exception.__cause__, None)
-        p.join()
 
 
 class PoolWorkerErrorsOverrides:

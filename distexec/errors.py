@@ -12,6 +12,7 @@ from __future__ import annotations
 import pickle as _pickle
 import signal as _signal
 import sys
+import traceback as _traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "DistributedError",
     "RemoteException",
     "CapturedException",
+    "RemoteTraceback",
     "RemoteDeserializationError",
     "ProcessExitedException",
     "AllWorkersExited",
@@ -92,11 +94,14 @@ class CapturedException:
     """An exception caught on some process, with its traceback as frames and as text.
 
     Attributes:
-        ex: the original exception (its ``__traceback__`` holds the remote frames when they
-            could be rebuilt), or a :class:`RemoteDeserializationError` standing in for an
-            exception that could not be rebuilt on this process.
-        traceback_text: the formatted remote traceback, always available.
+        ex: the original exception, or a :class:`RemoteDeserializationError` standing in for an
+            exception that could not be rebuilt on this process. Received from another
+            process, it has no ``__traceback__``: the remote frames are ``stack``.
+        traceback_text: the remote traceback as Python prints one, always available. Source
+            lines are this process's where it has the file, else those of the process that
+            raised; distexec's own frames that called the function are left out.
         type_name: qualified name of the original exception's type.
+        stack: the remote frames (a ``traceback.StackSummary``), innermost last.
 
     Julia: ``CapturedException``.
     """
@@ -106,6 +111,8 @@ class CapturedException:
         self.ex = ex
         self.traceback_text = traceback_text
         self.type_name = type_name or _qualname(type(ex))
+        self.stack = _traceback.StackSummary()
+        self._traceback_data: Any = None  # protocol.tracebacks': what it sends on
 
     def __repr__(self) -> str:
         return f"CapturedException({self.type_name}: {_safe_str(self.ex)})"
@@ -114,31 +121,53 @@ class CapturedException:
         return self.traceback_text or f"{self.type_name}: {_safe_str(self.ex)}"
 
 
+class RemoteTraceback(Exception):
+    """The traceback of a call that failed on another process, as text.
+
+    Not raised: it is the ``__cause__`` of what the caller gets (a :class:`RemoteException`,
+    or the executor's original exception), so Python prints the remote frames above the
+    caller's own, as ``ProcessPoolExecutor`` prints its ``_RemoteTraceback``. ``tb`` is the
+    text, between triple quotes; ``stack`` the remote frames (a ``traceback.StackSummary``).
+    """
+
+    def __init__(self, tb: str, stack: _traceback.StackSummary | None = None) -> None:
+        super().__init__(tb)
+        self.tb = tb
+        self.stack = _traceback.StackSummary() if stack is None else stack
+
+    def __str__(self) -> str:
+        return self.tb
+
+    @classmethod
+    def of(cls, captured: CapturedException) -> RemoteTraceback:
+        return cls(f'\n"""\n{captured.traceback_text.rstrip()}\n"""', captured.stack)
+
+
 class RemoteException(DistexecError):
     """A call failed on process ``pid``; ``captured`` holds the original exception.
 
     Raised by the Julia-style layer (``fetch``, ``remotecall_fetch``, ``remotecall_wait``,
     channel operations on a remote owner) when user code raised on the process that ran it. The
-    original exception is ``.captured.ex`` (also ``.ex``), chained as ``__cause__`` so a printed
-    traceback shows the remote frames. Julia: ``RemoteException``.
+    original exception is ``.captured.ex`` (also ``.ex``); the remote traceback is the
+    ``__cause__`` (a :class:`RemoteTraceback`), so a printed traceback shows the remote frames
+    once, above the caller's. Julia: ``RemoteException``.
     """
 
     def __init__(self, pid: int, captured: CapturedException) -> None:
         super().__init__(pid, captured)
         self.pid = pid
         self.captured = captured
-        self.__cause__ = captured.ex if isinstance(captured.ex, BaseException) else None
+        self.__cause__ = RemoteTraceback.of(captured)
 
     @property
     def ex(self) -> BaseException:
         return self.captured.ex
 
     def __str__(self) -> str:
-        text = self.captured.traceback_text.rstrip()
-        head = f"On worker {self.pid}:"
-        if not text:
-            return f"{head} {self.captured.type_name}: {_safe_str(self.captured.ex)}"
-        return f"{head}\n{text}"
+        ex = self.captured.ex
+        message = ex.message if isinstance(ex, RemoteDeserializationError) else _safe_str(ex)
+        what = f"{self.captured.type_name}: {message}" if message else self.captured.type_name
+        return f"On worker {self.pid}: {what}"
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.pid, self.captured))
@@ -173,34 +202,40 @@ class ProcessExitedException(DistexecError, _BrokenProcessPool):
 
     Raised, unwrapped, by every call to a worker that is gone and to every caller that was
     waiting on a worker when it died. ``exitcode`` and ``signal`` are filled in when the master
-    launched the process itself and could observe its exit. It is also a
+    launched the process itself and could observe its exit; ``oom_evidence`` says why distexec
+    believes the kernel's OOM killer sent a SIGKILL (the kernel log, or the memory cgroup's
+    ``oom_kill`` counter), and is None without such evidence. It is also a
     ``concurrent.futures.process.BrokenProcessPool``, so code written for
     ``ProcessPoolExecutor`` that catches that catches a task lost with its worker.
     Julia: ``ProcessExitedException``.
     """
 
     def __init__(self, worker_id: int = -1, exitcode: int | None = None, signal: int | None = None,
-                 reason: str | None = None) -> None:
+                 reason: str | None = None, oom_evidence: str | None = None) -> None:
         super().__init__(worker_id, exitcode, signal)
         self.worker_id = worker_id
         self.exitcode = exitcode
         self.signal = signal
         self.reason = reason  # why distexec gave up on it, when it did (e.g. heartbeats)
+        self.oom_evidence = oom_evidence
 
     def __str__(self) -> str:
         text = f"Worker {self.worker_id} has exited"
         if self.reason is not None:
             text = f"Worker {self.worker_id} was lost: {self.reason}"
         elif self.signal is not None:
-            text += f" (terminated by {_signal_name(self.signal)}(-{self.signal}))"
-            if self.signal == _signal.SIGKILL:
-                text += "; the system may have run out of memory (OOM killer)"
+            # Not a hint of memory by itself: rmprocs, interrupt and users send SIGKILL too.
+            verb = "killed" if self.signal == _signal.SIGKILL else "terminated"
+            text += f" ({verb} by {_signal_name(self.signal)}(-{self.signal}))"
+            if self.oom_evidence is not None:
+                text += f"; it ran out of memory: {self.oom_evidence}"
         elif self.exitcode is not None:
             text += f" (exit code {self.exitcode})"
         return text + "."
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.worker_id, self.exitcode, self.signal, self.reason))
+        return (type(self), (self.worker_id, self.exitcode, self.signal, self.reason,
+                             self.oom_evidence))
 
 
 class ResultPicklingError(_pickle.PicklingError):
@@ -265,6 +300,42 @@ class CompositeException(DistexecError, ExceptionGroup):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (list(self.exceptions), self.message))
+
+    def __str__(self) -> str:
+        """The first failure, where it happened, and how many others: ``NameError on worker
+        2: name 'x' is not defined (and 2 more errors)``. The builtin's "multiple errors (3
+        sub-exceptions)" names none of them, and a traceback prints only this line last."""
+        text = _one_line(self.exceptions[0])
+        if self.message != "multiple errors":
+            text = f"{self.message}: {text}"
+        more = len(self.exceptions) - 1
+        if more:
+            text += f" (and {more} more error{'s' if more > 1 else ''})"
+        return text
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type on worker N: message`` for a remote failure, else ``Type: message``."""
+    if isinstance(exc, RemoteException):
+        return _remote_one_line(exc)
+    return f"{type(exc).__name__}: {_safe_str(exc)}"
+
+
+def _remote_one_line(exc: RemoteException) -> str:
+    """The original error of a remote failure; a nested one (worker 2 called worker 3, which
+    failed) names where it happened first and the way it came."""
+    original = exc.captured.ex
+    if isinstance(original, RemoteException):
+        return f"{_remote_one_line(original)} (through {_process(exc.pid)})"
+    if isinstance(original, RemoteDeserializationError):
+        message = original.message  # its own text is about the failed rebuild
+    else:
+        message = _safe_str(original)
+    return f"{exc.captured.type_name} on {_process(exc.pid)}: {message}"
+
+
+def _process(pid: int) -> str:
+    return "the master (process 1)" if pid == 1 else f"worker {pid}"
 
 
 class LaunchWorkerError(DistexecError, RuntimeError):

@@ -13,30 +13,21 @@ from concurrent.futures._base import RUNNING
 from typing import Any
 
 from .errors import RemoteDeserializationError, RemoteException, WaitTimeout
+from .errors import RemoteTraceback as RemoteTraceback  # where distexec.Pool looks for it
 from .runtime.refs import invoke_callbacks_guarded
 
 
-class RemoteTraceback(Exception):
-    """Carries the remote traceback text as the ``__cause__`` of a re-raised exception."""
-
-    def __init__(self, tb: str):
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
-
-
 def original_exception(remote: RemoteException) -> BaseException:
-    """The user's exception from a RemoteException, with the remote traceback attached.
+    """The user's exception from a RemoteException, as ``ProcessPoolExecutor`` raises one.
 
-    Frames come back through tblib; the text is the ``__cause__`` (it survives libraries
-    that drop ``__traceback__``), and a note names the worker.
+    The remote traceback is its ``__cause__`` (a ``RemoteTraceback``: it also survives
+    libraries that drop ``__traceback__``), printed above the caller's frames, and a note
+    names the worker.
     """
     ex = remote.captured.ex
     if isinstance(ex, (RemoteDeserializationError, RemoteException)) or ex is None:
         return remote
-    ex.__cause__ = RemoteTraceback(f'\n"""\n{remote.captured.traceback_text.rstrip()}\n"""')
+    ex.__cause__ = remote.__cause__
     note = f"(raised on worker {remote.pid})"
     notes = getattr(ex, "__notes__", None)
     if notes is None or note not in notes:

@@ -19,6 +19,7 @@ May import ``distexec.errors`` and ``distexec.protocol.tracebacks`` only.
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import io
 import pickle
@@ -275,9 +276,32 @@ def _share_main_globals(pickler) -> None:
         pickler.globals_ref[id(main.__dict__)] = _MainGlobals()
 
 
+# -- the file name of code shipped by value ----------------------------------------------------
+_cloudpickle_code_reduce = cloudpickle.Pickler.dispatch_table.get(types.CodeType)
+
+
+def _code_keeping_its_file_name(code: types.CodeType):
+    """cloudpickle's reduction of a function's code, with the code's real ``co_filename``.
+
+    cloudpickle writes ``"<dynamic-code>"`` instead (for payloads that do not depend on where
+    a function was defined), and a traceback through a function of the user's script then
+    names no file and shows no source line.
+    """
+    make, args = _cloudpickle_code_reduce(code)
+    return _code_with_file_name, (make, args, code.co_filename)
+
+
+def _code_with_file_name(make, args: tuple, filename: str) -> types.CodeType:
+    return make(*args).replace(co_filename=filename)
+
+
 class _ClusterPickler(cloudpickle.Pickler):
     """cloudpickle, with the ``__main__`` globals of functions shipped by value sent as
-    ``_MainGlobalValues``."""
+    ``_MainGlobalValues``, and their code keeping its file name."""
+
+    if _cloudpickle_code_reduce is not None:  # (another cloudpickle: its own way)
+        dispatch_table = collections.ChainMap({types.CodeType: _code_keeping_its_file_name},
+                                              cloudpickle.Pickler.dispatch_table)
 
     sent: SentGlobals | None = None  # the destination's, for dumps_tracked
     shipped: dict[str, int] | None = None  # what this message carries, for SentGlobals.commit

@@ -157,15 +157,13 @@ def test_each_task_in_a_batch_ends_as_it_would_alone(tmp_path, sizes):
 
 
 def test_remote_frames_survive_in_a_batch(tmp_path, sizes):
-    import traceback
-
     with DistributedExecutor(1) as ex:
         futures = in_batches(ex, tmp_path, [(behave, ("raise", i)) for i in range(20)])
         errors = [f.exception(timeout=60) for f in futures]
     assert max(sizes) > 1, sizes
     for i, error in enumerate(errors):
         assert type(error) is Boom and error.args == (f"boom {i}",)
-        assert traceback.extract_tb(error.__traceback__)[-1].name == "behave"
+        assert error.__cause__.stack[-1].name == "behave"
 
 
 def test_results_too_large_together_travel_apart(tmp_path, sizes, monkeypatch):

@@ -1,11 +1,13 @@
 """Errors raised by tasks, as ``future.result()`` re-raises them (API.md §1).
 
-The original exception type comes back, with the remote traceback as frames (so
-``traceback.extract_tb`` shows the remote function), as text in ``__cause__`` (which survives
-code that drops ``__traceback__``, as joblib does) and with a note naming the worker. An
-exception that cannot be rebuilt on the master arrives as ``RemoteException``; a falsey
-exception still raises. Arguments, results and exceptions that cannot cross the wire (each
-failing its task alone) are the table of tests/faults/test_serialization.py (faults S1-S13).
+The original exception type comes back, as ``ProcessPoolExecutor`` raises it: the remote
+traceback is its ``__cause__`` (text, which survives code that drops ``__traceback__``, as
+joblib does, and frames as ``__cause__.stack``), printed once above the caller's frames, and a
+note names the worker. An exception that cannot be rebuilt on the master arrives as
+``RemoteException``; a falsey exception still raises. Arguments, results and exceptions that
+cannot cross the wire (each failing its task alone) are the table of
+tests/faults/test_serialization.py (faults S1-S13); what a script's user sees printed is
+tests/integration/test_tracebacks.py.
 """
 
 from __future__ import annotations
@@ -59,12 +61,13 @@ def test_the_original_exception_type_is_raised(executor):
     assert executor.submit(square, 3).result(timeout=10) == 9
 
 
-def test_remote_frames_are_part_of_the_traceback(executor):
+def test_remote_frames_are_the_cause_and_only_there(executor):
     exc = _raised(executor.submit(divide_in_helper, 1))
     assert type(exc) is ZeroDivisionError
-    names = [frame.name for frame in traceback.extract_tb(exc.__traceback__)]
-    assert names[-2:] == ["divide_in_helper", "_inner_divide"]
-    assert names[0] == "_raised"  # the local frames lead to the remote ones
+    remote = [frame.name for frame in exc.__cause__.stack]
+    assert remote == ["divide_in_helper", "_inner_divide"]  # distexec's own frames left out
+    local = [frame.name for frame in traceback.extract_tb(exc.__traceback__)]
+    assert local[0] == "_raised" and not set(remote) & set(local)
 
 
 def test_remote_traceback_text_is_the_cause_and_survives_a_dropped_traceback(executor):
@@ -105,7 +108,7 @@ def test_map_raises_the_original_exception_at_its_item(executor):
     assert next(results) == -1.0
     with pytest.raises(ZeroDivisionError) as info:
         next(results)
-    assert "<lambda>" in [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+    assert [f.name for f in info.value.__cause__.stack] == ["<lambda>"]
     # 3.11-3.14 semantics: iteration ends after an item raised
     with pytest.raises(StopIteration):
         next(results)
