@@ -47,9 +47,10 @@ from .errors import (
 from .executor_futures import ExecutorFuture, Task, complete
 from .executor_workers import WorkerLifecycle, check_initializer
 from .pools import AbstractWorkerPool, WorkerPool
-from .protocol import serialization
+from .protocol import serialization, unpicklable
 from .protocol.frames import Flag, Kind, configured_max_message_size
 from .runtime import batches, calls
+from .runtime.arguments import check_callable
 from .runtime.context import (ClusterContext, current_context, private_master_context,
                                using_context)
 
@@ -253,6 +254,7 @@ class DistributedExecutor(cf.Executor):
     def submit(self, fn: Callable[_P, _T], /, *args: _P.args,
                **kwargs: _P.kwargs) -> cf.Future[_T]:
         """Schedule ``fn(*args, **kwargs)``; returns a ``concurrent.futures.Future``."""
+        check_callable(fn, "submit")
         with self._lock:
             if self._broken:
                 raise BrokenDistributedExecutor(self._broken)
@@ -435,6 +437,7 @@ class DistributedExecutor(cf.Executor):
                     payload, buffers, task.shipped = serialization.dumps_tracked(
                         (task.fn, task.args, task.kwargs), pid, sent)
                 except BaseException as exc:  # an argument that cannot be pickled fails it alone
+                    unpicklable.note_what_failed_to_pickle(exc, task.fn, task.args, task.kwargs)
                     task.future.set_exception(exc)
                     continue
                 pickled.append((task, payload, buffers))
@@ -542,7 +545,8 @@ class DistributedExecutor(cf.Executor):
         dead = None if self._last_lost is None else self._ctx.deleted.get(self._last_lost)
         if dead is None:
             return BrokenDistributedExecutor(self._broken)
-        return AllWorkersExited(dead.pid, dead.exitcode, dead.signal, dead.lost_reason)
+        return AllWorkersExited(dead.pid, dead.exitcode, dead.signal, dead.lost_reason,
+                                dead.oom_evidence)
 
     def _mark_broken(self, reason: str) -> list[Task]:
         """Called with the lock held; returns the queued tasks to fail outside it."""

@@ -86,7 +86,7 @@ class LocalManager(ClusterManager):
                                        start_new_session=True, pass_fds=(worker_end.fileno(),))
         except OSError as exc:  # bad exename or dir: a launch failure like any other
             link.close()
-            raise LaunchWorkerError(f"Unable to start worker process {cmd[0]!r}: {exc}") from exc
+            raise LaunchWorkerError(_start_failure(cmd[0], params["dir"], exc)) from exc
         finally:
             worker_end.close()  # the worker's now
         from ..runtime.context import current_context
@@ -136,6 +136,18 @@ class LocalManager(ClusterManager):
         clone = copy.copy(self)
         clone.n = 1
         return clone
+
+
+def _start_failure(exename: str, workdir: object, exc: OSError) -> str:
+    """Why a worker could not start. Popen's error names the executable even when the
+    missing file is the working directory, so that one is checked first."""
+    if not os.path.isdir(str(workdir)):
+        return (f"Unable to start worker process: its working directory dir={workdir!r} does "
+                "not exist or is not a directory")
+    if not os.access(str(workdir), os.X_OK):
+        return (f"Unable to start worker process: its working directory dir={workdir!r} "
+                "cannot be entered (permission denied)")
+    return f"Unable to start worker process {exename!r}: {exc}"
 
 
 def worker_environment(params: dict, thread_limit: int = 1) -> dict:

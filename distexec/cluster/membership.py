@@ -18,6 +18,7 @@ import atexit
 import concurrent.futures as cf
 import logging
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from ..errors import AuthenticationError, CompositeException, DistributedError, 
 from ..protocol import secret as secret_mod
 from ..protocol import serialization
 from ..protocol.frames import Kind
-from ..runtime import dispatch
+from ..runtime import arguments, dispatch
 from ..runtime.calls import ReplySlot, remotecall
 from ..runtime.runner import in_thread
 from ..runtime.context import (ClusterContext, WorkerRecord, WorkerState, DEAD_STATES,
@@ -37,7 +38,7 @@ from ..runtime.context import (ClusterContext, WorkerRecord, WorkerState, DEAD_S
 from ..transport import sockets
 from ..transport.connection import Connection
 from ..transport.streams import as_transport, expire_after
-from . import callbacks, console, interrupts, peers, process_view
+from . import callbacks, console, interrupts, oom, peers, process_view
 from . import security as security_mod
 from .launch import worker_timeout
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
@@ -256,6 +257,7 @@ def create_worker(ctx: ClusterContext, manager: ClusterManager, config: WorkerCo
     config.environ = {**(config.environ or {}), "cpu_threads": cpus}
     if getattr(manager, "is_local", type(manager).__name__ == "LocalManager"):
         ctx.local_launched.add(pid)
+    _count_oom_kills(record)
     ctx.set_state(record, WorkerState.CONNECTED)
     log.info("Worker %d started: os pid %s%s, via %r", pid, os_pid,
              f" on {config.host}" if config.host else "", manager)
@@ -461,6 +463,13 @@ def on_connection_closed(ctx: ClusterContext, conn: Connection, error) -> None:
         _after_worker_gone(ctx, record, unexpected)
 
 
+def _count_oom_kills(record: WorkerRecord) -> None:
+    """Read the OOM kills of a local worker's memory cgroup now, to compare at its death."""
+    process = getattr(record.config, "process", None)
+    if isinstance(process, subprocess.Popen):
+        record.userdata["oom_kills"] = oom.OomKillCounter.of_process(process.pid)
+
+
 def _observe_exit(record: WorkerRecord) -> None:
     """Fill in the exit status of a worker we launched ourselves (a short wait at most)."""
     process = getattr(record.config, "process", None)
@@ -472,6 +481,8 @@ def _observe_exit(record: WorkerRecord) -> None:
         return
     if code < 0:
         record.signal = -code
+        if record.signal == signal.SIGKILL:
+            record.oom_evidence = oom.oom_evidence(process.pid, record.userdata.get("oom_kills"))
     else:
         record.exitcode = code
 
@@ -530,7 +541,9 @@ def rmprocs(ctx: ClusterContext, pids, waitfor: float | None = None,
             callback_timeout: float = 10.0) -> cf.Future:
     """Remove workers; returns a finished handle, or a running one when ``waitfor == 0``."""
     require_master(ctx)
-    pids = _flatten(pids)
+    pids = arguments.check_pid_args(pids, "rmprocs")
+    for pid in pids:  # all checked before any is removed: a typo must not remove half
+        arguments.check_exists(ctx, pid)
     if waitfor == 0:
         return in_thread(acting_for, ctx, _remove, ctx, pids, None, callback_timeout,
                          name="distexec-rmprocs")
@@ -538,16 +551,6 @@ def rmprocs(ctx: ClusterContext, pids, waitfor: float | None = None,
     acting_for(ctx, _remove, ctx, pids, waitfor, callback_timeout)
     done.set_result(None)
     return done
-
-
-def _flatten(pids) -> list[int]:
-    out: list[int] = []
-    for p in pids:
-        if isinstance(p, int):
-            out.append(p)
-        else:
-            out.extend(int(x) for x in p)
-    return out
 
 
 def _remove(ctx: ClusterContext, pids: list[int], waitfor, callback_timeout) -> None:
@@ -599,18 +602,27 @@ def interrupt(ctx: ClusterContext, pids, grace: float | None = None) -> None:
     if ctx.myid != 1:
         raise DistributedError("interrupt can only be called on process 1")
     grace = interrupts.interrupt_grace(grace)
-    pids = _flatten(pids) or [p for p in ctx.live_pids() if p != 1]
-    records = []
-    for pid in pids:
-        record = ctx.record(pid)
-        if record is None:
-            raise KeyError(f"no worker with id {pid}")
-        records.append(record)
+    chosen = arguments.check_pid_args(pids, "interrupt")
+    if chosen:
+        records = [_interruptible(ctx, pid) for pid in chosen]
+    else:  # every worker: one that left meanwhile has nothing left to interrupt
+        records = [r for p in ctx.live_pids() if p != 1 and (r := ctx.record(p)) is not None]
     threads = [threading.Thread(target=_interrupt_one, args=(ctx, r, grace)) for r in records]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+
+
+def _interruptible(ctx: ClusterContext, pid: int) -> WorkerRecord:
+    """The record of worker ``pid``; the errors a call to ``pid`` would raise otherwise."""
+    if pid == ctx.myid:
+        raise ValueError("interrupt: process 1 is the master; interrupt takes worker ids")
+    record = ctx.record(pid)
+    if record is not None:
+        return record
+    arguments.check_exists(ctx, pid)
+    raise ctx.deleted[pid].exited_exception()  # records leave peers for deleted
 
 
 def _interrupt_one(ctx: ClusterContext, record: WorkerRecord, grace: float) -> None:
