@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     worker.add_argument("--die-with-stdin", action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("--master-fd", type=int, default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--lane-fd", type=int, default=None, help=argparse.SUPPRESS)
     run = commands.add_parser(
         "run", help="start workers, run a script as __main__ with the cluster ready, shut down",
         description="Start the workers, run the script as __main__ with them ready (like "
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         apply_host_share()  # before any user code can load a numeric library
         start_worker(bind_to=args.bind_to, parent_pid=args.parent_pid,
                      die_with_stdin=args.die_with_stdin, tls_from_stdin=args.tls,
-                     master_fd=args.master_fd, stderr_to_stdout=not args.separate_stderr)
+                     master_fd=args.master_fd, lane_fd=args.lane_fd,
+                     stderr_to_stdout=not args.separate_stderr)
         return 0
     return run_script(args)
 

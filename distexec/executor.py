@@ -45,6 +45,7 @@ from .errors import (
     RemoteException,
 )
 from .executor_futures import ExecutorFuture, Task, complete
+from .executor_routes import InOrderRoutes
 from .executor_workers import WorkerLifecycle, check_initializer
 from .pools import AbstractWorkerPool, WorkerPool
 from .protocol import serialization, unpicklable
@@ -93,20 +94,21 @@ except AttributeError:  # not CPython: the plain hook still runs before the clus
 class _TaskWaiter:
     """Receives one task's RESULT (in the reader thread) and completes its future."""
 
-    __slots__ = ("waitingfor", "task", "executor", "sent")
+    __slots__ = ("waitingfor", "task", "executor", "sent", "via_lane")
 
     def __init__(self, executor: DistributedExecutor, pid: int, task: Task):
         self.waitingfor, self.task, self.executor = pid, task, executor
         self.sent = time.perf_counter()
+        self.via_lane: bool | None = None  # set by InOrderRoutes when it goes
 
     def deliver(self, value: Any, is_error: bool) -> None:
         self.executor._sizer.measured_alone(self.task.fn, time.perf_counter() - self.sent)
         complete(self.task.future, is_error, value)
-        self.executor._task_done(self.waitingfor)
+        self.executor._task_done(self.waitingfor, self.via_lane)
 
     def fail(self, exc: BaseException) -> None:
         self.task.future.set_exception(exc)
-        self.executor._task_done(self.waitingfor)
+        self.executor._task_done(self.waitingfor, self.via_lane)
 
 
 def _probe() -> None:
@@ -139,11 +141,12 @@ class _ProbeWaiter:
 class _BatchWaiter:
     """Receives a batch's outcomes (one RESULT, or one per task) and completes each future."""
 
-    __slots__ = ("waitingfor", "tasks", "executor", "rrid", "received")
+    __slots__ = ("waitingfor", "tasks", "executor", "rrid", "received", "via_lane")
 
     def __init__(self, executor: DistributedExecutor, pid: int, tasks: list[Task], rrid):
         self.waitingfor, self.tasks, self.executor, self.rrid = pid, tasks, executor, rrid
         self.received = 0
+        self.via_lane: bool | None = None  # set by InOrderRoutes when it goes
 
     def deliver(self, value: Any, is_error: bool) -> None:
         executor, pid = self.executor, self.waitingfor
@@ -152,7 +155,7 @@ class _BatchWaiter:
         if is_error:  # the batch message itself failed on the worker: so did each of its tasks
             for task in self.tasks[self.received:]:
                 complete(task.future, True, value)
-            executor._task_done(pid)
+            executor._task_done(pid, self.via_lane)
             return
         for k in range(len(value.items)):
             failed, result = value.load(executor._ctx, pid, k)
@@ -165,12 +168,12 @@ class _BatchWaiter:
                 self.fail(exc)
             return
         executor._sizer.measured_batch([task.fn for task in self.tasks], value.longest)
-        executor._task_done(pid)
+        executor._task_done(pid, self.via_lane)
 
     def fail(self, exc: BaseException) -> None:
         for task in self.tasks[self.received:]:
             task.future.set_exception(exc)
-        self.executor._task_done(self.waitingfor)
+        self.executor._task_done(self.waitingfor, self.via_lane)
 
 
 
@@ -210,6 +213,7 @@ class DistributedExecutor(cf.Executor):
         self._in_flight: dict[int, int] = {}  # messages (single tasks or batches) per worker
         self._targets_cache: tuple = (None, [])
         self._sizer = batches.BatchSizer()
+        self._routes = InOrderRoutes(self._ctx)  # by a worker's task lane or its connection
         self._probed: set[int] = set()  # workers that got their _probe
         # Per worker: the __main__ globals its tasks carried, so that each goes once (and
         # again only when the master binds the name to another object).
@@ -459,16 +463,13 @@ class DistributedExecutor(cf.Executor):
             payload, buffers = serialization.dumps((batches.run_batch, (inner, ctx.myid), {}),
                                                    pid)
         try:
-            ctx.add_waiter(rrid, waiter)
-            ctx.send(pid, Kind.CALL_FETCH, payload=payload, buffers=buffers, notify=rrid,
-                     flags=Flag.IN_ORDER)
+            self._routes.send(pid, rrid, waiter, payload, buffers)
         except (ProcessExitedException, OSError):
-            ctx.pop_waiter(rrid)  # it never reached the worker: another one runs it
+            # it never reached the worker: another one runs it
             self._requeue(pid, [task for task, _, _ in pickled])
             return
         except Exception as exc:  # MessageTooLarge (a single task: batches stay under half the
-            ctx.pop_waiter(rrid)  # limit), or anything else: none of them may stay in flight
-            waiter.fail(exc)
+            waiter.fail(exc)      # limit), or anything else: none of them may stay in flight
             return
         self._commit_globals(pid, pickled)
 
@@ -487,10 +488,13 @@ class DistributedExecutor(cf.Executor):
         ctx = self._ctx
         rrid = ctx.next_rrid()
         payload, buffers = serialization.dumps((_probe, (), {}), pid)
+        lane = self._routes.lane_of(pid)  # the way the tasks go, so that it measures theirs
         try:
             ctx.add_waiter(rrid, _ProbeWaiter(pid, self._sizer))
-            ctx.send(pid, Kind.CALL_FETCH, payload=payload, buffers=buffers, notify=rrid,
-                     flags=Flag.IN_ORDER)
+            if lane is None or not lane.offer(Kind.CALL_FETCH, payload, flags=Flag.IN_ORDER,
+                                              notify=rrid):
+                ctx.send(pid, Kind.CALL_FETCH, payload=payload, buffers=buffers, notify=rrid,
+                         flags=Flag.IN_ORDER)
         except Exception:  # (the worker is gone, say): the task that follows finds out
             ctx.pop_waiter(rrid)
 
@@ -506,7 +510,9 @@ class DistributedExecutor(cf.Executor):
             complete(task.future, is_error, value)
         self._task_done(pid)
 
-    def _task_done(self, pid: int) -> None:
+    def _task_done(self, pid: int, via_lane: bool | None = None) -> None:
+        """A message to ``pid`` is done (``via_lane``: which way it went, if it went)."""
+        self._routes.done(pid, via_lane)
         with self._lock:
             left = self._in_flight[pid] = self._in_flight.get(pid, 1) - 1
             queued = bool(self._queue)
@@ -518,7 +524,10 @@ class DistributedExecutor(cf.Executor):
             self._pump()
 
     def _worker_lost(self, pid: int) -> None:
+        never_sent = [task for waiter in self._routes.lost(pid)
+                      for task in getattr(waiter, "tasks", None) or [waiter.task]]
         with self._lock:
+            self._queue.extendleft(reversed(never_sent))  # they go to another worker
             if self._in_flight.pop(pid, None) is not None:  # one of ours: it was sent work
                 self._last_lost = pid
             # what it was sent (recycled workers would otherwise pile up here)

@@ -31,6 +31,9 @@ STDERR_GRACE = 2.0
 STDERR_KEY = "stderr"
 """``WorkerConfig.environ`` key of a worker's stderr stream, when its launcher kept it apart
 from stdout (``distexec worker --separate-stderr``): the relay then sends it to stderr."""
+LANE_KEY = "task_lane"
+"""``WorkerConfig.environ`` key of the master's end of a worker's task lane (a socket the
+launcher made, ``transport.lane``; ``distexec worker --lane-fd`` holds the other end)."""
 
 
 def worker_timeout() -> float:

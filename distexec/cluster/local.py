@@ -30,7 +30,8 @@ import threading
 from typing import Any
 
 from ..errors import LaunchWorkerError
-from .launch import STDERR_KEY
+from ..transport.lane import lane_pair
+from .launch import LANE_KEY, STDERR_KEY
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
 from .security import worker_flags, worker_stdin
 from .thread_limits import HOST_WORKERS_ENV, cpu_share, forget_own_limits, limit_threads
@@ -60,40 +61,51 @@ class LocalManager(ClusterManager):
         # joblib's rule: the master's local workers, these included, share this host's cores
         thread_limit = cpu_share(_local_workers() + self.n)
         for _ in range(self.n):
-            process, link = self._start(params, bind_to, thread_limit)
+            process, link, lane = self._start(params, bind_to, thread_limit)
             config = WorkerConfig(io=process.stdout, process=process,
                                   enable_threaded_blas=params["enable_threaded_blas"],
                                   environ={"exit_timeout": params["exit_timeout"],
-                                           "link": link, STDERR_KEY: process.stderr})
+                                           "link": link, LANE_KEY: lane,
+                                           STDERR_KEY: process.stderr})
             with launch_ntfy:
                 launched.append(config)
                 launch_ntfy.notify()
 
-    def _start(self, params: dict, bind_to: str,
-               thread_limit: int) -> tuple[subprocess.Popen, socket.socket]:
-        """Start one worker; returns its process and the master's end of its link."""
+    def _start(self, params: dict, bind_to: str, thread_limit: int
+               ) -> tuple[subprocess.Popen, socket.socket, socket.socket | None]:
+        """Start one worker; returns its process, the master's end of its link and of its
+        task lane (``transport.lane``; none under TLS, where the worker's main thread does
+        not read its connection itself, and so could not wait for both)."""
         exeflags = params["exeflags"]
         exeflags = [exeflags] if isinstance(exeflags, str) else list(exeflags)
+        security = params.get("security")
         link, worker_end = socket.socketpair()
+        lane, lane_end = lane_pair() if not getattr(security, "tls", False) else (None, None)
+        inherited = [worker_end] + ([lane_end] if lane_end is not None else [])
         cmd = [str(params["exename"]), *exeflags, "-m", "distexec", "worker",
                "--bind-to", bind_to, "--parent-pid", str(os.getpid()), "--die-with-stdin",
                "--master-fd", str(worker_end.fileno()), "--separate-stderr",
-               *worker_flags(params.get("security"))]
+               *(["--lane-fd", str(lane_end.fileno())] if lane_end is not None else []),
+               *worker_flags(security)]
         try:
             process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, cwd=params["dir"],
                                        env=worker_environment(params, thread_limit),
-                                       start_new_session=True, pass_fds=(worker_end.fileno(),))
+                                       start_new_session=True,
+                                       pass_fds=[end.fileno() for end in inherited])
         except OSError as exc:  # bad exename or dir: a launch failure like any other
-            link.close()
+            for end in (link, lane):
+                if end is not None:
+                    end.close()
             raise LaunchWorkerError(_start_failure(cmd[0], params["dir"], exc)) from exc
         finally:
-            worker_end.close()  # the worker's now
+            for end in inherited:
+                end.close()  # the worker's now
         from ..runtime.context import current_context
         assert process.stdin is not None  # stdin=PIPE
-        process.stdin.write(worker_stdin(current_context().cookie, params.get("security")))
+        process.stdin.write(worker_stdin(current_context().cookie, security))
         process.stdin.flush()  # stays open: its EOF tells the worker the master is gone
-        return process, link
+        return process, link, lane
 
     def connect(self, pid: int, config: WorkerConfig) -> tuple[Any, Any]:
         """The link made at launch (after the address line, which tells peers where the
@@ -199,10 +211,11 @@ def _take_link(config: WorkerConfig) -> socket.socket | None:
 
 
 def _close_link(config: WorkerConfig) -> None:
-    """Close the master's end of a link that was never used (the worker did not start)."""
-    link = _take_link(config)
-    if link is not None:
-        link.close()
+    """Close the master's end of a link (and of a task lane) that was never used (the worker
+    did not start)."""
+    for end in (_take_link(config), (config.environ or {}).pop(LANE_KEY, None)):
+        if end is not None:
+            end.close()
 
 
 def _close_pipes(process: subprocess.Popen) -> None:

@@ -37,10 +37,11 @@ from ..runtime.context import (ClusterContext, WorkerRecord, WorkerState, DEAD_S
                                use_context, using_context)
 from ..transport import sockets
 from ..transport.connection import Connection
+from ..transport.lane import TaskLane
 from ..transport.streams import as_transport, expire_after
 from . import callbacks, console, interrupts, oom, peers, process_view
 from . import security as security_mod
-from .launch import worker_timeout
+from .launch import LANE_KEY, worker_timeout
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params
 
 log = logging.getLogger("distexec")
@@ -241,6 +242,9 @@ def create_worker(ctx: ClusterContext, manager: ClusterManager, config: WorkerCo
                       on_close=lambda c, e: on_connection_closed(ctx, c, e), name=f"worker-{pid}")
     conn.peer_pid = pid
     record.conn = conn
+    lane = (config.environ or {}).pop(LANE_KEY, None)
+    if lane is not None:  # executor tasks go there (transport.lane); it ends with ``conn``
+        conn.task_lane = TaskLane(lane)
     relay = (config.userdata or {}).get("relay") if isinstance(config.userdata, dict) else None
     if relay is not None:
         relay.pid, relay.prefix = pid, params.get("output_prefix", relay.prefix)

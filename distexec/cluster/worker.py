@@ -36,6 +36,7 @@ from ..runtime.context import (ClusterContext, WorkerRecord, WorkerState, curren
                                default_context)
 from ..transport import sockets
 from ..transport.connection import Connection
+from ..transport.lane import LaneReader
 from ..transport.streams import as_transport, expire_after
 from . import process_view
 from .launch import worker_timeout
@@ -81,7 +82,7 @@ def start_worker(out: TextIO | None = None, cookie: str | None = None, *,
                  stderr_to_stdout: bool = True, bind_to: str | None = None,
                  die_with_stdin: bool = False, parent_pid: int | None = None,
                  security: Security | None = None, tls_from_stdin: bool = False,
-                 master_fd: int | None = None) -> None:
+                 master_fd: int | None = None, lane_fd: int | None = None) -> None:
     """Run this process as a worker until the master goes away (never returns normally).
 
     Reads the cookie from the first line of stdin unless given, listens on ``bind_to``
@@ -90,7 +91,8 @@ def start_worker(out: TextIO | None = None, cookie: str | None = None, *,
     ``tls_from_stdin``: the TLS line that follows the cookie line, ``distexec worker --tls``)
     every link is TLS. ``master_fd``: an inherited socket to the master (a local worker's
     end of a socket pair), authenticated like an accepted connection; the address line
-    still tells peers where to connect. Julia: ``start_worker``.
+    still tells peers where to connect. ``lane_fd``: the worker's end of its task lane
+    (``transport.lane``), read once the master has joined. Julia: ``start_worker``.
     """
     out = out or sys.stdout
     if cookie is None or tls_from_stdin:
@@ -106,6 +108,9 @@ def start_worker(out: TextIO | None = None, cookie: str | None = None, *,
     ctx.adopts_master_view = True  # this process is the worker program: see process_view
     ctx.runner.reserve_main_thread()  # before anyone can connect: calls wait for this thread
     assert ctx.cookie is not None  # init_worker set it
+    if lane_fd is not None:  # (before anyone can connect: the JOIN may come at once)
+        lane = LaneReader(lane_fd)
+        ctx.handlers[Kind.JOIN] = lambda ctx, conn, frame: _on_join(ctx, conn, frame, lane)
     host, port, hint = sockets.parse_bind_to(bind_to)
     tls = security.server_context() if security is not None and security.tls else None
     listener = sockets.Listener(sockets.bind_listener(host, port, hint), ctx.cookie.key,
@@ -261,8 +266,10 @@ def _on_close(ctx: ClusterContext, conn: Connection, error) -> None:
     on_connection_closed(ctx, conn, error)
 
 
-def _on_join(ctx: ClusterContext, conn: Connection, frame) -> None:
-    """The master's JOIN: learn our pid and peers, connect eagerly if asked, then reply."""
+def _on_join(ctx: ClusterContext, conn: Connection, frame,
+             lane: LaneReader | None = None) -> None:
+    """The master's JOIN: learn our pid and peers, connect eagerly if asked, then reply;
+    from now on the main thread also takes its tasks from ``lane``, if it has one."""
     if ctx.myid != 0 or conn.peer_pid is not None:
         raise ProtocolError("a second JOIN message: only the master joins a worker, once")
     pid, peers, topology, lazy, view = pickle.loads(frame.payload)
@@ -275,9 +282,21 @@ def _on_join(ctx: ClusterContext, conn: Connection, frame) -> None:
     ctx.register(WorkerRecord(1, WorkerState.CONNECTED, conn))
     if conn.can_read_here:  # the idle main thread reads its calls itself (runtime.runner)
         ctx.runner.idle_connection = conn
+    if lane is not None:  # read only now: the master is authenticated
+        ctx.runner.lane_fd = lane.fileno()
+        ctx.runner.take_from_lane = lambda: _take_from_lane(ctx, conn, lane)
+        ctx.runner.wake_idle_main()  # it may be waiting without the lane: a task may be there
     ctx.joined.set()
     threading.Thread(target=_finish_join, args=(ctx, conn, peers, frame.header.notify),
                      daemon=True, name="distexec-join").start()
+
+
+def _take_from_lane(ctx: ClusterContext, conn: Connection, lane: LaneReader) -> None:
+    """On the main thread: the next task the master left in the lane, into the main queue
+    (dispatched as if it came on the master connection ``conn``)."""
+    frame = lane.take()
+    if frame is not None:
+        dispatch.on_frame(ctx, conn, frame)
 
 
 def _finish_join(ctx: ClusterContext, conn: Connection, peers, notify) -> None:

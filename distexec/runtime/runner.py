@@ -43,6 +43,7 @@ log = logging.getLogger("distexec")
 
 IDLE_SECONDS = 30.0
 IDLE_POLL = 0.5  # how often an idle main thread looks whether the worker should stop
+LANE_POLL = 0.005  # how often it looks at its task lane while another thread reads (rare)
 
 
 class _PoolThread:
@@ -82,6 +83,10 @@ class CallRunner:
         # A worker's idle main thread reads its master connection itself (read_until), so
         # that a call arriving there needs no wake-up; set by the cluster layer on JOIN.
         self.idle_connection: Connection | None = None
+        # A local worker's task lane (transport.lane): ``take_from_lane()`` moves the next
+        # task waiting there into the main queue, if one is; set by the cluster layer on JOIN.
+        self.lane_fd: int | None = None
+        self.take_from_lane: Callable[[], None] | None = None
         self._in_user_code: dict[int, float] = {}  # thread ident -> when its call began
         self._lane: deque = deque()  # in-order tasks while no main thread serves (submit_in_order)
         self._lane_running = False
@@ -193,18 +198,39 @@ class CallRunner:
             # A wake-up given after the last wait timed out: its task is in the queue. Only
             # a submitter that finds the main thread idle releases, so while idle it is held.
             self._main_wake.acquire(blocking=False)
-            if self._main_queue:
-                self._main_idle = self._main_finishing = False
-                return self._main_queue.popleft()
-            self._main_idle = True
-            conn = self.idle_connection
-        if conn is None or not conn.read_until(self._main_has_task, timeout=IDLE_POLL):
-            self._main_wake.acquire(timeout=IDLE_POLL)
+            task = self._pop_main_task()
+        if task is None and self.take_from_lane is not None:
+            self.take_from_lane()  # the next task the master left there, read here
+            with self._lock:
+                task = self._pop_main_task()
+        if task is not None:
+            return task
         with self._lock:
-            if not self._main_queue:
-                return None
-            self._main_idle = self._main_finishing = False
-            return self._main_queue.popleft()
+            if self._main_queue:  # a call came in meanwhile
+                return self._pop_main_task()
+            self._main_idle = True
+            conn, lane_fd = self.idle_connection, self.lane_fd
+        if conn is None or not conn.read_until(self._main_has_task, timeout=IDLE_POLL,
+                                               also=lane_fd):
+            # Another thread reads the connection (or none can): a task on the lane wakes
+            # nobody then, so look at the lane often until the reading is ours again.
+            self._main_wake.acquire(timeout=IDLE_POLL if lane_fd is None else LANE_POLL)
+        with self._lock:
+            return self._pop_main_task()
+
+    def wake_idle_main(self) -> None:
+        """Make an idle main thread look again: it has a task lane to read now."""
+        with self._lock:
+            if self._main_idle:
+                self._main_idle = False
+                self._main_wake.release()
+
+    def _pop_main_task(self) -> Callable[[], None] | None:
+        """With the lock held: the next task of the main queue, if any."""
+        if not self._main_queue:
+            return None
+        self._main_idle = self._main_finishing = False
+        return self._main_queue.popleft()
 
     def _main_has_task(self) -> bool:
         return bool(self._main_queue) or self._stopped

@@ -41,12 +41,15 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple, cast
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, cast
 
 from ..protocol import frames
 from ..protocol.frames import Flag, Header, Kind, RRID, NULL_RRID
 from .buffers import ReceiveBuffers
 from .tls import TLSChannel
+
+if TYPE_CHECKING:
+    from .lane import TaskLane
 
 log = logging.getLogger("distexec.transport")
 
@@ -177,6 +180,8 @@ class Connection:
         # Called before a RESULT or DONE from this peer is handed over: the cluster layer
         # writes out a local worker's output first (cluster.console.StreamRelay.settle).
         self.before_results: Callable[[], None] | None = None
+        # A local worker's task lane (transport.lane), which ends with this connection.
+        self.task_lane: TaskLane | None = None
         self.max_message_size = (frames.configured_max_message_size() if max_message_size is None
                                  else max_message_size)
         self._on_frame = on_frame
@@ -198,6 +203,7 @@ class Connection:
         self._linger_until = 0.0  # the reader thread stands aside until then (LINGER_SECONDS)
         self._parked = False  # the reader thread waits, untimed, for the waiting threads
         self._failed: BaseException | None = None  # what a waiting thread's read met
+        self._also: tuple[int, select.poll] | None = None  # (fd, poll) of read_until(also=)
         self._wake_fd: int | None = None
         self._poll: select.poll | None = None
         if type(stream) is socket.socket and hasattr(os, "eventfd") and hasattr(select, "poll"):
@@ -229,14 +235,16 @@ class Connection:
         self._reader.start()
 
     def read_until(self, done: Callable[[], bool], *, timeout: float | None = None,
-                   spin: float = SPIN_SECONDS, defer_sigint: bool = False) -> bool:
+                   spin: float = SPIN_SECONDS, defer_sigint: bool = False,
+                   also: int | None = None) -> bool:
         """Read and dispatch frames on this thread until ``done()`` or ``timeout`` seconds.
 
         Returns False at once when this thread cannot read here (TLS, another thread reads
         here already, the connection is closing): then wait another way. ``defer_sigint``
         (on the main thread): a Ctrl-C waits until the frame being read is whole, then
         raises as usual. The caller must not be interruptible otherwise (an asynchronous
-        exception in the middle of a frame would lose the stream).
+        exception in the middle of a frame would lose the stream). ``also``: another file
+        descriptor (a worker's task lane); the wait ends too when it becomes readable.
         """
         if self._wake_fd is None:
             return False
@@ -255,7 +263,9 @@ class Connection:
                     _poke(wake_fd)  # the reader thread gives the role up after its frame
                     self._role.acquire()
                 try:
-                    return self._lead(done, timeout, spin, interrupted, wake_fd, poll)
+                    if also is not None:
+                        poll = self._poll_also(also, wake_fd)
+                    return self._lead(done, timeout, spin, interrupted, wake_fd, poll, also)
                 finally:
                     self._role.release()
             finally:
@@ -272,8 +282,21 @@ class Connection:
             if self._wake_fd is not None:
                 _poke(self._wake_fd)
 
+    def _poll_also(self, also: int, wake_fd: int) -> select.poll:
+        """With the role held: a poll of this connection and ``also``, kept for next time
+        (the reader thread's poll must not wake for ``also``)."""
+        cached = self._also
+        if cached is None or cached[0] != also:
+            poll = select.poll()
+            poll.register(self.sock, select.POLLIN)
+            poll.register(wake_fd, select.POLLIN)
+            poll.register(also, select.POLLIN)
+            cached = self._also = (also, poll)
+        return cached[1]
+
     def _lead(self, done: Callable[[], bool], timeout: float | None, spin: float,
-              interrupted: list, wake_fd: int, poll: select.poll) -> bool:
+              interrupted: list, wake_fd: int, poll: select.poll,
+              also: int | None = None) -> bool:
         """With the role held: read and dispatch until ``done()``; see ``read_until``."""
         reader = self._input
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -299,7 +322,7 @@ class Connection:
                         _POLLING.release()
                     missed = True
                     ready = poll.poll(None if left is None else left * 1000)
-                    if not ready:
+                    if not ready or any(fd == also for fd, _ in ready):
                         return True
                     if any(fd == wake_fd for fd, _ in ready):
                         _drain(wake_fd)
@@ -337,6 +360,8 @@ class Connection:
         self._shutdown()
         if self._reader is None:  # never started: nobody else will
             self._close_wake_fd()
+            if self.task_lane is not None:
+                self.task_lane.close()
 
     def join(self, timeout: float | None = None) -> None:
         if self._reader is not None and self._reader is not threading.current_thread():
@@ -377,6 +402,8 @@ class Connection:
             except OSError:
                 pass
             self._close_wake_fd()
+            if self.task_lane is not None:
+                self.task_lane.close()
             self._on_close(self, error)
 
     def _read_in_turn(self, wake_fd: int, poll: select.poll) -> None:

@@ -18,7 +18,7 @@ import pytest
 import distexec
 from distexec import DistributedExecutor
 from tests.executor.helpers import (initialized_in, insert_slowly, interval, mark_initialized,
-                                    open_db, with_alarm)
+                                    open_db, record_order, recorded_order, with_alarm)
 from tests.helpers import os_pid, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -40,6 +40,16 @@ def test_a_worker_runs_one_task_at_a_time_on_its_main_thread():
     assert len(by_process) == 2  # both workers took tasks
     for pid, intervals in by_process.items():
         assert _overlaps(intervals) == [], f"tasks overlapped on process {pid}"
+
+
+def test_tasks_run_in_the_order_submitted_whatever_their_size():
+    """A local worker's small tasks travel on its task lane, large ones on its connection:
+    the order stays the submission order (and ``__main__`` globals, sent once, stay valid)."""
+    sizes = [0, 200_000, 0, 0, 1_000_000, 0, 300_000, 300_000, 0] * 5
+    with DistributedExecutor(1) as ex:
+        futures = [ex.submit(record_order, k, b"x" * size) for k, size in enumerate(sizes)]
+        assert [f.result(timeout=30) for f in futures] == sizes
+        assert ex.submit(recorded_order).result(timeout=30) == list(range(len(sizes)))
 
 
 def test_max_workers_bounds_the_tasks_running_at_once():
