@@ -18,6 +18,17 @@ import pytest
 SLURM_SETUP_HINT = "run .ci/setup-slurm.sh (as root) to install and start a single-node Slurm"
 
 
+def one_line(text: str) -> str:
+    """The first line of a tool's message that says something, for a skip reason: pytest
+    prints the reason of every skipped test, and slurmctld's "DOWN" message comes with a
+    banner of asterisks."""
+    for line in text.splitlines():
+        line = line.strip().strip("*").strip()
+        if line:
+            return line
+    return "no message"
+
+
 def _slurm_problem() -> str | None:
     """Why Slurm cannot be used here, or None when ``srun`` and a responsive cluster exist."""
     for tool in ("srun", "scontrol", "sinfo", "squeue", "scancel", "salloc"):
@@ -28,9 +39,9 @@ def _slurm_problem() -> str | None:
         nodes = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%t"],
                                capture_output=True, text=True, timeout=15)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"Slurm does not answer ({exc}); {SLURM_SETUP_HINT}"
+        return f"Slurm does not answer ({one_line(str(exc))}); {SLURM_SETUP_HINT}"
     if "UP" not in ping.stdout:
-        return f"slurmctld is not responding ({(ping.stdout + ping.stderr).strip()}); " \
+        return f"slurmctld is not responding ({one_line(ping.stdout + ping.stderr)}); " \
                f"{SLURM_SETUP_HINT}"
     states = nodes.stdout.split()
     if not any(state.rstrip("*~#") in ("idle", "mix", "alloc") for state in states):
@@ -95,8 +106,8 @@ class SSHHosts:
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            return str(exc)
-        return None if done.returncode == 0 else (done.stdout + done.stderr).strip()
+            return one_line(str(exc))
+        return None if done.returncode == 0 else one_line(done.stdout + done.stderr)
 
 
 @pytest.fixture(scope="session")

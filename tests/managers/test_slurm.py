@@ -30,6 +30,7 @@ from distexec import LaunchWorkerError, ProcessExitedException, RemoteException
 from distexec.cluster import membership
 from distexec.cluster.slurm import SlurmManager, _Step, _Task
 from distexec.runtime.context import current_context
+from tests.docs_blocks import blocks_needing, problems, run_program
 from tests.executor.helpers import mark_initialized, square
 from tests.helpers import (assert_terminate_stops_a_sleeping_task, os_pid, wait_for_output,
                            wait_gone, wait_until)
@@ -782,3 +783,14 @@ def test_the_same_script_runs_with_distexec_run_under_slurm(slurm):
                              "--format=%i"], capture_output=True, text=True, timeout=15)
     (job_id,) = listed.stdout.split()
     wait_job_gone(job_id)
+
+
+# --------------------------------------------------------------------------------------------
+# the docs' blocks marked <!-- needs: slurm --> (tests/integration/test_docs_snippets.py says how)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("block", blocks_needing("slurm"), ids=str)
+def test_a_docs_block_that_needs_slurm_runs_and_prints_what_the_page_shows(block, slurm):
+    outcome = run_program([block], timeout=100)
+    found = problems([block], outcome)
+    assert not found, "\n\n".join(found)

@@ -31,6 +31,7 @@ from distexec.cluster import membership
 from distexec.cluster.ssh import SSHManager
 from distexec.cluster.thread_limits import cpu_share
 from distexec.runtime.context import current_context
+from tests.docs_blocks import blocks_needing, problems, run_program
 from tests.executor.helpers import mark_initialized, square
 from tests.helpers import assert_terminate_stops_a_sleeping_task, wait_for_output, wait_until
 
@@ -658,3 +659,15 @@ def test_the_hello_script_runs_on_workers_in_two_namespaces(ssh_namespaces, tmp_
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"at {host1}" in done.stdout and f"at {host2}" in done.stdout
     assert "3 workers, sum of squares 328350" in done.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# the docs' blocks marked <!-- needs: ssh --> (tests/integration/test_docs_snippets.py says how)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore::distexec.SecurityWarning")
+@pytest.mark.parametrize("block", blocks_needing("ssh"), ids=str)
+def test_a_docs_block_that_needs_ssh_runs_and_prints_what_the_page_shows(block, ssh_namespaces):
+    outcome = run_program([block], timeout=100)
+    found = problems([block], outcome)
+    assert not found, "\n\n".join(found)
