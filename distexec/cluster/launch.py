@@ -118,9 +118,10 @@ def read_worker_host_port(stream, config=None, timeout: float | None = None) -> 
     try:
         return _scan_for_address(relay, deadline, seen, config)
     finally:
-        for line, is_stderr in seen:
-            print(f"\tFrom worker startup:\t{line}", flush=True,
-                  file=sys.stderr if is_stderr else sys.stdout)
+        for line, is_stderr in seen:  # one write a line: two hosts' lines never interleave
+            stream = sys.stderr if is_stderr else sys.stdout
+            stream.write(f"\tFrom worker startup:\t{line}\n")
+            stream.flush()
 
 
 def _scan_for_address(relay: OutputRelay, deadline: float, seen: list[tuple[str, bool]],
