@@ -247,7 +247,23 @@ def _rebuild_exception(type_name, message, traceback_text, ex_bytes) -> BaseExce
         return stand_in
     if not isinstance(ex, BaseException):
         return RemoteDeserializationError(type_name, message, traceback_text)
+    _drop_tracebacks(ex)
     return ex
+
+
+def _drop_tracebacks(ex: BaseException) -> None:
+    """The remote frames travel as data (``TracebackData``). An exception that brought its
+    traceback too (tblib's pickling support, installed by another library) would splice them
+    into the caller's traceback when raised: drop them, down the chain."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [ex]
+    while pending:
+        item = pending.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        item.__traceback__ = None
+        pending += [item.__cause__, item.__context__]
 
 
 copyreg.pickle(CapturedException, _reduce_captured)

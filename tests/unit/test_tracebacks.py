@@ -92,3 +92,38 @@ def test_code_shipped_by_value_keeps_its_file_name():
     code = serialization.loads(payload, buffers).__code__
     assert code.co_filename == nested.__code__.co_filename == __file__
     assert code.co_firstlineno == nested.__code__.co_firstlineno
+
+
+_WITH_TBLIB_PICKLING = """
+import pickle, sys
+import tblib.pickling_support
+tblib.pickling_support.install()  # what dask.distributed does on import
+from distexec.protocol.tracebacks import capture
+
+def work():
+    try:
+        int("x")
+    except ValueError as exc:
+        raise KeyError("x") from exc
+
+try:
+    work()
+except KeyError as exc:
+    received = pickle.loads(pickle.dumps(capture(exc)))
+print(received.ex.__traceback__ is None, received.ex.__cause__.__traceback__ is None,
+      received.stack[-1].name)
+"""
+
+
+def test_an_exception_arrives_without_a_traceback_even_where_tblib_pickles_them():
+    """Another library (dask.distributed) may make every exception pickle its traceback; the
+    remote frames still come only as data, or raising the exception would splice them into
+    the caller's traceback."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("tblib.pickling_support")
+    done = subprocess.run([sys.executable, "-c", _WITH_TBLIB_PICKLING], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "work"]
