@@ -27,21 +27,30 @@ _SRUN_SHORT = {"-n": "ntasks", "-N": "nodes", "-p": "partition", "-t": "time",
                "-c": "cpus_per_task", "-A": "account", "-q": "qos", "-J": "job_name"}
 
 
-def _version() -> str:
-    """The installed distribution's version: ``distexec.__version__``, read without importing
-    the package root, which the layers keep the CLI from (the test of the layers says so)."""
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("distexec")
-    except PackageNotFoundError:  # run from a source tree that is not installed
-        return "unknown"
+class _VersionAction(argparse.Action):
+    """``--version``: the installed distribution's version (``distexec.__version__``), read
+    without importing the package root, which the layers keep the CLI from, and only when
+    asked: ``importlib.metadata`` would add 20 ms to every ``distexec worker`` start."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print distexec's version and exit", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            found = version("distexec")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            found = "unknown"
+        print(f"distexec {found}")  # on stdout, as argparse's own version action prints
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distexec", description="Run a Python script on a cluster of workers (distexec "
                                      "run), or be one of the workers (distexec worker).")
-    parser.add_argument("--version", action="version", version=f"distexec {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", required=True)
     worker = commands.add_parser(
         "worker", help="start a worker: reads the cookie from stdin, prints its address, serves",
