@@ -110,6 +110,10 @@ class _TaskWaiter:
         self.task.future.set_exception(exc)
         self.executor._task_done(self.waitingfor, self.via_lane)
 
+    @property
+    def tasks(self) -> list[Task]:  # as a _BatchWaiter's
+        return [self.task]
+
 
 def _probe() -> None:
     """The empty task each worker gets from an executor ahead of its first task."""
@@ -488,13 +492,9 @@ class DistributedExecutor(cf.Executor):
         ctx = self._ctx
         rrid = ctx.next_rrid()
         payload, buffers = serialization.dumps((_probe, (), {}), pid)
-        lane = self._routes.lane_of(pid)  # the way the tasks go, so that it measures theirs
         try:
             ctx.add_waiter(rrid, _ProbeWaiter(pid, self._sizer))
-            if lane is None or not lane.offer(Kind.CALL_FETCH, payload, flags=Flag.IN_ORDER,
-                                              notify=rrid):
-                ctx.send(pid, Kind.CALL_FETCH, payload=payload, buffers=buffers, notify=rrid,
-                         flags=Flag.IN_ORDER)
+            self._routes.send_untracked(pid, rrid, payload, buffers)  # so it measures their way
         except Exception:  # (the worker is gone, say): the task that follows finds out
             ctx.pop_waiter(rrid)
 
@@ -524,8 +524,7 @@ class DistributedExecutor(cf.Executor):
             self._pump()
 
     def _worker_lost(self, pid: int) -> None:
-        never_sent = [task for waiter in self._routes.lost(pid)
-                      for task in getattr(waiter, "tasks", None) or [waiter.task]]
+        never_sent = [task for waiter in self._routes.lost(pid) for task in waiter.tasks]
         with self._lock:
             self._queue.extendleft(reversed(never_sent))  # they go to another worker
             if self._in_flight.pop(pid, None) is not None:  # one of ours: it was sent work

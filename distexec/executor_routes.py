@@ -52,6 +52,15 @@ class InOrderRoutes:
             self._by_conn[pid] = self._by_conn.get(pid, 0) + 1
         self._send_by_connection(pid, rrid, waiter, payload, buffers)
 
+    def send_untracked(self, pid: int, rrid: RRID, payload: bytes, buffers) -> None:
+        """Send a message nobody reports done (the executor's probe): the way tasks go, by
+        the lane if it takes it, else the connection; raises as ``ClusterContext.send``."""
+        lane = None if buffers else self.lane_of(pid)
+        if lane is None or not lane.offer(Kind.CALL_FETCH, payload, flags=Flag.IN_ORDER,
+                                          notify=rrid):
+            self._ctx.send(pid, Kind.CALL_FETCH, payload=payload, buffers=buffers, notify=rrid,
+                           flags=Flag.IN_ORDER)
+
     def _offer(self, lane, pid: int, rrid: RRID, waiter, payload: bytes) -> bool:
         """With the lock held: send by the lane if it takes the message. Everything is in
         place before the send: the reply may be back (and the message done) at once."""
