@@ -66,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--separate-stderr", action="store_true",
                         help="leave stderr apart from stdout (for a launcher that relays both); "
                              "by default stderr joins stdout")
+    worker.add_argument("--join", metavar="HOST:PORT", default=None,
+                        help="join the master's ElasticManager at HOST:PORT (the worker "
+                             "connects; the cookie comes from stdin or --cookie-file)")
+    worker.add_argument("--cookie-file", metavar="FILE", default=None,
+                        help="with --join: read the cookie (and, with --tls, the TLS line after "
+                             "it) from FILE, which only its owner may read, instead of stdin")
+    worker.add_argument("--join-timeout", metavar="SECONDS", type=float, default=None,
+                        help="with --join: keep trying to reach the master this long (with "
+                             "backoff), then exit with status 69; default 60")
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     worker.add_argument("--die-with-stdin", action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("--master-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -98,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         args.slurm = srun_tokens if args.slurm else None
+    if args.command == "worker" and (args.join or args.cookie_file or args.join_timeout):
+        return _join(args)
     if args.command == "worker":
         apply_host_share()  # before any user code can load a numeric library
         start_worker(bind_to=args.bind_to, parent_pid=args.parent_pid,
@@ -106,6 +117,23 @@ def main(argv: list[str] | None = None) -> int:
                      stderr_to_stdout=not args.separate_stderr)
         return 0
     return run_script(args)
+
+
+def _join(args) -> int:
+    """``distexec worker --join HOST:PORT``: a worker that joins an ElasticManager."""
+    from .cluster import elastic
+    if not args.join:
+        print("distexec worker: error: --cookie-file and --join-timeout go with --join",
+              file=sys.stderr)
+        return 2
+    timeout = elastic.DEFAULT_JOIN_TIMEOUT if args.join_timeout is None else args.join_timeout
+    if not timeout > 0:
+        print("distexec worker: error: --join-timeout must be a positive number of seconds",
+              file=sys.stderr)
+        return 2
+    apply_host_share()  # before any user code can load a numeric library
+    elastic.join_cluster(args.join, cookie_file=args.cookie_file, tls=args.tls,
+                         bind_to=args.bind_to, join_timeout=timeout)
 
 
 def _take_srun_options(argv: list[str]) -> tuple[list[str], list[str] | None]:
