@@ -32,7 +32,7 @@ from ..protocol.frames import Flag, Kind
 from ..runtime.calls import ReplySlot
 from ..runtime.context import ClusterContext, WorkerRecord, WorkerState
 from ..runtime.runner import running_calls
-from .local import terminate_then_kill
+from .manager import terminate_then_kill
 
 log = logging.getLogger("distexec")
 

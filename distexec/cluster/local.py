@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import LaunchWorkerError
 from ..transport.lane import lane_pair
 from .launch import LANE_KEY, STDERR_KEY
-from .manager import ClusterManager, WorkerConfig, default_addprocs_params
+from .manager import ClusterManager, WorkerConfig, default_addprocs_params, terminate_then_kill
 from .security import worker_flags, worker_stdin
 from .thread_limits import HOST_WORKERS_ENV, cpu_share, forget_own_limits, limit_threads
 
@@ -235,15 +235,3 @@ def _escalate(pid: int, process: subprocess.Popen, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         log.warning("Failed to gracefully kill worker %d, sending SIGTERM", pid)
     terminate_then_kill(pid, process, timeout)
-
-
-def terminate_then_kill(pid: int, process: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM; SIGKILL if worker ``pid`` outlives ``timeout`` seconds (logged); reap it."""
-    process.terminate()
-    try:
-        process.wait(timeout)
-        return
-    except subprocess.TimeoutExpired:
-        log.warning("Worker %d ignored SIGTERM, sending SIGKILL", pid)
-    process.kill()
-    process.wait()

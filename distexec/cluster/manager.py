@@ -1,25 +1,32 @@
 """The cluster-manager interface: how workers are launched, reached, interrupted and killed.
 
 Owns ``ClusterManager`` (the abstract base users subclass for new launch mechanisms),
-``WorkerConfig`` (what a manager learns about each launched worker) and the default TCP
-``connect``/``kill``. Imports ``distexec.errors``, ``distexec.protocol``,
-``distexec.transport`` and ``distexec.runtime``. Julia: ``ClusterManager``, ``WorkerConfig``.
+``WorkerConfig`` (what a manager learns about each launched worker), the default TCP
+``connect``/``kill``, and the exit helpers every manager shares (``exit_worker``, the
+function ``kill`` sends a worker; ``terminate_then_kill``). Imports ``distexec.errors``,
+``distexec.protocol``, ``distexec.transport``, ``distexec.runtime`` and ``cluster.launch``:
+no particular manager (local, ssh, slurm) and no worker-side module, so a new launch
+mechanism is one new module beside them (tests/unit/test_layers.py checks it).
+Julia: ``ClusterManager``, ``WorkerConfig``.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
 import socket
 import os
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import LaunchWorkerError
 from ..runtime.context import current_context
 from .launch import read_worker_host_port, worker_timeout
+
+log = logging.getLogger("distexec")
 
 
 @dataclass
@@ -101,7 +108,6 @@ class ClusterManager(abc.ABC):
         (no address printed, junk output, a failed join) leaves nothing running.
         """
         from ..runtime.calls import remote_do
-        from .worker import exit_worker
         if config.os_pid is None and isinstance(config.process, subprocess.Popen):
             _kill_unjoined(config.process)
             return
@@ -147,6 +153,16 @@ class ClusterManager(abc.ABC):
     def default_addprocs_params(self) -> dict:
         return default_addprocs_params()
 
+    def start_additional_workers(self, ctx, pid: int, config: WorkerConfig) -> None:
+        """``config.count > 1``: worker ``pid`` has joined; start the rest of its host's workers.
+
+        Called by ``addprocs`` with the cluster's context. Only ``SSHManager`` supports it
+        (its first worker on a host starts the others); the default ignores the count and
+        says so. Julia: ``launch_n_additional_processes``.
+        """
+        log.warning("worker %d: count=%r is only supported by SSHManager; ignored", pid,
+                    config.count)
+
     def replacement(self, config: WorkerConfig) -> ClusterManager | None:
         """A manager that launches one worker like the one ``config`` describes.
 
@@ -175,3 +191,33 @@ def _kill_unjoined(process: subprocess.Popen) -> None:
             process.stdin.close()
         except OSError:
             pass
+
+
+def terminate_then_kill(pid: int, process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM; SIGKILL if worker ``pid`` outlives ``timeout`` seconds (logged); reap it."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+        return
+    except subprocess.TimeoutExpired:
+        log.warning("Worker %d ignored SIGTERM, sending SIGKILL", pid)
+    process.kill()
+    process.wait()
+
+
+def exit_worker(code: int = 0) -> None:
+    """Runs on a worker: leave now (what ``ClusterManager.kill`` asks for over the connection).
+
+    Julia: ``exit()`` via ``remote_do``.
+    """
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End this process at once with ``code``, after flushing what it printed."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)

@@ -273,8 +273,7 @@ def create_worker(ctx: ClusterContext, manager: ClusterManager, config: WorkerCo
     # count > 1 (SSHManager): this first worker starts the rest of its host's workers; they join
     # through the same launch. Julia: launch_n_additional_processes in create_worker.
     if config.count not in (None, 1):
-        from .ssh import start_additional_workers
-        start_additional_workers(ctx, manager, pid, config)
+        manager.start_additional_workers(ctx, pid, config)
     return pid
 
 
@@ -450,10 +449,6 @@ def on_connection_closed(ctx: ClusterContext, conn: Connection, error) -> None:
     if pid is None:
         if error is not None:
             log.warning("Process(%d) - Unknown remote, closing connection: %r", ctx.myid, error)
-        return
-    if ctx.role == "worker" and pid == 1:
-        from .worker import lost_master
-        lost_master(ctx)
         return
     record = ctx.record(pid)
     if record is None or record.conn is not conn:

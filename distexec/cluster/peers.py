@@ -35,8 +35,9 @@ from .launch import worker_timeout
 class PeerConnector:
     """The runtime's ``Connector`` on workers: opens links to other workers on demand."""
 
-    def __init__(self, manager=None):
+    def __init__(self, manager=None, on_close=None):
         self.manager = manager
+        self.on_close = on_close  # on_close(ctx, conn, error) of the links it opens
 
     def connect_peer(self, ctx: ClusterContext, record: WorkerRecord) -> Connection:
         if ctx.role == "master":
@@ -97,14 +98,15 @@ def _connect_back(lower: int) -> None:
 
 def connect_to_peer(ctx: ClusterContext, pid: int, connect_at) -> Connection:
     """Open and identify a link from this worker to worker ``pid``. Julia: same name."""
-    from .worker import _on_close
+    connector = ctx.connector
+    on_close = getattr(connector, "on_close", None) or _ignore_close
     host, port = connect_at
     security = ctx.security
     tls = security.client_context() if security is not None and security.tls else None
     assert ctx.cookie is not None  # init_worker set it
     sock = sockets.connect(host, port, ctx.cookie.key, worker_timeout(), tls=tls)
     conn = Connection(sock, on_frame=lambda c, f: dispatch.on_frame(ctx, c, f),
-                      on_close=lambda c, e: _on_close(ctx, c, e), name=f"worker-{pid}")
+                      on_close=lambda c, e: on_close(ctx, c, e), name=f"worker-{pid}")
     conn.peer_pid = pid
     slot = ReplySlot(pid)
     notify = ctx.next_rrid()
@@ -122,6 +124,11 @@ def connect_to_peer(ctx: ClusterContext, pid: int, connect_at) -> Connection:
         record.state = WorkerState.CONNECTED
         ctx.changed.notify_all()
     return conn
+
+
+def _ignore_close(ctx: ClusterContext, conn: Connection, error) -> None:
+    """A link's close when this process has no worker-side handler for it (none in practice:
+    only workers open peer links, and ``init_worker`` gives their connector one)."""
 
 
 def on_identify(ctx: ClusterContext, conn: Connection, frame) -> None:

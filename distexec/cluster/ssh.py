@@ -109,6 +109,10 @@ class SSHManager(ClusterManager):
         return {**default_addprocs_params(), "ssh": "ssh", "sshflags": [], "shell": "posix",
                 "tunnel": False, "multiplex": False, "max_parallel": 10, "env": {}}
 
+    def start_additional_workers(self, ctx, pid: int, config: WorkerConfig) -> None:
+        """``count > 1``: the first worker on a host starts the others (see the function)."""
+        start_additional_workers(ctx, self, pid, config)
+
     # -- launch ----------------------------------------------------------------------------
     def launch(self, params: dict, launched: list[WorkerConfig],
                launch_ntfy: threading.Condition) -> None:

@@ -40,6 +40,10 @@ from ..transport.lane import LaneReader
 from ..transport.streams import as_transport, expire_after
 from . import process_view
 from .launch import worker_timeout
+from .manager import exit_now
+from .membership import install_handlers, on_connection_closed
+from .peers import PeerConnector, register_peers
+from .security import read_tls_line
 
 if TYPE_CHECKING:  # annotations only
     from ..transport.tls import Security
@@ -60,9 +64,6 @@ def init_worker(cookie: str, manager: ClusterManager | None = None,
 
     ``security`` (a :class:`~distexec.Security` with certificates) makes its links use TLS.
     """
-    from .membership import install_handlers
-    from .peers import PeerConnector
-
     ctx = ctx or default_context()
     with ctx.lock:
         if ctx.peers or ctx.refs:
@@ -71,7 +72,7 @@ def init_worker(cookie: str, manager: ClusterManager | None = None,
         ctx.myid = 0  # unknown until the master's JOIN
         ctx.cookie = secret_mod.ClusterSecret(cookie.strip())
         ctx.security = security
-        ctx.connector = PeerConnector(manager)
+        ctx.connector = PeerConnector(manager, on_close=_on_close)
     install_handlers(ctx)
     ctx.handlers[Kind.JOIN] = _on_join
     return ctx
@@ -130,7 +131,7 @@ def start_worker(out: TextIO | None = None, cookie: str | None = None, *,
     out.write(f"distexec_worker:{port}#{host}\n")
     out.flush()
     ctx.runner.serve_main_thread(lambda: ctx.closed)
-    _exit(0)
+    exit_now(0)
 
 
 def _fresh_main_module() -> None:
@@ -149,7 +150,6 @@ def _fresh_main_module() -> None:
 def _read_stdin(cookie: str | None, security: Security | None,
                 tls: bool) -> tuple[str, Security | None]:
     """The cookie line (unless given) and, with ``tls``, the TLS line after it."""
-    from .security import read_tls_line
     if cookie is None:
         cookie = _cookie_from_stdin()
     if tls:
@@ -180,7 +180,7 @@ def _cookie_from_stdin() -> str:
 
 def _refuse_stdin(message: str) -> NoReturn:
     print(f"distexec worker: {message}", file=sys.stderr, flush=True)
-    _exit(EXIT_BAD_STDIN)
+    exit_now(EXIT_BAD_STDIN)
 
 
 def handshake_timeout() -> float:
@@ -262,7 +262,9 @@ def process_messages(reader: Any, writer: Any, incoming: bool = True) -> threadi
 
 
 def _on_close(ctx: ClusterContext, conn: Connection, error) -> None:
-    from .membership import on_connection_closed
+    if ctx.role == "worker" and conn.peer_pid == 1:
+        lost_master(ctx)
+        return
     on_connection_closed(ctx, conn, error)
 
 
@@ -300,7 +302,6 @@ def _take_from_lane(ctx: ClusterContext, conn: Connection, lane: LaneReader) -> 
 
 
 def _finish_join(ctx: ClusterContext, conn: Connection, peers, notify) -> None:
-    from .peers import register_peers
     try:
         register_peers(ctx, peers, eager=ctx.topology == "custom"
                        or (not ctx.lazy and ctx.topology == "all_to_all"))
@@ -312,23 +313,9 @@ def _finish_join(ctx: ClusterContext, conn: Connection, peers, notify) -> None:
     conn.send(Kind.RESULT, payload, buffers, response=notify, flags=flags)
 
 
-def exit_worker(code: int = 0) -> None:
-    """Leave now (what the master's ``rmprocs`` asks for). Julia: ``exit()`` via ``remote_do``."""
-    _exit(code)
-
-
-def _exit(code: int) -> NoReturn:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(code)
-
-
 def lost_master(ctx: ClusterContext) -> None:
     """Workers never outlive their master connection (Julia: ``exit(1)`` on losing pid 1)."""
-    _exit(EXIT_MASTER_LOST)
+    exit_now(EXIT_MASTER_LOST)
 
 
 def _master_watchdog(joined: threading.Event) -> None:
@@ -336,7 +323,7 @@ def _master_watchdog(joined: threading.Event) -> None:
     if not joined.wait(timeout):
         print(f"Master process (id 1) could not connect within {timeout} seconds.\nexiting.",
               file=sys.stderr, flush=True)
-        _exit(1)
+        exit_now(1)
 
 
 def _detach_stdin(die_with_stdin: bool) -> None:
@@ -362,7 +349,7 @@ def _stdin_lifeline(fd: int) -> None:
             continue
         except OSError:
             break
-    _exit(EXIT_STDIN_CLOSED)
+    exit_now(EXIT_STDIN_CLOSED)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -374,7 +361,7 @@ def _die_with_parent(parent_pid: int) -> None:
         except (OSError, AttributeError):
             pass
     if os.getppid() != parent_pid:  # the master died before we could ask
-        _exit(EXIT_MASTER_LOST)
+        exit_now(EXIT_MASTER_LOST)
 
 
 def _install_sigint(ctx: ClusterContext) -> None:

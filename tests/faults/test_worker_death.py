@@ -506,8 +506,8 @@ def _refuse_to_exit():
     """Runs on a worker: ignore the master's exit request and SIGTERM."""
     import ctypes
 
-    import distexec.cluster.worker as worker
-    worker.exit_worker = lambda code=0: None
+    import distexec.cluster.manager as manager
+    manager.exit_worker = lambda code=0: None
     # libc's signal(), not the signal module's: the call may run on any of the worker's
     # threads, and only the main thread may use signal.signal().
     libc = ctypes.CDLL(None, use_errno=True)

@@ -14,6 +14,11 @@ Imports under ``if TYPE_CHECKING:`` are skipped: they never run, so they cannot 
 Every module has a docstring saying what it owns and may import (an empty ``__init__.py`` is
 exempt).
 
+Inside ``cluster/`` the modules import each other without a cycle (imports inside functions
+count too), and the generic ones (``membership``, ``manager``) reach, directly or through
+others, no particular manager and no worker-side module: a new launch mechanism is one new
+module beside ``local.py``, not another strand of a circle.
+
 A new top-level module must be given a layer in ``LAYERS`` below.
 """
 
@@ -207,6 +212,75 @@ def test_every_module_has_a_docstring():
         "modules without a docstring saying what they own and what they may import:\n"
         + "\n".join(missing)
     )
+
+
+# -- inside cluster/ ----------------------------------------------------------------------------
+
+CLUSTER = f"{PACKAGE}.cluster"
+GENERIC_CLUSTER = ("membership", "manager")
+PARTICULAR_CLUSTER = ("local", "local_template", "ssh", "ssh_commands", "slurm", "worker")
+"""What the generic modules must not reach: the launch mechanisms and the worker's side."""
+
+
+def cluster_graph(files: list[Path] | None = None) -> dict[str, set[str]]:
+    """``cluster`` module -> the ``cluster`` modules it imports (by short name), function-level
+    imports included, ``TYPE_CHECKING`` ones not."""
+    files = _source_files() if files is None else files
+    known = {module_name(p) for p in files}
+    graph: dict[str, set[str]] = {}
+    for path in files:
+        current = module_name(path)
+        if not current.startswith(CLUSTER + ".") or path.name == "__init__.py":
+            continue
+        imported = imports_of(path.read_text(encoding="utf-8"), current, False, known)
+        graph[current.split(".")[-1]] = {
+            i.target.split(".")[2] for i in imported
+            if i.target.startswith(CLUSTER + ".") and i.target != current}
+    return graph
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> dict[str, list[str]]:
+    """Every module ``start`` reaches, with one import path to it."""
+    paths = {start: [start]}
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in paths:
+                paths[nxt] = paths[node] + [nxt]
+                stack.append(nxt)
+    return paths
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle through each module that is on one (as an import path back to itself)."""
+    found = []
+    for start in sorted(graph):
+        for node, path in reachable(graph, start).items():
+            if start in graph.get(node, ()) and not any(start in c for c in found):
+                found.append(path + [start])
+    return found
+
+
+def test_cluster_modules_import_each_other_without_a_cycle():
+    found = cycles(cluster_graph())
+    assert not found, "import cycles inside cluster/:\n" + "\n".join(
+        " -> ".join(c) for c in found)
+
+
+@pytest.mark.parametrize("generic", GENERIC_CLUSTER)
+def test_generic_cluster_modules_reach_no_particular_manager(generic):
+    paths = reachable(cluster_graph(), generic)
+    bad = [" -> ".join(paths[m]) for m in PARTICULAR_CLUSTER if m in paths]
+    assert not bad, (f"cluster/{generic}.py must not import a particular manager or the worker "
+                     "side, even through other modules:\n" + "\n".join(bad))
+
+
+def test_cycle_finder_on_a_synthetic_graph():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert cycles(graph) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+    assert reachable(graph, "d")["c"] == ["d", "a", "b", "c"]
 
 
 # -- the checker itself, on synthetic sources ---------------------------------------------------
