@@ -17,6 +17,12 @@ ends and whom it answers, even when the payload cannot be unpickled: the failure
 the waiter named in the header and the stream stays in step. Out-of-band buffers (pickle
 protocol 5) follow the payload so that large arrays are written from, and read into, their
 final memory without copies.
+
+Shared buffers. Between two processes of one host (``transport.shm``), a large buffer may
+travel in shared memory instead: its length in the table then has the ``SHARED`` bit set,
+and the stream carries a ``SHARED_REF`` record in place of its bytes (which block of the
+sender's shared memory holds it, whether that block's file descriptor comes with this
+frame, and the sequence number the receiver writes back when it lets the memory go).
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ HEADER = struct.Struct("<BBHIqqqqQ")
 BUFFER_LEN = struct.Struct("<Q")
 MAX_BUFFERS = 16384  # buffers of >= 64 KiB each: a 1 GiB message of separate arrays
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 40
+#: A buffer length with this bit set: the buffer is in shared memory (see the docstring).
+SHARED = 1 << 63
+#: In the stream in place of a shared buffer: block id, 1 if the block's descriptor comes
+#: with this frame (else 0), sequence number.
+SHARED_REF = struct.Struct("<IIQ")
 
 
 class Kind(enum.IntEnum):
@@ -77,6 +88,7 @@ class Header(NamedTuple):
     notify: RRID
     payload_len: int
     buffer_lens: tuple[int, ...]
+    shared: int = 0  # bit i set: buffer i is in shared memory (a SHARED_REF in the stream)
 
     @property
     def body_len(self) -> int:
@@ -91,8 +103,11 @@ def configured_max_message_size() -> int:
 
 def encode_header(kind: Kind, payload_len: int, buffer_lens=(), *, flags: Flag = Flag.NONE,
                   response: RRID = NULL_RRID, notify: RRID = NULL_RRID,
-                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
-    """Pack a header and its buffer-length table; refuse messages over the size limit."""
+                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, shared: int = 0) -> bytes:
+    """Pack a header and its buffer-length table; refuse messages over the size limit.
+
+    ``shared``: bit i set marks buffer i as travelling in shared memory (``SHARED``).
+    """
     nbufs = len(buffer_lens)
     if nbufs > MAX_BUFFERS:
         raise MessageTooLarge(f"message has {nbufs} out-of-band buffers (limit {MAX_BUFFERS})")
@@ -103,6 +118,8 @@ def encode_header(kind: Kind, payload_len: int, buffer_lens=(), *, flags: Flag =
                        payload_len)
     if not nbufs:
         return head
+    if shared:
+        buffer_lens = [n | SHARED if shared >> i & 1 else n for i, n in enumerate(buffer_lens)]
     return head + struct.pack(f"<{nbufs}Q", *buffer_lens)
 
 
@@ -131,6 +148,17 @@ def decode_buffer_lens(data, nbufs: int) -> tuple[int, ...]:
     if len(data) != nbufs * BUFFER_LEN.size:
         raise ProtocolError("truncated buffer table")
     return struct.unpack(f"<{nbufs}Q", data) if nbufs else ()
+
+
+def split_shared(lens: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """A decoded buffer table -> (the buffers' lengths, the mask of the shared ones)."""
+    shared = 0
+    for i, n in enumerate(lens):
+        if n & SHARED:
+            shared |= 1 << i
+    if not shared:
+        return lens, 0
+    return tuple(n & ~SHARED for n in lens), shared
 
 
 def check_size(header: Header, max_message_size: int) -> None:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, cast
 
 from ..protocol import frames
 from ..protocol.frames import Flag, Header, Kind, RRID, NULL_RRID
+from . import shm
 from .buffers import ReceiveBuffers
 from .tls import TLSChannel
 
@@ -190,7 +191,13 @@ class Connection:
         self._closed = threading.Event()
         self._buffers = ReceiveBuffers()  # large receive buffers, reused (see buffers.py)
         self._reader: threading.Thread | None = None
-        self._input = _BufferedReader(stream, self)
+        # A Unix socket (a local worker's link) may carry large NumPy buffers in shared
+        # memory (see shm.py): its reader keeps the descriptors that come with the bytes.
+        shared = shm.usable(stream)
+        self._shm_out = shm.SharedOut() if shared and shm.enabled() else None
+        fdsock = shm.FdSocket(cast(socket.socket, stream)) if shared else None
+        self._shm_in = shm.SharedIn(fdsock) if fdsock is not None else None
+        self._input = _BufferedReader(fdsock or stream, self)
         self._spinner = _Spinner()
         self.last_received = time.monotonic()  # for heartbeats (runtime.heartbeat)
         # The read role (module docstring): only plain sockets can be polled and read
@@ -342,6 +349,10 @@ class Connection:
     def send(self, kind: Kind, payload: bytes = b"", buffers=(), *, flags: Flag = Flag.NONE,
              response: RRID = NULL_RRID, notify: RRID = NULL_RRID) -> None:
         """Write one message atomically. Raises ``ConnectionError`` if the peer is gone."""
+        placed = self._shm_out.place(buffers) if self._shm_out is not None and buffers else None
+        if placed is not None:  # large NumPy buffers went to shared memory (shm.py)
+            self._send_placed(kind, payload, placed, flags, response, notify)
+            return
         lens = [memoryview(b).nbytes for b in buffers]
         head = frames.encode_header(kind, len(payload), lens, flags=flags, response=response,
                                     notify=notify, max_message_size=self.max_message_size)
@@ -354,6 +365,29 @@ class Connection:
             except OSError:
                 self._shutdown()
                 raise
+
+    def _send_placed(self, kind: Kind, payload: bytes, placed: shm.Placed, flags: Flag,
+                     response: RRID, notify: RRID) -> None:
+        """``send`` of a message with buffers in shared memory: the records in their place,
+        the descriptors of new blocks with the frame's first bytes."""
+        sent = False
+        try:
+            head = frames.encode_header(kind, len(payload), placed.lens, flags=flags,
+                                        response=response, notify=notify,
+                                        max_message_size=self.max_message_size,
+                                        shared=placed.shared)
+            parts = [head, payload, *placed.parts] if payload else [head, *placed.parts]
+            with self._send_lock:
+                if self.closed:
+                    raise ConnectionResetError(f"connection to {self.name} is closed")
+                try:
+                    _sendmsg_all(self.sock, parts, placed.ancillary)
+                    sent = True
+                except OSError:
+                    self._shutdown()
+                    raise
+        finally:
+            placed.finish(sent)
 
     def close(self) -> None:
         """Close the socket; the reader thread then reports the close."""
@@ -404,6 +438,7 @@ class Connection:
             self._close_wake_fd()
             if self.task_lane is not None:
                 self.task_lane.close()
+            self._close_shared()
             self._on_close(self, error)
 
     def _read_in_turn(self, wake_fd: int, poll: select.poll) -> None:
@@ -432,6 +467,13 @@ class Connection:
                     return
             self._on_frame(self, self._read_frame(self._input))
 
+    def _close_shared(self) -> None:
+        """Give up this connection's shared blocks (arrays built on them keep their memory)."""
+        if self._shm_out is not None:
+            self._shm_out.close()
+        if self._shm_in is not None:
+            self._shm_in.close()
+
     def _close_wake_fd(self) -> None:
         with self._demand:  # read_until refuses once closed; a thread still reading leaves
             fd, self._wake_fd = self._wake_fd, None
@@ -445,17 +487,30 @@ class Connection:
     def _read_frame(self, reader: _BufferedReader) -> Frame:
         kind, flags, nbufs, response, notify, payload_len = frames.decode_fixed_header(
             reader.read(frames.HEADER.size))
-        lens = frames.decode_buffer_lens(reader.read(8 * nbufs), nbufs) if nbufs else ()
-        header = Header(kind, flags, response, notify, payload_len, lens)
+        lens, shared = frames.split_shared(
+            frames.decode_buffer_lens(reader.read(8 * nbufs), nbufs)) if nbufs else ((), 0)
+        header = Header(kind, flags, response, notify, payload_len, lens, shared)
         frames.check_size(header, self.max_message_size)
         payload = reader.read_large(payload_len) if payload_len else b""
         buffers = []
-        for n in lens:
+        for i, n in enumerate(lens):
+            if shared >> i & 1:
+                buffers.append(self._take_shared(reader, n))
+                continue
             buf = self._buffers.take(n)
             reader.readinto(memoryview(buf))
             buffers.append(buf)
         self._buffers.trim()
+        if self._shm_in is not None:
+            self._shm_in.trim(force=bool(shared))
         return Frame(header, payload, buffers)
+
+    def _take_shared(self, reader: _BufferedReader, n: int):
+        """A buffer the peer put in shared memory: its record from the stream, mapped."""
+        if self._shm_in is None:
+            raise frames.ProtocolError("a shared-memory buffer on a connection that cannot "
+                                       "carry one (not a Unix socket)")
+        return self._shm_in.take(reader.read(frames.SHARED_REF.size), n)
 
 
 class _Spinner:
@@ -528,10 +583,14 @@ def _sigint_deferred(conn: Connection, defer: bool) -> Iterator[list]:
                 signal.raise_signal(signal.SIGINT)
 
 
-def _sendmsg_all(sock: socket.socket | TLSChannel, parts) -> None:
+def _sendmsg_all(sock: socket.socket | TLSChannel, parts, ancillary=()) -> None:
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     while views:
-        sent = sock.sendmsg(views[:_IOV_MAX])
+        if ancillary:  # (descriptors: with the first bytes, once)
+            sent = sock.sendmsg(views[:_IOV_MAX], ancillary)
+            ancillary = ()
+        else:
+            sent = sock.sendmsg(views[:_IOV_MAX])
         while sent:
             if sent >= len(views[0]):
                 sent -= len(views[0])

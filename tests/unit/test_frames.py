@@ -66,7 +66,8 @@ class _MemoryReader:
 
 def _read_frame(data: bytes, max_message_size: int = frames.DEFAULT_MAX_MESSAGE_SIZE):
     reader = _MemoryReader(data)
-    conn = SimpleNamespace(max_message_size=max_message_size, _buffers=ReceiveBuffers())
+    conn = SimpleNamespace(max_message_size=max_message_size, _buffers=ReceiveBuffers(),
+                           _shm_in=None)
     return Connection._read_frame(conn, reader), reader
 
 
