@@ -7,6 +7,7 @@ README. Julia-style functions live in :mod:`distexec.api` and are re-exported he
 
 from .api import *  # noqa: F401,F403
 from .api import __all__ as _api_all
+from .cluster.elastic import ElasticManager
 from .cluster.local import LocalManager
 from .cluster.slurm import SlurmManager
 from .cluster.ssh import SSHManager
@@ -38,7 +39,7 @@ __all__ = [
     "DistributedExecutor", "BrokenExecutor", "Pool", "pmap", "ExponentialBackOff", "BatchProcessingError",
     "splitrange", "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool",
     "set_default_worker_pool",
-    "LocalManager", "SSHManager", "SlurmManager", "ClusterManager", "WorkerConfig", "default_addprocs_params",
+    "LocalManager", "SSHManager", "SlurmManager", "ElasticManager", "ClusterManager", "WorkerConfig", "default_addprocs_params",
     "init_worker", "start_worker", "process_messages", "RRID", "current_destination", "Channel",
     "ClusterContext", "WorkerState", "Future", "RemoteChannel", "channel_from_id", "remoteref_id",
     "DistexecError", "DistributedError", "RemoteException", "CapturedException",
