@@ -503,6 +503,8 @@ class Connection:
         self._buffers.trim()
         if self._shm_in is not None:
             self._shm_in.trim(force=bool(shared))
+        if self._shm_out is not None:
+            self._shm_out.trim()
         return Frame(header, payload, buffers)
 
     def _take_shared(self, reader: _BufferedReader, n: int):

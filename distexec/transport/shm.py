@@ -71,10 +71,11 @@ SHM_MIN = 1 << 20
 MAX_BLOCKS = 8                 # blocks one connection's sender keeps at most
 MAX_POOL_BYTES = 1 << 30       # their total size at most
 IDLE_SECONDS = 2.0             # a free block unused this long is given up
-MAX_FDS = 64                   # descriptors one read may bring (a frame brings <= MAX_BLOCKS)
+MAX_FDS = 4 * MAX_BLOCKS        # room for the descriptors one read brings (one frame's: <= MAX_BLOCKS)
 
-# A block's first page: the sender's sequence number, the receiver's released one, and the
-# flag the sender sets when it gives the block up. The buffer starts at the second page.
+# A block's first page: the sequence number of its first transfer, the receiver's released
+# one, and the flag the sender sets when it gives the block up. The buffer starts at the
+# second page.
 HEADER = mmap.PAGESIZE
 _SEQ, _RELEASED, _RETIRED = 0, 8, 16
 _U64 = struct.Struct("<Q")
@@ -169,7 +170,6 @@ class SharedOut:
         """Copy the large NumPy buffers of a message into blocks; None if none qualifies."""
         views = [memoryview(b) for b in buffers]
         wanted = [i for i, v in enumerate(views) if v.nbytes >= SHM_MIN and _is_numpy_buffer(v)]
-        self._trim()
         if not wanted:
             return None
         lens = [v.nbytes for v in views]
@@ -226,9 +226,10 @@ class SharedOut:
         """Copy ``view`` into the block; for a new block, make it first and return its
         descriptor (to go with the frame)."""
         if not new:
-            assert block.map is not None
-            _copy(block.map, HEADER, view)
-            _U64.pack_into(block.map, _SEQ, block.seq)
+            m = block.map
+            if m is None:  # given up meanwhile (the connection closed)
+                raise ConnectionResetError("the connection closed")
+            _copy(m, HEADER, view)
             return None
         fd = os.memfd_create("distexec", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
@@ -255,10 +256,13 @@ class SharedOut:
                 else:  # never left: free again, as if the receiver had released it
                     _U64.pack_into(block.map, _RELEASED, block.seq)
 
-    def _trim(self) -> None:
-        """Give up the free blocks idle for ``IDLE_SECONDS`` (looked at once a second)."""
+    def trim(self) -> None:
+        """Give up the free blocks idle for ``IDLE_SECONDS`` (looks at most once a second;
+        the connection calls it for every frame it reads, heartbeats included)."""
+        if not self._blocks:
+            return
         now = time.monotonic()
-        if not self._blocks or now - self._trimmed < _TRIM_EVERY:
+        if now - self._trimmed < _TRIM_EVERY:
             return
         with self._lock:
             self._trimmed = now

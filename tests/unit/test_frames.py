@@ -67,7 +67,7 @@ class _MemoryReader:
 def _read_frame(data: bytes, max_message_size: int = frames.DEFAULT_MAX_MESSAGE_SIZE):
     reader = _MemoryReader(data)
     conn = SimpleNamespace(max_message_size=max_message_size, _buffers=ReceiveBuffers(),
-                           _shm_in=None)
+                           _shm_in=None, _shm_out=None)
     return Connection._read_frame(conn, reader), reader
 
 

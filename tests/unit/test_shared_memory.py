@@ -241,3 +241,22 @@ def test_many_threads_send_at_once(pair):
         t.join(20)
     for i, v in enumerate(got):
         np.testing.assert_array_equal(v, values[i])
+
+
+def test_idle_blocks_are_given_up_on_both_sides(pair, monkeypatch):
+    monkeypatch.setattr(shm, "IDLE_SECONDS", 0.0)
+    monkeypatch.setattr(shm, "_TRIM_EVERY", 0.0)
+    sender, receiver = pair
+    _send(sender, np.ones(MIB))
+    del_me = _value(receiver.receive())
+    assert len(sender.conn._shm_out) == 1 and len(receiver.conn._shm_in) == 1
+    del del_me
+    gc.collect()
+    # small messages only from now on: every frame the sender reads trims its pool, and
+    # every frame the receiver reads drops the blocks the sender gave up
+    receiver.conn.send(Kind.PING)
+    sender.receive()
+    assert len(sender.conn._shm_out) == 0
+    sender.conn.send(Kind.PING)
+    receiver.receive()
+    assert len(receiver.conn._shm_in) == 0
