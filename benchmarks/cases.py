@@ -45,6 +45,7 @@ METRICS = {
     "map100_per_s": ("k items/s", True, 1e-3, "{:.0f}"),
     "map1000_per_s": ("k items/s", True, 1e-3, "{:.0f}"),
     "bandwidth_MBps": ("MB/s", True, 1.0, "{:.0f}"),
+    "bandwidth_socket_MBps": ("MB/s", True, 1.0, "{:.0f}"),
     "sleep_efficiency": ("", True, 1.0, "{:.3f}"),
     "cpu_efficiency": ("", True, 1.0, "{:.3f}"),
     "cpu_master_cpu_us": ("µs", False, 1.0, "{:.0f}"),
@@ -189,6 +190,15 @@ def _map_case(chunksize: int):
 
 
 map1, map100, map1000 = _map_case(1), _map_case(100), _map_case(1000)
+
+
+def bandwidth_socket(name: str, cfg: Config):
+    """``bandwidth`` with ``DISTEXEC_SHM=0``: the array through the socket both ways (local
+    workers otherwise take shared memory; docs/performance.md)."""
+    import os
+    os.environ["DISTEXEC_SHM"] = "0"  # this child process and the workers it starts
+    metrics, info = bandwidth(name, cfg)
+    return {"bandwidth_socket_MBps": metrics["bandwidth_MBps"]}, info
 
 
 @with_backend
@@ -385,6 +395,7 @@ CASE_METRICS = {
     "map100": ("map100_per_s",),
     "map1000": ("map1000_per_s",),
     "bandwidth": ("bandwidth_MBps",),
+    "bandwidth_socket": ("bandwidth_socket_MBps",),
     "sleep": ("sleep_efficiency",),
     "cpu": ("cpu_efficiency", "cpu_master_cpu_us", "cpu_worker_cpu_us"),
     "closure": ("closure_s",),
@@ -406,6 +417,7 @@ CASES = {
     "map100": (map100, PEERS),
     "map1000": (map1000, PEERS),
     "bandwidth": (bandwidth, PEERS),
+    "bandwidth_socket": (bandwidth_socket, ("distexec",)),
     "sleep": (sleep, PEERS),
     "cpu": (cpu, PEERS),
     "closure": (closure, PEERS),

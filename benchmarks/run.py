@@ -51,6 +51,7 @@ ROW_LABELS = {
     "map100_per_s": "map, chunksize 100",
     "map1000_per_s": "map, chunksize 1000",
     "bandwidth_MBps": "64 MiB array there and back",
+    "bandwidth_socket_MBps": "64 MiB there and back, DISTEXEC_SHM=0 (socket)",
     "sleep_efficiency": "sleep efficiency: 200 × 10 ms, ideal/measured",
     "cpu_efficiency": "CPU efficiency: 200 × 10 ms CPU, ideal/measured",
     "cpu_master_cpu_us": "CPU efficiency: master CPU per task",
@@ -234,6 +235,15 @@ def targets(med: dict) -> str:
     bw, tcp = g(("bandwidth_MBps", "distexec")), g(("tcp_MBps", "machine"))
     add("64 MiB there and back", f"≥ 0.7 × raw TCP ({fmt('tcp_MBps', tcp)} MB/s)",
         bw, tcp and 0.7 * tcp, True, f"{fmt('bandwidth_MBps', bw)} MB/s")
+
+    sock, mem = g(("bandwidth_socket_MBps", "distexec")), g(("memcpy_MBps", "machine"))
+    shm_target = max((t for t in (sock and 2 * sock, mem and 0.5 * mem) if t), default=None)
+    add("64 MiB there and back, shared memory",
+        f"≥ 2 × DISTEXEC_SHM=0 ({fmt('bandwidth_MBps', sock)} MB/s) and ≥ 0.5 × memcpy "
+        f"({fmt('memcpy_MBps', mem)} MB/s)", bw, shm_target, True,
+        f"{fmt('bandwidth_MBps', bw)} MB/s" + (f" ({bw / sock:.2f} × socket, "
+                                                f"{bw / mem:.2f} × memcpy)"
+                                                if bw and sock and mem else ""))
 
     st = g(("startup_s", "distexec"))
     add("startup", "≤ 0.10 s", st, 0.10, False, f"{fmt('startup_s', st)} s")
