@@ -33,9 +33,9 @@ What makes it safe:
   protocol error.
 * A memfd has no name in ``/dev/shm`` or anywhere: it lives while a process maps it or
   holds its descriptor, so a SIGKILL of the sender, the receiver or the master leaves
-  nothing behind. No other process can open it (its ``/proc/PID/fd`` entry obeys the
-  owner's ptrace rules). The file is sealed against shrinking: mapped memory never turns
-  into a SIGBUS.
+  nothing behind. No other process can open it: its mode is 0600, and its ``/proc/PID/fd``
+  entry obeys the owner's ptrace rules. The file is sealed against shrinking: mapped memory
+  never turns into a SIGBUS.
 * A block serves one transfer at a time: the sender fills it again only after the receiver
   released the value built on it. The receiver's array is writable, as one from the socket
   is, and its writes reach nobody: the sender's own array is elsewhere, and it never reads
@@ -233,6 +233,7 @@ class SharedOut:
             return None
         fd = os.memfd_create("distexec", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
+            os.fchmod(fd, 0o600)  # (no name to open it by; and not by others through /proc)
             os.ftruncate(fd, HEADER + block.capacity)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
             _write_all(fd, view, HEADER)  # the kernel allocates the pages as it copies

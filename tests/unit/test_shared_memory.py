@@ -260,3 +260,19 @@ def test_idle_blocks_are_given_up_on_both_sides(pair, monkeypatch):
     sender.conn.send(Kind.PING)
     receiver.receive()
     assert len(receiver.conn._shm_in) == 0
+
+
+def test_a_block_is_owner_only_sealed_and_nameless():
+    out = shm.SharedOut()
+    placed = out.place([pickle.PickleBuffer(np.ones(MIB)).raw()])
+    try:
+        (fd,) = placed.fds
+        assert os.fstat(fd).st_mode & 0o777 == 0o600
+        import fcntl
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:distexec")
+    finally:
+        placed.finish(False)
+        out.close()
+    assert len(out) == 0
