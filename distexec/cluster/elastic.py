@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import select
 import shlex
 import socket
@@ -105,7 +104,8 @@ class ElasticManager(ClusterManager):
         self._pending: list[WorkerConfig] = []
         self._settled: set[int] = set()  # pids whose addprocs has returned
         self._closed = False
-        tls = self._security.server_context() if security_mod.uses_tls(self._security) else None
+        chosen = self._security
+        tls = chosen.server_context() if chosen is not None and chosen.tls else None
         assert ctx.cookie is not None  # init_multi made it
         self._listener = _JoinListener(
             sockets.bind_listener(address, port, False), ctx.cookie.key,
@@ -495,7 +495,7 @@ def _serve(link, cookie: str, security: Security | None, bind_to: str | None) ->
     ctx.runner.reserve_main_thread()
     local = link.getsockname()[0]  # this host's address on the route to the master
     host, port, hint = sockets.parse_bind_to(bind_to, default_host=local)
-    tls = security.server_context() if security_mod.uses_tls(security) else None
+    tls = security.server_context() if security is not None and security.tls else None
     assert ctx.cookie is not None
     listener = sockets.Listener(sockets.bind_listener(host, port, hint), ctx.cookie.key,
                                 lambda sock, _v: worker._accept(ctx, sock),
