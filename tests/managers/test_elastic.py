@@ -428,3 +428,70 @@ def test_workers_in_namespace_hosts_join_over_veth_links(joiners, ssh_namespaces
     where_a, seen_b = distexec.remotecall_fetch(_peer_address_and_hop, a, b)
     assert where_a[0] == "10.213.1.2" and seen_b == b
     assert (worker_pid_of(a), worker_pid_of(b)) == (one.pid, two.pid)
+
+
+@pytest.fixture
+def cut_port(ssh_namespaces):
+    """``cut_port(namespace, port)``: the namespace host's packets to and from ``port`` vanish
+    (iptables DROP: nothing refused or reset, as when a node is gone). Only that port: other
+    tests may be using the namespace hosts meanwhile. A detached shell removes the rules after
+    60 s even if this process dies first."""
+    import shutil
+    if shutil.which("iptables") is None:
+        pytest.skip("iptables is not installed; run .ci/setup-sshd.sh (as root)")
+    deletes: list[str] = []
+    healers: list[subprocess.Popen] = []
+
+    def cut(namespace: str, port: int) -> None:
+        rules = [["OUTPUT", "-p", "tcp", "--dport", str(port), "-j", "DROP"],
+                 ["INPUT", "-p", "tcp", "--sport", str(port), "-j", "DROP"]]
+        delete = " ; ".join(f"ip netns exec {namespace} iptables -D {' '.join(r)}"
+                            for r in rules)
+        deletes.append(delete)
+        healers.append(subprocess.Popen(
+            ["sh", "-c", f"sleep 60; {delete}"], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        for rule in rules:
+            subprocess.run(["ip", "netns", "exec", namespace, "iptables", "-A", *rule],
+                           check=True, timeout=10)
+
+    yield cut
+    for delete in deletes:
+        subprocess.run(["sh", "-c", delete], capture_output=True, timeout=10)
+    for healer in healers:
+        os.killpg(healer.pid, signal.SIGKILL)
+        healer.wait()
+
+
+@pytest.mark.filterwarnings("ignore::distexec.SecurityWarning")
+def test_a_worker_whose_node_vanishes_fails_only_its_calls_and_pmap_finishes(
+        joiners, cut_port, monkeypatch):
+    monkeypatch.setenv("DISTEXEC_HEARTBEAT_TIMEOUT", "3")  # the master's, and the workers'
+    em = joiners.manager(address="0.0.0.0")
+    remote = joiners.start(f"10.213.1.1:{em.port}", netns="dxh1")
+    [far] = em.wait_for_workers(1, timeout=60)
+    joiners.start(em)
+    [near] = [p for p in em.wait_for_workers(2, timeout=60) if p != far]
+    progress = distexec.RemoteChannel(lambda: distexec.Channel(100))
+    gate = distexec.RemoteChannel(lambda: distexec.Channel(1))
+    outcome: list = []
+    runner = threading.Thread(target=lambda: outcome.append(distexec.pmap(
+        lambda x: _square_when_open(x, progress, gate), range(30),
+        pool=distexec.default_worker_pool(), retry_delays=[0.5] * 10)))
+    runner.start()
+    try:
+        seen = set()
+        while not any(x >= 8 for x in seen):
+            seen.add(distexec.take(progress))
+        cut_port("dxh1", em.port)  # the far worker's node is gone, silently
+        wait_until(lambda: far not in distexec.workers(), 30, message="the heartbeat verdict")
+        distexec.put(gate, True)
+    finally:
+        if not gate.isready():
+            distexec.put(gate, True)
+        runner.join(60)
+    assert not runner.is_alive()
+    [results] = outcome
+    assert [value for value, _ in results] == [x * x for x in range(30)]
+    assert em.workers() == [near]
+    assert remote.wait(30) == 1  # it gave up on its master in turn (its own heartbeat)
