@@ -76,7 +76,8 @@ class ElasticManager(ClusterManager):
     appears in ``workers()`` and in ``default_worker_pool()``, where pools, ``pmap`` and
     executors built on it find it. A worker that leaves fails only its own calls.
     ``topology`` is ``"all_to_all"`` (workers reach each other at the address they report)
-    or ``"master_worker"``. Julia: ``ElasticManager`` (ClusterManagers.jl).
+    or ``"master_worker"``. Listen on ``"0.0.0.0"`` (or one interface's address) for
+    workers on other machines. Julia: ``ElasticManager`` (ClusterManagers.jl).
 
     Raises:
         ValueError: an unsupported topology.
@@ -106,10 +107,9 @@ class ElasticManager(ClusterManager):
         self._closed = False
         chosen = self._security
         tls = chosen.server_context() if chosen is not None and chosen.tls else None
-        assert ctx.cookie is not None  # init_multi made it
         self._listener = _JoinListener(
-            sockets.bind_listener(address, port, False), ctx.cookie.key,
-            self._authenticated, handshake_timeout=_handshake_timeout(), tls=tls)
+            ctx, sockets.bind_listener(address, port, False), self._authenticated,
+            handshake_timeout=_handshake_timeout(), tls=tls)
         self._address = self._listener.address  # kept: readable after close()
         self._listener.start()
         threading.Thread(target=self._join_loop, daemon=True,
@@ -260,8 +260,13 @@ class _JoinListener(sockets.Listener):
     """The master's join port: every refusal is logged with the address it came from.
 
     A connection closed before it began the challenge (a port scan, a TCP health probe) is
-    only a debug line.
+    only a debug line. The key is the cluster's cookie when the worker comes (one set with
+    ``cluster_cookie(value)`` after the manager was made counts).
     """
+
+    def __init__(self, ctx, sock: socket.socket, on_authenticated, **options) -> None:
+        super().__init__(sock, b"", on_authenticated, **options)
+        self._ctx = ctx
 
     def _authenticate(self, conn: socket.socket) -> None:
         try:
@@ -272,7 +277,7 @@ class _JoinListener(sockets.Listener):
         try:
             if self._tls is not None:
                 conn = sockets.accept_tls(conn, self._tls, deadline)
-            version = sockets.serve_handshake(conn, self._secret, _left(deadline))
+            version = sockets.serve_handshake(conn, self._ctx.cookie.key, _left(deadline))
         except (AuthenticationError, ProtocolError) as exc:
             self._refused(peer, str(exc), conn)
             return

@@ -248,7 +248,8 @@ def plaintext_afterwards():
     default_context().security = None
 
 
-def test_a_plaintext_join_to_a_tls_master_is_refused(plaintext_afterwards, joiners, logs):
+def test_a_plaintext_join_to_a_tls_master_is_refused(plaintext_afterwards, joiners, logs,
+                                                     tmp_path):
     pytest.importorskip("cryptography", reason="Security.temporary() needs cryptography")
     security = distexec.Security.temporary(require_encryption=True)
     em = joiners.manager(security=security)
@@ -259,11 +260,16 @@ def test_a_plaintext_join_to_a_tls_master_is_refused(plaintext_afterwards, joine
     assert "requires TLS" in joiners.stderr(proc)
     assert "TLS handshake failed" in logs.wait_for("ElasticManager refused")
     assert em.workers() == []
-    # the same worker with the TLS line after the cookie joins
-    tls = joiners.start(em, "--tls", stdin=distexec.cluster_cookie().encode() + b"\n"
-                        + security.stdin_line())
-    [pid] = em.wait_for_workers(1, timeout=60)
-    assert worker_pid_of(pid) == tls.pid
+    # with --tls and the TLS line after the cookie (on stdin, or in the cookie file) they join
+    secret = distexec.cluster_cookie().encode() + b"\n" + security.stdin_line()
+    on_stdin = joiners.start(em, "--tls", stdin=secret)
+    path = tmp_path / "join-secret"
+    path.write_bytes(secret)
+    path.chmod(0o400)
+    from_file = joiners.start(em, "--tls", "--cookie-file", str(path), stdin=b"")
+    pids = em.wait_for_workers(2, timeout=60)
+    assert sorted(map(worker_pid_of, pids)) == sorted([on_stdin.pid, from_file.pid])
+    assert distexec.remotecall_fetch(_peer_address_and_hop, pids[1], pids[0])[1] == pids[0]
 
 
 def test_an_absent_master_is_retried_then_the_worker_exits(joiners):
