@@ -20,16 +20,20 @@ much as the network hop itself. So the *read role* (reading a frame and dispatch
 order) can move: a thread that waits for something this connection will bring (a caller
 waiting for its reply, a worker's idle main thread waiting for its next call) calls
 ``read_until(done)``, takes the role, and reads and dispatches frames itself until ``done()``
-— first polling the socket without blocking for a few microseconds (``DISTEXEC_SPIN_US``),
-since a reply to a short call is usually that close, then blocking in ``poll``. The reader
-thread holds the role whenever no waiting thread does; it blocks in ``poll`` on the socket and
-on a wake-up fd, so that a waiting thread can ask for the role back. One waiting thread at a
+— first polling the socket without blocking, for about as long as this connection's waits
+have lately lasted when that is short (``_Spinner``; ``DISTEXEC_SPIN_US`` bounds it), then
+blocking in ``poll``. The reader thread holds the role whenever no waiting thread does; it
+blocks in ``poll`` on the socket and on a wake-up fd, so that a waiting thread can ask for
+the role back. While a waiting thread reads, the reader thread stands aside, and a waiting
+thread that leaves sets an alarm (``alarm.py``) rather than waking it: it reads again only if
+nobody waits by the time the alarm goes off. One waiting thread at a
 time leads; others wait for their frame the usual way. A waiting thread that meets EOF or an
 error leaves it to the reader thread to close the connection and report it.
 """
 
 from __future__ import annotations
 
+import _signal
 import logging
 import math
 import os
@@ -45,6 +49,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, cast
 
 from ..protocol import frames
 from ..protocol.frames import Flag, Header, Kind, RRID, NULL_RRID
+from .alarm import Alarm
 from . import shm
 from .buffers import ReceiveBuffers
 from .tls import TLSChannel
@@ -54,22 +59,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("distexec.transport")
 
+_SIGINT = int(signal.SIGINT)
 _READ_BUFFER = 256 * 1024
 _IOV_MAX = 512
 
 
+_DEFAULT_SPIN_US = 1000.0
+
+
 def _spin_seconds() -> float:
-    """How long a waiting thread polls the socket without blocking (``DISTEXEC_SPIN_US``,
-    microseconds, default 50; 0 never polls)."""
+    """The longest a waiting thread polls the socket without blocking (``DISTEXEC_SPIN_US``,
+    microseconds, default 1000; 0 never polls). How long it polls is learnt (_Spinner)."""
     value = os.environ.get("DISTEXEC_SPIN_US", "")
     try:
-        micros = float(value) if value else 50.0
+        micros = float(value) if value else _DEFAULT_SPIN_US
         if not 0 <= micros < math.inf:
             raise ValueError
     except ValueError:
         warnings.warn(f"DISTEXEC_SPIN_US={value!r} is not a number of microseconds >= 0; "
-                      "using 50", stacklevel=2)
-        micros = 50.0
+                      f"using {_DEFAULT_SPIN_US:g}", stacklevel=2)
+        micros = _DEFAULT_SPIN_US
     return micros / 1e6
 
 
@@ -208,16 +217,28 @@ class Connection:
         self._wanted = 0  # waiting threads that want the role; the reader thread stands aside
         self._leading = False  # one waiting thread at a time reads
         self._linger_until = 0.0  # the reader thread stands aside until then (LINGER_SECONDS)
-        self._parked = False  # the reader thread waits, untimed, for the waiting threads
+        self._parked = False  # the reader thread stands aside for the waiting threads
         self._failed: BaseException | None = None  # what a waiting thread's read met
         self._also: tuple[int, select.poll] | None = None  # (fd, poll) of read_until(also=)
         self._wake_fd: int | None = None
         self._poll: select.poll | None = None
+        # Where the reader thread stands aside (_stand_aside): an eventfd to wake it, and
+        # an alarm that a leaving waiting thread sets instead of waking it (alarm.py).
+        self._aside_fd: int | None = None
+        self._aside_poll: select.poll | None = None
+        self._alarm: Alarm | None = None
+        self._alarm_set = False
         if type(stream) is socket.socket and hasattr(os, "eventfd") and hasattr(select, "poll"):
             self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._poll = select.poll()
             self._poll.register(stream, select.POLLIN)
             self._poll.register(self._wake_fd, select.POLLIN)
+            self._aside_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._aside_poll = select.poll()
+            self._aside_poll.register(self._aside_fd, select.POLLIN)
+            self._alarm = Alarm.create()
+            if self._alarm is not None:
+                self._aside_poll.register(self._alarm.fd, select.POLLIN)
 
     def __repr__(self) -> str:
         return f"<Connection {self.name} pid={self.peer_pid}{' closed' if self.closed else ''}>"
@@ -280,8 +301,10 @@ class Connection:
                     self._leading = False
                     self._wanted -= 1
                     self._linger_until = time.monotonic() + LINGER_SECONDS
-                    if self._parked or self._wake_fd is None:  # (None: the reader closes)
-                        self._demand.notify()
+                    if self._wake_fd is None:  # the reader thread closes, and waits for us
+                        self._demand.notify_all()
+                    elif self._parked:
+                        self._call_back_reader()
 
     def poke(self) -> None:
         """Make the thread that holds the read role look up (its ``done()`` may have changed)."""
@@ -307,27 +330,31 @@ class Connection:
         """With the role held: read and dispatch until ``done()``; see ``read_until``."""
         reader = self._input
         deadline = None if timeout is None else time.monotonic() + timeout
-        spin = self._spinner.budget(spin)
+        started = time.perf_counter()
+        limit, spin = spin, self._spinner.window(spin)
         # One thread of a process polls at a time: polling threads would take the GIL from
         # each other (and from everyone else) between their calls to recv.
         if spin and not _POLLING.acquire(blocking=False):
             spin = 0.0
-        spin_until = time.perf_counter() + spin
-        missed = False  # the frame took longer than the poll
+        spin_until = started + spin
+        polling = bool(spin)
         try:
             while not done():
                 if interrupted or self._failed is not None or self.closed:
                     return True
                 if not reader.pending:
-                    if time.perf_counter() < spin_until:
-                        reader.fill_nowait()
+                    if polling and time.perf_counter() < spin_until:
+                        if also is None:
+                            reader.fill_nowait()
+                        elif poll.poll(0):
+                            spin_until = 0.0  # something came: look at it the usual way
                         continue
+                    if polling:
+                        polling = False
+                        _POLLING.release()
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         return True
-                    if spin and not missed:
-                        _POLLING.release()
-                    missed = True
                     ready = poll.poll(None if left is None else left * 1000)
                     if not ready or any(fd == also for fd, _ in ready):
                         return True
@@ -340,10 +367,9 @@ class Connection:
             self._failed = exc.with_traceback(None)
             return True
         finally:
-            if spin:
-                if not missed:
-                    _POLLING.release()
-                self._spinner.spun(missed)
+            if polling:
+                _POLLING.release()
+            self._spinner.waited(time.perf_counter() - started, limit)
         return True
 
     def send(self, kind: Kind, payload: bytes = b"", buffers=(), *, flags: Flag = Flag.NONE,
@@ -447,14 +473,12 @@ class Connection:
         with self._demand:
             while self._failed is None:  # (a waiting thread met the end: report it at once)
                 if self._wanted:
-                    self._parked = True
-                    self._demand.wait()
-                    self._parked = False
+                    self._stand_aside(None)
                     continue
                 left = self._linger_until - time.monotonic()
                 if left <= 0:
                     break
-                self._demand.wait(left)
+                self._stand_aside(left)
         with self._role:
             if self._failed is not None:
                 raise self._failed
@@ -466,6 +490,35 @@ class Connection:
                     _drain(wake_fd)
                     return
             self._on_frame(self, self._read_frame(self._input))
+
+    def _stand_aside(self, timeout: float | None) -> None:
+        """The reader thread, with ``_demand`` held: wait without it until called back
+        (``_call_back_reader``) or ``timeout`` seconds."""
+        poll = self._aside_poll
+        assert poll is not None and self._aside_fd is not None
+        self._parked = True
+        self._demand.release()
+        try:
+            poll.poll(None if timeout is None else timeout * 1000)
+        finally:
+            self._demand.acquire()
+            self._parked = False
+        _drain(self._aside_fd)
+        if self._alarm_set:  # (woken another way, it is still set: it will go off later)
+            assert self._alarm is not None
+            self._alarm_set = not self._alarm.drain()
+
+    def _call_back_reader(self) -> None:
+        """A waiting thread leaves, with ``_demand`` held: the reader thread must read again
+        if nobody waits LINGER_SECONDS from now. With an alarm, it wakes only then (and not
+        at all while a waiting thread is back by then, which reading reply after reply is);
+        one alarm at a time: an earlier one that goes off finds the linger still running."""
+        if self._failed is None and self._alarm is not None:
+            if not self._alarm_set:
+                self._alarm_set = True
+                self._alarm.set(LINGER_SECONDS)
+        elif self._aside_fd is not None:
+            _poke(self._aside_fd)
 
     def _close_shared(self) -> None:
         """Give up this connection's shared blocks (arrays built on them keep their memory)."""
@@ -481,8 +534,13 @@ class Connection:
                 _poke(fd)  # out of a poll on the socket, which closing it does not end
             while self._leading:
                 self._demand.wait()
-        if fd is not None:
-            os.close(fd)
+            aside_fd, self._aside_fd = self._aside_fd, None
+            alarm, self._alarm = self._alarm, None
+        for fd_ in (fd, aside_fd):
+            if fd_ is not None:
+                os.close(fd_)
+        if alarm is not None:
+            alarm.close()
 
     def _read_frame(self, reader: _BufferedReader) -> Frame:
         kind, flags, nbufs, response, notify, payload_len = frames.decode_fixed_header(
@@ -516,30 +574,39 @@ class Connection:
 
 
 class _Spinner:
-    """How long a waiting thread polls without blocking, learnt from how polls went.
+    """How long a waiting thread polls before it blocks, learnt from how long its waits last.
 
-    Polling pays when the frame comes within the window, which is the case when one call
-    at a time goes back and forth. When the frame keeps taking longer, the poll only took a
-    CPU that other work could have used (more busy workers than cores makes that the rule),
-    so when more than half of the recent polls ran out, only one wait in eight polls, to
-    notice when frames come quickly again.
+    Polling (instead of blocking in ``poll``) saves the wake-up when the frame comes within
+    the window: a reply to a short call, or the next call of a caller that makes one after
+    another. How soon that is depends on the machine and on the work, so the window follows
+    the waits this connection has seen: twice their running mean, while that mean is under
+    half the limit (``DISTEXEC_SPIN_US``); waits longer than that (long calls, an idle
+    worker) are not worth a CPU spent polling, and their waits do not poll at all. A wait
+    that blocks still counts, with its wake-up in it, so the window opens again when frames
+    come quickly again.
     """
 
-    WEIGHT = 1 / 8  # of the latest poll in the running share
-    PROBE_EVERY = 8
+    WEIGHT = 1 / 8  # of the latest wait in the running mean
+    FACTOR = 2.0  # the window, in running means
 
     def __init__(self) -> None:
-        self.missed = 0.0  # running share of polls that ran out before a frame came
-        self._waits = 0
+        self.mean: float | None = None  # seconds; None before the first wait
 
-    def budget(self, spin: float) -> float:
-        self._waits += 1
-        if self.missed > 0.5 and self._waits % self.PROBE_EVERY:
+    def window(self, limit: float) -> float:
+        """Seconds to poll this wait, at most ``limit``."""
+        if not limit:
             return 0.0
-        return spin
+        mean = self.mean
+        if mean is None:
+            return limit
+        return min(self.FACTOR * mean, limit) if mean * self.FACTOR <= limit else 0.0
 
-    def spun(self, missed: bool) -> None:
-        self.missed += self.WEIGHT * (missed - self.missed)
+    def waited(self, seconds: float, limit: float) -> None:
+        # A long wait counts as a little over the limit: enough to stop polling, without one
+        # idle minute keeping it stopped for the next hundred waits.
+        seconds = min(seconds, 1.25 * limit)
+        mean = self.mean
+        self.mean = seconds if mean is None else mean + self.WEIGHT * (seconds - mean)
 
 
 def _poke(fd: int) -> None:
@@ -569,19 +636,21 @@ def _sigint_deferred(conn: Connection, defer: bool) -> Iterator[list]:
         caught.append(frame)
         conn.poke()  # a blocking poll returns, and the waiting thread steps aside
 
+    # _signal, not signal: the module's wrappers convert numbers to enums and back, which
+    # cost more than the rest of a waiting caller's bookkeeping (it runs twice per call).
     try:
-        previous = signal.signal(signal.SIGINT, hold)
+        previous = _signal.signal(_SIGINT, hold)
     except ValueError:  # not the main interpreter
         yield caught
         return
     try:
         yield caught
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _signal.signal(_SIGINT, previous)
         if caught:
             if callable(previous):
                 previous(signal.SIGINT, caught[-1])
-            elif previous == signal.SIG_DFL:
+            elif previous == _signal.SIG_DFL:
                 signal.raise_signal(signal.SIGINT)
 
 

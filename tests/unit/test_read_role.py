@@ -168,7 +168,86 @@ def test_closing_the_connection_ends_a_blocked_waiting_thread(peer):
 def test_the_wake_fd_is_closed_with_the_connection(peer):
     fds_before = set(os.listdir("/proc/self/fd"))
     peer.finish()
-    assert len(fds_before - set(os.listdir("/proc/self/fd"))) >= 2  # the socket and its wake fd
+    # the raw far end; ours: the socket, its wake fd, and where the reader thread stands
+    # aside (an eventfd and an alarm)
+    assert len(fds_before - set(os.listdir("/proc/self/fd"))) == 5
+
+
+def _when_asleep(thread: threading.Thread, deadline_s: float = 10) -> int:
+    """Once ``thread`` sleeps: how many times it has gone to sleep so far."""
+    deadline = time.monotonic() + deadline_s
+    task = f"/proc/self/task/{thread.native_id}"
+    while True:
+        with open(f"{task}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state == "S":
+            with open(f"{task}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        return int(line.split()[1])
+        assert time.monotonic() < deadline, f"the thread does not go to sleep ({state})"
+        time.sleep(0.001)
+
+
+def test_a_waiting_thread_back_before_the_linger_ends_wakes_nobody(peer, monkeypatch):
+    # Reply after reply, the reader thread stands aside the whole time: a waiting thread
+    # that leaves and comes back within the linger does not wake it to find that out (it
+    # did: about two wake-ups of the reader thread per millisecond of calls).
+    from distexec.transport import connection
+    monkeypatch.setattr(connection, "LINGER_SECONDS", 5.0)  # far longer than the test takes
+    first = threading.Thread(target=peer.conn.read_until, args=(lambda: peer.count() >= 1,),
+                             kwargs={"spin": 0.0})
+    first.start()
+    deadline = time.monotonic() + 10
+    while not peer.conn._parked:  # the reader thread gave the role up and stands aside
+        assert time.monotonic() < deadline, "the reader thread does not stand aside"
+        time.sleep(0.001)
+    reader = peer.conn.reader_thread
+    before = _when_asleep(reader)
+    peer.raw.sendall(_frame(0))
+    first.join(10)
+    for n in range(1, 201):
+        peer.raw.sendall(_frame(n))
+        assert peer.conn.read_until(lambda: peer.count() > n, spin=0.0)
+    assert _when_asleep(reader) == before
+    assert "distexec-reader-peer" not in {name for _, name in peer.received}
+
+
+def test_a_waiting_thread_that_stays_away_leaves_the_reading_to_the_reader_thread(peer):
+    peer.raw.sendall(_frame(0))
+    assert peer.conn.read_until(lambda: peer.count() >= 1)
+    peer.raw.sendall(_frame(1))  # nobody waits for it: read once the linger is over
+    peer.wait_for(2)
+    assert peer.received[1] == (1, "distexec-reader-peer")
+
+
+def test_waits_for_frames_that_come_late_do_not_poll(peer):
+    # Polling pays only when the frame is near: after a few waits of 20 ms, a waiting
+    # thread blocks at once instead of burning the CPU for the polling limit each time.
+    cpu = []
+    for n in range(12):
+        threading.Timer(0.02, peer.raw.sendall, args=(_frame(n),)).start()
+        started = time.thread_time()
+        assert peer.conn.read_until(lambda: peer.count() > n)
+        cpu.append(time.thread_time() - started)
+    assert sum(cpu[4:]) < 0.004, cpu  # 8 waits: well under one polling limit (1 ms) each
+
+
+def test_the_polling_window_follows_the_waits_it_sees():
+    from distexec.transport.connection import _Spinner
+    limit = 0.001
+    spinner = _Spinner()
+    assert spinner.window(limit) == limit  # nothing learnt yet
+    for _ in range(40):
+        spinner.waited(100e-6, limit)
+    assert spinner.window(limit) == pytest.approx(200e-6)  # twice the typical wait
+    assert spinner.window(0.0) == 0.0  # DISTEXEC_SPIN_US=0
+    for _ in range(20):
+        spinner.waited(60.0, limit)  # an idle worker, long calls
+    assert spinner.window(limit) == 0.0
+    for _ in range(20):
+        spinner.waited(50e-6, limit)
+    assert 0 < spinner.window(limit) < limit  # short waits again: it polls again
 
 
 def test_stream_transports_keep_to_the_reader_thread():
