@@ -39,7 +39,9 @@ What makes it safe:
 * A block serves one transfer at a time: the sender fills it again only after the receiver
   released the value built on it. The receiver's array is writable, as one from the socket
   is, and its writes reach nobody: the sender's own array is elsewhere, and it never reads
-  the block.
+  the block. (One difference from private memory: a child the receiver forks while it holds
+  the array shares that memory rather than getting a copy of it; such a value is then never
+  released, see ``_forks``.)
 * Only the buffers of NumPy arrays: NumPy reads its bytes through the buffer protocol from
   whatever object it is given. Other out-of-band buffers (bytearrays) keep the socket.
 
@@ -365,7 +367,7 @@ class SharedIn:
         if HEADER + n > len(m):
             raise ProtocolError(f"shared buffer of {n} bytes overruns its block")
         region = _region_type(n).from_buffer(m, HEADER)
-        release = weakref.finalize(region, _release, m, seq)
+        release = weakref.finalize(region, _release, m, seq, _forks)
         release.atexit = False
         return region
 
@@ -387,15 +389,37 @@ class SharedIn:
 
 
 def _map(fd: int) -> mmap.mmap:
-    size = os.fstat(fd).st_size
-    if size <= HEADER:
-        raise ProtocolError("a shared block is smaller than its header")
-    if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
-        raise ProtocolError("a shared block is not sealed against shrinking")
-    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    try:
+        size = os.fstat(fd).st_size
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)  # (EINVAL: not a memfd)
+        if size <= HEADER:
+            raise ProtocolError("a shared block is smaller than its header")
+        if seals & _SEALS != _SEALS:
+            raise ProtocolError("a shared block is not sealed against shrinking")
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    except OSError as exc:
+        raise ProtocolError(f"the peer's shared block cannot be mapped: {exc}") from None
 
 
-def _release(m: mmap.mmap, seq: int) -> None:
+# Forks of this process so far. A value that existed when the process forked is never
+# released: the child has it too (its mapping is shared, not copied), and the sender must not
+# fill the block again while either might still read it. The child releases nothing it
+# inherited either. (Its block is given up with the connection.)
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_count_fork)
+
+
+def _release(m: mmap.mmap, seq: int, forks: int) -> None:
+    if forks != _forks:
+        return
     try:
         _U64.pack_into(m, _RELEASED, seq)
     except (ValueError, TypeError):  # (unmapped: nothing to tell)

@@ -276,3 +276,20 @@ def test_a_block_is_owner_only_sealed_and_nameless():
         placed.finish(False)
         out.close()
     assert len(out) == 0
+
+
+def test_a_value_held_across_a_fork_is_never_released(pair):
+    sender, receiver = pair
+    _send(sender, np.full(MIB, 1.0))
+    held = _value(receiver.receive())
+    pid = os.fork()
+    if pid == 0:  # the child: drops its copy at once (its release must not count either)
+        del held
+        gc.collect()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    del held  # the parent's too
+    gc.collect()
+    _send(sender, np.full(MIB, 2.0))  # the first block stays taken: a second one
+    assert _value(receiver.receive())[0] == 2.0
+    assert len(sender.conn._shm_out) == 2
