@@ -19,10 +19,11 @@ shared mapping, once, but every one of its 16,384 pages must then be allocated a
 in, which costs more than both copies (and freeing them again as much). A connection
 therefore keeps its blocks, as it keeps its receive buffers (``transport.buffers``): in the
 steady state the sender copies into memory both processes have mapped already, and the
-receiver maps nothing. A block is reused only for a buffer of at least half its size, the
-pool is bounded (``MAX_BLOCKS``, ``MAX_POOL_BYTES``) and a block idle for ``IDLE_SECONDS``
-is given up. When no block is free and the pool is full (the receiver keeps its arrays), a
-buffer takes the socket.
+receiver maps nothing. A block is reused only for a buffer of at least half its size. The
+pool is bounded: at most ``MAX_BLOCKS`` blocks, and of the free ones (memory nobody uses)
+at most ``MAX_IDLE_BYTES``, none idle for longer than ``IDLE_SECONDS``. A block in use is
+the receiver's array itself, so its size is not capped. When no block is free and the pool
+is full (the receiver keeps its arrays), a buffer takes the socket.
 
 What makes it safe:
 
@@ -71,7 +72,7 @@ from ..protocol.frames import SHARED_REF
 #: Smaller buffers take the socket: a copy there costs less than the bookkeeping.
 SHM_MIN = 1 << 20
 MAX_BLOCKS = 8                 # blocks one connection's sender keeps at most
-MAX_POOL_BYTES = 1 << 30       # their total size at most
+MAX_IDLE_BYTES = 512 << 20     # the free ones, in total, at most
 IDLE_SECONDS = 2.0             # a free block unused this long is given up
 MAX_FDS = 4 * MAX_BLOCKS        # room for the descriptors one read brings (one frame's: <= MAX_BLOCKS)
 
@@ -209,8 +210,7 @@ class SharedOut:
                 block.last_used = time.monotonic()
                 return block, False
             capacity = -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
-            while (len(self._blocks) >= MAX_BLOCKS
-                   or sum(b.capacity for b in self._blocks) + capacity > MAX_POOL_BYTES):
+            while len(self._blocks) >= MAX_BLOCKS:
                 idle = [b for b in self._blocks if b.is_free()]
                 if not idle:
                     return None
@@ -260,8 +260,9 @@ class SharedOut:
                     _U64.pack_into(block.map, _RELEASED, block.seq)
 
     def trim(self) -> None:
-        """Give up the free blocks idle for ``IDLE_SECONDS`` (looks at most once a second;
-        the connection calls it for every frame it reads, heartbeats included)."""
+        """Give up the free blocks idle for ``IDLE_SECONDS``, and the oldest free ones beyond
+        ``MAX_IDLE_BYTES`` (looks at most once a second; the connection calls it for every
+        frame it reads, heartbeats included)."""
         if not self._blocks:
             return
         now = time.monotonic()
@@ -269,8 +270,12 @@ class SharedOut:
             return
         with self._lock:
             self._trimmed = now
-            for block in [b for b in self._blocks
-                          if now - b.last_used > IDLE_SECONDS and b.is_free()]:
+            free = sorted((b for b in self._blocks if b.is_free()), key=lambda b: b.last_used)
+            kept = sum(b.capacity for b in free)
+            for block in free:
+                if now - block.last_used <= IDLE_SECONDS and kept <= MAX_IDLE_BYTES:
+                    continue
+                kept -= block.capacity
                 self._blocks.remove(block)
                 block.retire()
 

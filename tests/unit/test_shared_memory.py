@@ -293,3 +293,19 @@ def test_a_value_held_across_a_fork_is_never_released(pair):
     _send(sender, np.full(MIB, 2.0))  # the first block stays taken: a second one
     assert _value(receiver.receive())[0] == 2.0
     assert len(sender.conn._shm_out) == 2
+
+
+def test_free_blocks_beyond_the_idle_budget_are_given_up_oldest_first(pair, monkeypatch):
+    monkeypatch.setattr(shm, "MAX_IDLE_BYTES", 3 * MIB)
+    monkeypatch.setattr(shm, "_TRIM_EVERY", 0.0)
+    sender, receiver = pair
+    held = []
+    for i in range(3):  # three blocks of 2 MiB, all in use: no budget applies to those
+        _send(sender, np.full(MIB // 4, float(i)))
+        held.append(_value(receiver.receive()))
+    assert len(sender.conn._shm_out) == 3
+    del held[:]
+    gc.collect()
+    receiver.conn.send(Kind.PING)  # the sender reads a frame: trims to 1 block (2 MiB <= 3)
+    sender.receive()
+    assert len(sender.conn._shm_out) == 1
