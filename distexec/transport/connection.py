@@ -344,10 +344,15 @@ class Connection:
                     return True
                 if not reader.pending:
                     if polling and time.perf_counter() < spin_until:
+                        # Between two looks, give the CPU to whoever waits for it: on a busy
+                        # machine that is often the peer this thread waits for.
                         if also is None:
-                            reader.fill_nowait()
+                            if not reader.fill_nowait():
+                                os.sched_yield()
                         elif poll.poll(0):
                             spin_until = 0.0  # something came: look at it the usual way
+                        else:
+                            os.sched_yield()
                         continue
                     if polling:
                         polling = False
