@@ -216,7 +216,12 @@ class CallRunner:
             # nobody then, so look at the lane often until the reading is ours again.
             self._main_wake.acquire(timeout=IDLE_POLL if lane_fd is None else LANE_POLL)
         with self._lock:
-            return self._pop_main_task()
+            task = self._pop_main_task()
+        if task is None and self.take_from_lane is not None:
+            self.take_from_lane()  # the lane is what ended the wait, most likely
+            with self._lock:
+                task = self._pop_main_task()
+        return task
 
     def wake_idle_main(self) -> None:
         """Make an idle main thread look again: it has a task lane to read now."""
