@@ -24,6 +24,7 @@ deadlines, bounded lazy submission) to ``distexec.ordered_map``. Imports those,
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import os
 import pickle
@@ -45,6 +46,7 @@ from .errors import (
     RemoteException,
 )
 from .executor_futures import ExecutorFuture, Task, complete
+from .executor_load import InFlight
 from .executor_routes import InOrderRoutes
 from .executor_workers import WorkerLifecycle, check_initializer
 from .pools import AbstractWorkerPool, WorkerPool
@@ -66,6 +68,8 @@ __all__ = ["DistributedExecutor", "BrokenExecutor"]
 log = logging.getLogger("concurrent.futures")
 
 MAX_IN_FLIGHT = 2  # per worker: one running, one on its way, so a worker never waits for work
+#: While a map submits its inputs, the queue is pumped once per this many (``_queueing``).
+QUEUEING_PUMP_EVERY = 1024
 
 _interpreter_exiting = False
 _live_executors: weakref.WeakSet[DistributedExecutor] = weakref.WeakSet()
@@ -214,7 +218,7 @@ class DistributedExecutor(cf.Executor):
         self._lock = threading.Lock()
         self._callback_lock = threading.RLock()
         self._queue: deque[Task] = deque()
-        self._in_flight: dict[int, int] = {}  # messages (single tasks or batches) per worker
+        self._in_flight = InFlight(MAX_IN_FLIGHT)  # messages (tasks or batches) per worker
         self._targets_cache: tuple = (None, [])
         self._sizer = batches.BatchSizer()
         self._routes = InOrderRoutes(self._ctx)  # by a worker's task lane or its connection
@@ -228,6 +232,8 @@ class DistributedExecutor(cf.Executor):
         self._broken: str | bool = False
         self._last_lost: int | None = None  # the last of this executor's workers that died
         self._release_lock = threading.Lock()
+        self._queueing_depth = 0  # maps submitting their inputs now (``_queueing``)
+        self._queued = 0  # tasks they submitted
         owned: list[int] = []
         params: dict | None = None
         if pool is None:
@@ -274,9 +280,28 @@ class DistributedExecutor(cf.Executor):
             # Tasks queued already mean every slot is taken: each slot that frees up pumps.
             backlog = bool(self._queue)
             self._queue.append(Task(future, fn, args, kwargs))
+            if self._queueing_depth:
+                self._queued += 1
+                backlog = self._queued % QUEUEING_PUMP_EVERY != 1
         if not backlog:
             self._pump()
         return future
+
+    @contextlib.contextmanager
+    def _queueing(self) -> Iterator[None]:
+        """Submits inside only queue their tasks, but for a pump per ``QUEUEING_PUMP_EVERY``
+        and one at the end: a map's inputs wait as a backlog, and a backlog travels in
+        batches. Submitted and pumped one by one, each task of a map finds a free slot and
+        goes alone as long as the workers keep up with the submits, which many workers do
+        (256 slots at 128 workers): a message, a worker woken and a reply per tiny task."""
+        with self._lock:
+            self._queueing_depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._queueing_depth -= 1
+            self._pump()
 
     def map(self, fn: Callable[..., _T], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1, buffersize: int | None = None,
@@ -306,7 +331,7 @@ class DistributedExecutor(cf.Executor):
             cancelled = list(self._queue) if cancel_futures else []
             if cancel_futures:
                 self._queue.clear()
-                if not any(self._in_flight.values()):
+                if not self._in_flight.total:
                     self._idle.notify_all()
         for task in cancelled:
             task.future.cancel()
@@ -333,10 +358,13 @@ class DistributedExecutor(cf.Executor):
 
     # -- dispatching -------------------------------------------------------------------------
     def _targets(self) -> list[int]:
-        workers = self.pool.workers()
+        pool = self.pool
+        # a WorkerPool counts its changes: no sorted copy of its members per task
+        workers = pool.changes if isinstance(pool, WorkerPool) else pool.workers()
         key = (self._ctx.membership_version, workers)
         cached_key, targets = self._targets_cache
         if key != cached_key:  # kept until a worker comes, goes or changes state
+            workers = pool.workers()
             live = set(self._ctx.live_pids())
             targets = [p for p in workers if p in live]
             self._targets_cache = (key, targets)
@@ -351,14 +379,15 @@ class DistributedExecutor(cf.Executor):
                 if not self._queue or self._broken:
                     return
                 targets = self._targets()
+                self._in_flight.track(targets)
                 usable, new = self._workers.usable(targets)
-                pid = self._least_loaded(usable)
+                pid = self._least_loaded(usable, targets)
                 if not targets and not self._workers.replacing():
                     doomed = self._mark_broken("all workers of this executor have exited")
                 elif pid is not None:
                     tasks = self._take_tasks(pid, targets)
                     if tasks:
-                        self._in_flight[pid] = self._in_flight.get(pid, 0) + 1
+                        self._in_flight.add(pid)
                         self._workers.count_sent(pid, len(tasks))
                         probe = pid not in self._probed
                         self._probed.add(pid)
@@ -374,14 +403,13 @@ class DistributedExecutor(cf.Executor):
                     self._send_probe(pid)
                 self._dispatch(pid, tasks)
 
-    def _least_loaded(self, usable: list[int]) -> int | None:
+    def _least_loaded(self, usable: list[int], targets: list[int]) -> int | None:
         """With the lock held: the usable worker with the fewest messages in flight, if it
-        has a free slot."""
+        has a free slot (O(1) in the number of workers when all targets are usable)."""
         if not usable:
             return None
-        in_flight = self._in_flight
-        pid = min(usable, key=lambda p: in_flight.get(p, 0))
-        return pid if in_flight.get(pid, 0) < MAX_IN_FLIGHT else None
+        accept = None if usable is targets else set(usable).__contains__
+        return self._in_flight.least_loaded(accept)
 
     def _take_tasks(self, pid: int, targets: list[int]) -> list[Task]:
         """With the lock held: the next task, or a batch of them when a backlog waits.
@@ -394,7 +422,7 @@ class DistributedExecutor(cf.Executor):
             task = queue.popleft()
             return [task] if task.start() else []
         slots = len(targets) * MAX_IN_FLIGHT
-        free = slots - sum(self._in_flight.get(p, 0) for p in targets)
+        free = max(0, slots - self._in_flight.total)
         first = queue[0].fn
         limit = self._sizer.limit(first, len(queue), free, slots)
         quota = self._workers.quota(pid)
@@ -423,7 +451,7 @@ class DistributedExecutor(cf.Executor):
             return
         if len(messages) > 1:  # pickled for this worker already: they all go there
             with self._lock:
-                self._in_flight[pid] = self._in_flight.get(pid, 0) + len(messages) - 1
+                self._in_flight.add(pid, len(messages) - 1)
         for pickled in messages:
             self._send(pid, pickled)
 
@@ -500,7 +528,7 @@ class DistributedExecutor(cf.Executor):
 
     def _requeue(self, pid: int, tasks: list[Task]) -> None:
         with self._lock:
-            self._in_flight[pid] = self._in_flight.get(pid, 1) - 1
+            self._in_flight.done(pid)
             self._queue.extendleft(reversed(tasks))
         self._pump()
 
@@ -514,9 +542,9 @@ class DistributedExecutor(cf.Executor):
         """A message to ``pid`` is done (``via_lane``: which way it went, if it went)."""
         self._routes.done(pid, via_lane)
         with self._lock:
-            left = self._in_flight[pid] = self._in_flight.get(pid, 1) - 1
+            left = self._in_flight.done(pid)
             queued = bool(self._queue)
-            if not queued and not any(self._in_flight.values()):
+            if not queued and not self._in_flight.total:
                 self._idle.notify_all()
         if left == 0:
             self._workers.idle(pid)  # retires it if it ran its max_tasks_per_child
@@ -527,7 +555,7 @@ class DistributedExecutor(cf.Executor):
         never_sent = [task for waiter in self._routes.lost(pid) for task in waiter.tasks]
         with self._lock:
             self._queue.extendleft(reversed(never_sent))  # they go to another worker
-            if self._in_flight.pop(pid, None) is not None:  # one of ours: it was sent work
+            if self._in_flight.forget(pid) is not None:  # one of ours: it was sent work
                 self._last_lost = pid
             # what it was sent (recycled workers would otherwise pile up here)
             self._probed.discard(pid)
@@ -538,7 +566,7 @@ class DistributedExecutor(cf.Executor):
     def _wants_workers(self) -> bool:
         """Whether a lost or retired worker should be replaced: the executor still takes
         tasks, or has some left to run."""
-        return not self._shutdown or bool(self._queue) or any(self._in_flight.values())
+        return not self._shutdown or bool(self._queue) or self._in_flight.total > 0
 
     # -- breaking ----------------------------------------------------------------------------
     def _break(self, reason: str) -> None:
@@ -566,7 +594,7 @@ class DistributedExecutor(cf.Executor):
     # -- shutting down -----------------------------------------------------------------------
     def _wait_idle(self) -> None:
         with self._lock:
-            while (self._queue or any(self._in_flight.values())) and not self._broken:
+            while (self._queue or self._in_flight.total) and not self._broken:
                 self._idle.wait()
 
     def _release_workers(self) -> None:

@@ -14,6 +14,7 @@ counts from the call, and an abandoned or failed map cancels what it had queued.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import functools
 import itertools
 import time
@@ -48,9 +49,12 @@ def _map_results(executor, fn, args_iter, deadline, buffersize, *, splat: bool =
         return target.submit(fn, *args) if splat else target.submit(fn, args)
 
     futures: deque = deque()
+    # A DistributedExecutor queues the inputs before it sends them, so they go in batches.
+    queueing = getattr(executor, "_queueing", contextlib.nullcontext)
     try:
-        for args in itertools.islice(args_iter, buffersize) if buffersize else args_iter:
-            futures.append(submit(executor, args))
+        with queueing():
+            for args in itertools.islice(args_iter, buffersize) if buffersize else args_iter:
+                futures.append(submit(executor, args))
     except BaseException:  # a bad input, a refused submit, or Ctrl-C: run none of the map
         for future in futures:
             future.cancel()

@@ -86,6 +86,9 @@ class WorkerPool(AbstractWorkerPool):
         self._members: set[int] = set()
         self._free: deque[int] = deque()
         self._cond = threading.Condition()
+        self._watchers = 0  # threads in wait(), which take nothing when woken
+        self._pruned_at: int | None = None  # the cluster's membership_version at the last prune
+        self.changes = 0  # counts changes of the members: views of them are cached against it
         _pool_registry(self._ctx)[self._id] = self
         for pid in pids:
             self.push(pid)
@@ -103,6 +106,8 @@ class WorkerPool(AbstractWorkerPool):
         with self._cond:
             self._members.add(pid)
             self._free.append(pid)
+            self._pruned_at = None  # it may have left already: the next take checks
+            self.changes += 1
             self._cond.notify_all()
 
     def push_if_new(self, pid: int) -> None:
@@ -115,8 +120,13 @@ class WorkerPool(AbstractWorkerPool):
         with self._cond:
             if pid in self._members:
                 self._free.append(pid)
-                # all: a waiter woken alone (``wait`` does not take) would leave a taker asleep
-                self._cond.notify_all()
+                # One free worker is for one taker: waking them all (pmap has a thread per
+                # worker waiting) cost O(workers) per call. But a ``wait``er woken alone
+                # takes nothing and would leave a taker asleep: with one waiting, wake all.
+                if self._watchers:
+                    self._cond.notify_all()
+                else:
+                    self._cond.notify()
         return pid
 
     def take(self) -> int:
@@ -139,7 +149,11 @@ class WorkerPool(AbstractWorkerPool):
                     return
                 if not self._members:
                     raise DistributedError("No active worker available in pool")
-                self._cond.wait()
+                self._watchers += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._watchers -= 1
 
     def isready(self) -> bool:
         with self._cond:
@@ -159,15 +173,22 @@ class WorkerPool(AbstractWorkerPool):
             return sorted(self._members)
 
     def _prune(self) -> None:
-        """Drop members that left the cluster (called with the lock held)."""
+        """Drop members that left the cluster (called with the lock held): only when the
+        cluster's membership changed since the last time, not on every take (O(workers))."""
+        version = self._ctx.membership_version  # read first: a change meanwhile prunes again
+        if version == self._pruned_at:
+            return
+        self._pruned_at = version
         live = set(self._ctx.live_pids())
         dead = {p for p in self._members if p not in live and p != self._ctx.myid}
         if dead:
             self._members -= dead
             self._free = deque(p for p in self._free if p not in dead)
+            self.changes += 1
 
     def _worker_lost(self, pid: int) -> None:
         with self._cond:
+            self._pruned_at = None  # whether or not the membership_version moved yet
             self._prune()
             self._cond.notify_all()
 

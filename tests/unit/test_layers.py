@@ -5,7 +5,8 @@ check works on a half-written tree) and checks that each module imports from ``d
 only modules of its own layer or of an earlier one::
 
     errors < protocol < transport < runtime < cluster < pools < progress < pmap < ordered_map
-           < executor_futures < executor_workers < executor_routes < executor < mp_results < mp_pool < api < integrations < testing < cli
+           < executor_futures < executor_workers < executor_routes < executor_load < executor < mp_results
+           < mp_pool < api < integrations < testing < cli
 
 ``distexec/__init__.py`` and ``distexec/__main__.py`` may import anything; ``testing`` anything
 below ``cli``. Importing the package root itself (``import distexec``, ``from distexec import
@@ -46,6 +47,7 @@ LAYERS = [
     "executor_futures",
     "executor_workers",
     "executor_routes",
+    "executor_load",
     "executor",
     "mp_results",
     "mp_pool",
