@@ -1,6 +1,6 @@
 """The executors under test, each behind the same small interface.
 
-``open_backend(name)`` constructs one (two workers everywhere) and returns a ``Backend`` with
+``open_backend(name)`` constructs one (two workers, unless told otherwise) and returns a ``Backend`` with
 ``submit(fn, *args)`` (a ``concurrent.futures.Future``), ``map(fn, items, chunksize)``
 (an iterator of results, in order) and ``close()``. Each is imported only when used, so a
 missing peer fails its own runs only.
@@ -50,9 +50,9 @@ class DistexecBackend(Backend):
     name = "distexec"
 
     @classmethod
-    def open(cls):
+    def open(cls, n: int = NWORKERS):
         import distexec
-        return cls(distexec.DistributedExecutor(NWORKERS))
+        return cls(distexec.DistributedExecutor(n))
 
     def workers(self) -> list[int]:
         return self.executor.workers()
@@ -70,10 +70,10 @@ class ProcessPoolBackend(Backend):
         self.name = f"pp-{method}"
 
     @classmethod
-    def open(cls, method: str):
+    def open(cls, method: str, n: int = NWORKERS):
         import concurrent.futures as cf
         import multiprocessing
-        return cls(cf.ProcessPoolExecutor(NWORKERS, mp_context=multiprocessing.get_context(method)),
+        return cls(cf.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context(method)),
                    method)
 
 
@@ -81,9 +81,9 @@ class LokyBackend(Backend):
     name = "loky"
 
     @classmethod
-    def open(cls):
+    def open(cls, n: int = NWORKERS):
         import loky
-        return cls(loky.get_reusable_executor(max_workers=NWORKERS))
+        return cls(loky.get_reusable_executor(max_workers=n))
 
     def versions(self) -> dict:
         import loky
@@ -105,9 +105,9 @@ class DaskBackend(Backend):
         self.cluster, self.client = cluster, client
 
     @classmethod
-    def open(cls):
+    def open(cls, n: int = NWORKERS):
         from dask.distributed import Client, LocalCluster
-        cluster = LocalCluster(n_workers=NWORKERS, threads_per_worker=1, processes=True,
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                dashboard_address=None, silence_logs=logging.ERROR)
         return cls(cluster, Client(cluster))
 
@@ -132,13 +132,14 @@ class DaskBackend(Backend):
         return {"dask": dask.__version__, "distributed": distributed.__version__}
 
 
-def open_backend(name: str) -> Backend:
+def open_backend(name: str, n: int = NWORKERS) -> Backend:
+    """Backend ``name`` with ``n`` workers."""
     if name == "distexec":
-        return DistexecBackend.open()
+        return DistexecBackend.open(n)
     if name in ("pp-fork", "pp-forkserver"):
-        return ProcessPoolBackend.open(name[3:])
+        return ProcessPoolBackend.open(name[3:], n)
     if name == "loky":
-        return LokyBackend.open()
+        return LokyBackend.open(n)
     if name == "dask":
-        return DaskBackend.open()
+        return DaskBackend.open(n)
     raise ValueError(f"unknown backend {name!r}")

@@ -24,6 +24,7 @@ MiB = 1 << 20
 @dataclass(frozen=True)
 class Config:
     quick: bool = False
+    workers: int = NWORKERS  # the scale case only: the others always run two
 
     @property
     def budget(self) -> float:
@@ -383,7 +384,17 @@ def memcpy(name: str, cfg: Config):
     return limits.memcpy(cfg)
 
 
+def scale(name: str, cfg: Config):
+    """Many workers on few cores, at ``cfg.workers`` workers: ``benchmarks/scale.py``."""
+    from .scale import scale as run
+    return run(name, cfg)
+
+
 PEERS = ("distexec", "pp-fork", "pp-forkserver", "loky", "dask")
+
+#: cases run once per worker count of ``run.py --workers``; their metrics are keyed "name@N"
+#: and shown in a table of their own (``scale.scale_table``)
+PER_WORKER_COUNT = ("scale",)
 
 #: case -> the metrics it reports
 CASE_METRICS = {
@@ -406,6 +417,7 @@ CASE_METRICS = {
     "memcpy": ("memcpy_MBps",),
     "joblib_call": ("joblib_call_ms",),
     "sklearn_cv": ("sklearn_cv_ms",),
+    "scale": (),
 }
 
 #: case -> (function, backends it runs on), in table order
@@ -428,4 +440,5 @@ CASES = {
     "memcpy": (memcpy, ("machine",)),
     "joblib_call": (joblib_call, ("distexec", "loky")),
     "sklearn_cv": (sklearn_cv, ("distexec", "loky")),
+    "scale": (scale, PEERS),
 }

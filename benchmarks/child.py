@@ -1,4 +1,5 @@
-"""One measurement in a fresh process: ``python -m benchmarks.child CASE BACKEND [--quick]``.
+"""One measurement in a fresh process:
+``python -m benchmarks.child CASE BACKEND [--quick] [--workers N]``.
 
 Prints one line ``BENCH-RESULT {json}`` on stdout: the case's metrics and info.
 """
@@ -33,13 +34,15 @@ def main(argv=None) -> int:
     parser.add_argument("case")
     parser.add_argument("backend")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workers", type=int, help="the scale case's worker count")
     args = parser.parse_args(argv)
 
     from .cases import CASES, Config
     fn, _backends = CASES[args.case]
     if args.case != "startup":
         preimport(args.backend)
-    metrics, info = fn(args.backend, Config(quick=args.quick))
+    cfg = Config(quick=args.quick, **({"workers": args.workers} if args.workers else {}))
+    metrics, info = fn(args.backend, cfg)
     print(MARKER + json.dumps({"metrics": metrics, "info": info}), flush=True)
     return 0
 

@@ -3,6 +3,7 @@
     python benchmarks/run.py                  # every case, every backend, 3 repetitions
     python benchmarks/run.py --quick          # smaller sizes, 1 repetition (~2 minutes)
     python benchmarks/run.py --cases latency,submit --backends distexec,pp-fork --json out.json
+    python benchmarks/run.py --cases scale --workers 8,32,128   # many workers on few cores
 
 Each (case, backend) runs in a fresh ``python -m benchmarks.child`` process, so no state
 leaks between backends; the order of the backends rotates between repetitions. Installs
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,8 +30,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.backends import BACKENDS, LABELS  # noqa: E402
-from benchmarks.cases import CASE_METRICS, CASES, METRICS  # noqa: E402
+from benchmarks.cases import CASE_METRICS, CASES, METRICS, PER_WORKER_COUNT  # noqa: E402
 from benchmarks.child import MARKER  # noqa: E402
+from benchmarks.scale import QUICK_WORKER_COUNTS, WORKER_COUNTS, scale_table  # noqa: E402
 
 COLUMNS = (*BACKENDS, "machine")
 
@@ -97,41 +100,56 @@ def wait_quiet(threshold: float, patience: float) -> float:
     return busy
 
 
-def run_one(case: str, backend: str, quick: bool, timeout: float) -> dict:
+def run_one(case: str, backend: str, quick: bool, timeout: float,
+            workers: int | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "benchmarks.child", case, backend, *(["--quick"] if quick else [])]
+    cmd = [sys.executable, "-m", "benchmarks.child", case, backend, *(["--quick"] if quick else []),
+           *(["--workers", str(workers)] if workers else [])]
     t0 = time.perf_counter()
+    # its own process group: a run that times out is killed with every worker it started
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return {"error": f"timed out after {timeout:.0f} s", "wall_s": timeout}
+    finally:
+        if proc.poll() is None:  # Ctrl-C
+            os.killpg(proc.pid, signal.SIGKILL)
     wall = time.perf_counter() - t0
-    for line in reversed(proc.stdout.splitlines()):
+    for line in reversed(out.splitlines()):
         if line.startswith(MARKER):
             return {**json.loads(line[len(MARKER):]), "wall_s": round(wall, 2)}
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    tail = (err.strip().splitlines() or ["no output"])[-1]
     return {"error": f"exit {proc.returncode}: {tail}", "wall_s": round(wall, 2)}
 
 
-def plan(cases, backends):
-    return [(c, [b for b in CASES[c][1] if b in backends or b == "machine"]) for c in cases]
+def plan(cases, backends, workers=()):
+    """(case, its backends, worker count or None), in order: a scale case once per count."""
+    return [(c, [b for b in CASES[c][1] if b in backends or b == "machine"], n)
+            for c in cases for n in (workers if c in PER_WORKER_COUNT else (None,))]
 
 
 def run_all(args) -> list[dict]:
     runs = []
     for rep in range(args.reps):
-        for case, case_backends in plan(args.cases, args.backends):
+        for case, case_backends, n in plan(args.cases, args.backends, args.workers):
             k = rep % max(1, len(case_backends))
+            label = case if n is None else f"{case}@{n}"  # a scale case's runs: "scale@32"
             for backend in case_backends[k:] + case_backends[:k]:  # rotate: alternate the order
                 busy = (wait_quiet(args.quiet, args.patience) if args.quiet < 1 else cpu_busy(0.1))
-                result = run_one(case, backend, args.quick, args.timeout)
-                result.update(case=case, backend=backend, rep=rep, busy_before=round(busy, 2))
+                result = run_one(case, backend, args.quick, args.timeout, n)
+                if n is not None:  # one row per worker count: "start_s@32"
+                    result["metrics"] = {f"{m}@{n}": v for m, v in result.get("metrics", {}).items()}
+                result.update(case=label, backend=backend, rep=rep, busy_before=round(busy, 2))
                 runs.append(result)
                 shown = result.get("error") or result.get("info", {}).get("skipped") or "  ".join(
                     f"{k}={v:.4g}" for k, v in result["metrics"].items())
-                print(f"[{rep + 1}/{args.reps}] {case:<14} {backend:<14} {shown}  "
+                print(f"[{rep + 1}/{args.reps}] {label:<14} {backend:<14} {shown}  "
                       f"({result['wall_s']} s, cpu busy before {busy:.0%})",
                       file=sys.stderr, flush=True)
     return runs
@@ -166,7 +184,7 @@ def fmt(metric: str, value: float | None) -> str:
 
 def table(med: dict, errs: dict, runs: list[dict]) -> str:
     metric_case = {m: c for c, ms in CASE_METRICS.items() for m in ms}
-    ran = {(r["case"], r["backend"]) for r in runs}
+    ran = {(r["case"], r["backend"]) for r in runs if r["case"] in CASES}
     rows = [m for m in METRICS if any(metric_case[m] == c for c, _b in ran)]
     cols = [c for c in COLUMNS if any(b == c for _c, b in ran)]
     head = ["case", "unit", *(LABELS[c] for c in cols)]
@@ -319,6 +337,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write every raw result here")
     parser.add_argument("--load", metavar="FILE",
                         help="run nothing: print the tables of a file written by --json")
+    parser.add_argument("--workers", metavar="N,N,...",
+                        help="worker counts of the scale case (default "
+                             f"{','.join(map(str, WORKER_COUNTS))}; "
+                             f"{','.join(map(str, QUICK_WORKER_COUNTS))} with --quick)")
     parser.add_argument("--timeout", type=float, default=180.0, help="per run, seconds")
     parser.add_argument("--quiet", type=float, default=1.0, metavar="FRACTION",
                         help="before each run, wait until other processes keep the CPU busy "
@@ -329,6 +351,8 @@ def main(argv=None) -> int:
     args.reps = args.reps or (1 if args.quick else 3)
     args.cases = args.cases.split(",") if args.cases else list(CASES)
     args.backends = args.backends.split(",") if args.backends else list(BACKENDS)
+    args.workers = ([int(n) for n in args.workers.split(",")] if args.workers
+                    else list(QUICK_WORKER_COUNTS if args.quick else WORKER_COUNTS))
     for c in args.cases:
         if c not in CASES:
             parser.error(f"unknown case {c!r}")
@@ -342,6 +366,7 @@ def main(argv=None) -> int:
         info, runs, elapsed = saved["machine"], saved["runs"], saved["elapsed_s"]
         args.quick, args.reps, args.json = saved["quick"], saved["reps"], None
         args.backends = sorted({r["backend"] for r in runs})
+        args.workers = saved.get("workers", args.workers)
     else:
         info = machine()
         t0 = time.perf_counter()
@@ -355,7 +380,14 @@ def main(argv=None) -> int:
           + (" (--quick)" if args.quick else "") + f", {elapsed:.0f} s\n")
     print("Medians; in parentheses each peer's value / distexec's (↑: higher is better, "
           "↓: lower is better).\n")
-    print(table(med, errs, runs))
+    if any(r["case"] in CASES for r in runs):
+        print(table(med, errs, runs))
+    scaled = scale_table(med, errs, [c for c in COLUMNS if c in args.backends], LABELS,
+                         args.workers)
+    if scaled is not None:
+        print(f"\nMany workers on {info['cores']} cores (the scale case, benchmarks/scale.py; "
+              "medians, each peer's value / distexec's):\n")
+        print(scaled)
     if "distexec" in args.backends:
         issue6 = targets(med)
         if issue6.count("\n") > 1:  # a row beyond the header: some of its cases ran
@@ -371,6 +403,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "quick": args.quick, "reps": args.reps,
+                       "workers": args.workers,
                        "elapsed_s": round(elapsed, 1), "runs": runs,
                        "medians": [{"metric": m, "backend": b, "value": v}
                                    for (m, b), v in sorted(med.items())]}, f, indent=1)
