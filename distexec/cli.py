@@ -274,7 +274,11 @@ def _cluster_target(args):
         return SSHManager(_machines_of(args.machine_file))
     if args.slurm is not None:
         from .cluster.slurm import SlurmManager
-        return SlurmManager(**srun_options(" ".join(shlex.quote(t) for t in args.slurm)))
+        try:
+            options = srun_options(" ".join(shlex.quote(t) for t in args.slurm))
+        except ValueError as exc:
+            _usage_error(str(exc))
+        return SlurmManager(**options)
     return None
 
 
@@ -329,7 +333,11 @@ def _machine_of_line(line: str) -> str | tuple[str, int | str]:
 
 
 def srun_options(text: str) -> dict:
-    """``"--ntasks=4 -p debug --exclusive"`` -> ``{"ntasks": "4", "partition": "debug", ...}``."""
+    """``"--ntasks=4 -p debug --exclusive"`` -> ``{"ntasks": "4", "partition": "debug", ...}``.
+
+    Raises:
+        ValueError: an option this cannot read, or a ``--ntasks`` that is not a number.
+    """
     options: dict = {}
     tokens = shlex.split(text)
     while tokens:
@@ -342,11 +350,13 @@ def srun_options(text: str) -> dict:
         elif token in _SRUN_SHORT and tokens:
             key, value = _SRUN_SHORT[token], tokens.pop(0)
         else:
-            raise SystemExit(f"distexec run: unsupported srun option {token!r} "
-                             "(use the --long=value form)")
+            raise ValueError(f"unsupported srun option {token!r} (use the --long=value form)")
         options[key.replace("-", "_")] = value
     if "ntasks" in options:
-        options["ntasks"] = int(options["ntasks"])
+        ntasks = options["ntasks"]
+        if not (isinstance(ntasks, str) and ntasks.isdecimal() and int(ntasks) > 0):
+            raise ValueError(f"--ntasks needs a positive number, not {ntasks!r}")
+        options["ntasks"] = int(ntasks)
     return options
 
 

@@ -150,6 +150,18 @@ def test_a_bad_cluster_option_is_one_line_and_status_2(tmp_path, option, lines, 
         "distexec run: error: " + message.format(path=path)]
 
 
+@pytest.mark.parametrize("srun, message", [
+    ("--slurm=-X 1", "unsupported srun option '-X' (use the --long=value form)"),
+    ("--slurm=--ntasks=four", "--ntasks needs a positive number, not 'four'"),
+], ids=["unknown-short", "bad-ntasks"])
+def test_a_bad_srun_option_is_one_line_and_status_2(tmp_path, srun, message):
+    script = tmp_path / "job.py"
+    script.write_text("print('ran')\n")
+    done = _distexec("run", srun, str(script))
+    assert (done.returncode, done.stdout) == (2, b"")
+    assert done.stderr.decode().splitlines() == ["distexec run: error: " + message]
+
+
 def test_help_and_version_speak_plainly(capsys):
     from distexec import __version__
     overview = _printed(capsys, "--help")
@@ -211,8 +223,10 @@ def test_machine_file_grammar(tmp_path):
 def test_srun_options_become_keywords():
     assert srun_options("--ntasks=4 -p debug --time 10 --exclusive") == {
         "ntasks": 4, "partition": "debug", "time": "10", "exclusive": True}
-    with pytest.raises(SystemExit, match="unsupported srun option"):
+    with pytest.raises(ValueError, match="unsupported srun option"):
         srun_options("-X")
+    with pytest.raises(ValueError, match="--ntasks needs a positive number, not 'four'"):
+        srun_options("--ntasks=four")
 
 
 @pytest.mark.parametrize("argv, rest, srun", [
