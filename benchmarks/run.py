@@ -138,6 +138,8 @@ def run_all(args) -> list[dict]:
     runs = []
     for rep in range(args.reps):
         for case, case_backends, n in plan(args.cases, args.backends, args.workers):
+            if n is not None and rep > 0 and not args.cases_named:
+                continue  # the scale case is long: once per full run, unless asked for by name
             k = rep % max(1, len(case_backends))
             label = case if n is None else f"{case}@{n}"  # a scale case's runs: "scale@32"
             for backend in case_backends[k:] + case_backends[:k]:  # rotate: alternate the order
@@ -349,6 +351,7 @@ def main(argv=None) -> int:
                         help="longest wait for --quiet, seconds")
     args = parser.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 3)
+    args.cases_named = bool(args.cases)
     args.cases = args.cases.split(",") if args.cases else list(CASES)
     args.backends = args.backends.split(",") if args.backends else list(BACKENDS)
     args.workers = ([int(n) for n in args.workers.split(",")] if args.workers
