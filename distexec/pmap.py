@@ -167,11 +167,18 @@ def pmap(fn: Callable, *iterables: Iterable[Any] | AbstractWorkerPool,
         if batch_size == 1:
             return _map_each(fn, items, pool, distributed, on_error, retry_delays, retry_check, bar)
         return _map_batches(fn, items, pool, batch_size, on_error, retry_delays, retry_check, bar)
+    except _FAILED_ELSEWHERE as exc:
+        # What failed ran on a worker (its frames are in the exception) or the worker died:
+        # the dozen frames of the machinery that carried the news here tell the user nothing.
+        raise exc.with_traceback(None)  # noqa: B904 (its cause is kept)
     finally:
         if bar is not None:
             bar.close()
         if own_pool is not None:
             own_pool.clear()  # the workers drop the functions this map shipped
+
+
+_FAILED_ELSEWHERE = (RemoteException, CompositeException, ProcessExitedException)
 
 
 def _workers() -> list[int]:

@@ -188,6 +188,12 @@ def test_a_failed_pmap_shows_the_users_function_alone(printed):
     assert_no_distexec_frames(block)
     assert lines[-1] == f"distexec.errors.RemoteException: On worker 2: {MESSAGE}"
     assert sum("in parse" in line for line in lines) == 1
+    # on this side: the program's frames, then pmap's, not the machinery that carried the news
+    caller = lines[len(lines) - lines[::-1].index("Traceback (most recent call last):"):]
+    files = [line for line in caller if line.startswith("  File ")]
+    assert [f for f in files if f"distexec{os.sep}" in f] == files[-1:], caller
+    assert files[-1].endswith(", in pmap")
+    assert frame(path, 'distexec.pmap(parse, ["1", "x", "3"])', "main") in files
 
 
 def test_a_dead_worker_is_one_exception_without_a_remote_block(printed):
