@@ -250,3 +250,17 @@ def test_tls_links_keep_the_socket(add_workers, plaintext_afterwards):
     _, where, back = distexec.remotecall_fetch(arrived, pid, np.ones(4 * MIB))
     assert (where, backing(back)) == ("private", "private")
     assert (back == 1).all()
+
+
+def test_many_arrays_both_ways_at_once(add_workers):
+    import concurrent.futures as cf
+    a, b = add_workers(2)
+    sizes = [MIB // 8 * k for k in (1, 2, 3, 5, 8, 13)]  # 1 to 13 MiB
+
+    def one(i: int) -> bool:
+        sent = np.random.default_rng(i).random(sizes[i % len(sizes)])
+        back = distexec.remotecall_fetch(np.negative, (a, b)[i % 2], sent)
+        return bool((back == -sent).all())
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        assert all(pool.map(one, range(60), timeout=100))
