@@ -68,7 +68,13 @@ ARRAYS = {
         np.arange(3 * MIB, dtype=np.int32).reshape(1024, -1)),
     "structured": lambda: np.zeros(MIB // 4, dtype=[("x", "<f8"), ("n", "<i4"), ("c", "S4")]),
     "uint8 8 MiB": lambda: np.random.default_rng(1).integers(0, 255, 8 * MIB, dtype=np.uint8),
+    "read-only": lambda: _read_only(np.arange(MIB, dtype=np.float32)),
 }
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
 
 
 def _round_trips(pid: int) -> dict:
@@ -94,7 +100,7 @@ def test_arrays_arrive_as_through_the_socket_but_in_shared_memory(add_workers, m
         assert (there, here) == (s_there, s_here), name  # dtype, shape, order, writability
         assert (where_there, where_here) == ("memfd", "memfd"), name
         assert (s_where_there, s_where_here) == ("private", "private"), name
-        assert here[2], f"{name}: an array that arrives is writable"
+        assert here[2] == (name != "read-only"), f"{name}: writable unless sent read-only"
 
 
 def test_small_arrays_keep_the_socket(add_workers):
