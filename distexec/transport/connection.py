@@ -427,6 +427,7 @@ class Connection:
             self._close_wake_fd()
             if self.task_lane is not None:
                 self.task_lane.close()
+            self._close_shared()
 
     def join(self, timeout: float | None = None) -> None:
         if self._reader is not None and self._reader is not threading.current_thread():
