@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick          # smaller sizes, 1 repetition (~2 minutes)
     python benchmarks/run.py --cases latency,submit --backends distexec,pp-fork --json out.json
     python benchmarks/run.py --cases scale --workers 8,32,128   # many workers on few cores
+    python benchmarks/run.py --cases pingpong,latency,remotecall --awake  # CPUs that never sleep
 
 Each (case, backend) runs in a fresh ``python -m benchmarks.child`` process, so no state
 leaks between backends; the order of the backends rotates between repetitions. Installs
@@ -134,6 +135,35 @@ def plan(cases, backends, workers=()):
             for c in cases for n in (workers if c in PER_WORKER_COUNT else (None,))]
 
 
+class KeptAwake:
+    """One busy process per CPU at SCHED_IDLE, the lowest priority there is: it runs only
+    when nothing else wants the CPU, so the CPUs never enter their idle state.
+
+    A thread woken on an idle CPU waits for that CPU to leave its idle state, which on a
+    virtual machine is a trip through the hypervisor: this machine's ping-pong takes several
+    times longer idle than busy. ``--awake`` shows how the latency cases fare where wake-ups
+    are quick (a busy host, bare metal with ``idle=poll``), beside the same cases without it.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._procs: list[subprocess.Popen] = []
+
+    def __enter__(self):
+        if self.enabled:
+            spin = ("import os; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+                    "while True: pass")
+            self._procs = [subprocess.Popen([sys.executable, "-c", spin])
+                           for _ in range(os.cpu_count() or 1)]
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self._procs:
+            proc.kill()
+            proc.wait()
+        self._procs = []
+
+
 def run_all(args) -> list[dict]:
     runs = []
     for rep in range(args.reps):
@@ -144,7 +174,8 @@ def run_all(args) -> list[dict]:
             label = case if n is None else f"{case}@{n}"  # a scale case's runs: "scale@32"
             for backend in case_backends[k:] + case_backends[:k]:  # rotate: alternate the order
                 busy = (wait_quiet(args.quiet, args.patience) if args.quiet < 1 else cpu_busy(0.1))
-                result = run_one(case, backend, args.quick, args.timeout, n)
+                with KeptAwake(args.awake):
+                    result = run_one(case, backend, args.quick, args.timeout, n)
                 if n is not None:  # one row per worker count: "start_s@32"
                     result["metrics"] = {f"{m}@{n}": v for m, v in result.get("metrics", {}).items()}
                 result.update(case=label, backend=backend, rep=rep, busy_before=round(busy, 2))
@@ -349,6 +380,10 @@ def main(argv=None) -> int:
                              "less than FRACTION (e.g. 0.1); default: do not wait")
     parser.add_argument("--patience", type=float, default=30.0,
                         help="longest wait for --quiet, seconds")
+    parser.add_argument("--awake", action="store_true",
+                        help="keep every CPU out of its idle state during each run (a busy "
+                             "process per CPU at the lowest priority, SCHED_IDLE): latency "
+                             "where waking a thread is quick")
     args = parser.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 3)
     args.cases_named = bool(args.cases)
@@ -368,6 +403,7 @@ def main(argv=None) -> int:
             saved = json.load(f)
         info, runs, elapsed = saved["machine"], saved["runs"], saved["elapsed_s"]
         args.quick, args.reps, args.json = saved["quick"], saved["reps"], None
+        args.awake = saved.get("awake", False)
         args.backends = sorted({r["backend"] for r in runs})
         args.workers = saved.get("workers", args.workers)
     else:
@@ -380,7 +416,9 @@ def main(argv=None) -> int:
     print(f"\n{info['cpu']}, {info['cores']} cores; Python {info['python']}; "
           + ", ".join(f"{k} {v}" for k, v in pk.items() if v)
           + f"; commit {info['commit'] or 'unknown'}; {args.reps} repetitions"
-          + (" (--quick)" if args.quick else "") + f", {elapsed:.0f} s\n")
+          + (" (--quick)" if args.quick else "")
+          + ("; CPUs kept awake (--awake)" if getattr(args, "awake", False) else "")
+          + f", {elapsed:.0f} s\n")
     print("Medians; in parentheses each peer's value / distexec's (↑: higher is better, "
           "↓: lower is better).\n")
     if any(r["case"] in CASES for r in runs):
@@ -406,6 +444,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "quick": args.quick, "reps": args.reps,
+                       "awake": args.awake,
                        "workers": args.workers,
                        "elapsed_s": round(elapsed, 1), "runs": runs,
                        "medians": [{"metric": m, "backend": b, "value": v}
