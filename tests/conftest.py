@@ -38,13 +38,25 @@ def _process_key(proc: psutil.Process) -> tuple[int, float] | None:
         return None
 
 
+TEMPLATE_MODULE = "distexec.cluster.template_server"
+"""The template process of local workers lives as long as the master's cluster, not as one
+test: it is not counted (the workers it forks are, as its children)."""
+
+
 def _child_processes() -> dict[tuple[int, float], psutil.Process]:
     children = {}
     for proc in psutil.Process().children(recursive=True):
         key = _process_key(proc)
-        if key is not None:
+        if key is not None and not _is_template(proc):
             children[key] = proc
     return children
+
+
+def _is_template(proc: psutil.Process) -> bool:
+    try:
+        return TEMPLATE_MODULE in proc.cmdline()
+    except psutil.Error:
+        return False
 
 
 def _is_running(proc: psutil.Process) -> bool:

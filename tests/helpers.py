@@ -198,6 +198,38 @@ def wait_gone(os_pids, timeout: float = DEADLINE) -> None:
 # --------------------------------------------------------------------------------------------
 # owner-side reference tables
 # --------------------------------------------------------------------------------------------
+TEMPLATE_MODULE = "distexec.cluster.template_server"
+
+
+def is_template(proc: psutil.Process) -> bool:
+    """Whether ``proc`` is a template process of local workers (distexec.cluster.template)."""
+    try:
+        return TEMPLATE_MODULE in proc.cmdline()
+    except psutil.Error:
+        return False
+
+
+def launcher_of(os_pid_: int) -> int:
+    """The process that launched local worker ``os_pid_``: its parent, or, for a worker
+    forked from a template, the template's parent."""
+    parent = psutil.Process(os_pid_).parent()
+    assert parent is not None, f"process {os_pid_} has no parent"
+    if is_template(parent):
+        grandparent = parent.parent()
+        assert grandparent is not None
+        return grandparent.pid
+    return parent.pid
+
+
+def local_workers_of(proc: psutil.Process) -> list[int]:
+    """OS pids of the processes ``proc`` launched: its children, those of its template
+    in place of the template."""
+    found = []
+    for child in proc.children():
+        found += [c.pid for c in child.children()] if is_template(child) else [child.pid]
+    return sorted(found)
+
+
 def owner_clients(pid: int, ref) -> frozenset[int] | None:
     """The client set ``pid`` keeps for ``ref`` (None once freed), asked by id, not by reference.
 

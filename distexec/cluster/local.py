@@ -33,7 +33,8 @@ from ..errors import LaunchWorkerError
 from ..transport.lane import lane_pair
 from .launch import LANE_KEY, STDERR_KEY
 from .manager import ClusterManager, WorkerConfig, default_addprocs_params, terminate_then_kill
-from .security import worker_flags, worker_stdin
+from . import template
+from .security import uses_tls, worker_flags, worker_stdin
 from .thread_limits import HOST_WORKERS_ENV, cpu_share, forget_own_limits, limit_threads
 
 log = logging.getLogger("distexec")
@@ -76,36 +77,34 @@ class LocalManager(ClusterManager):
         """Start one worker; returns its process, the master's end of its link and of its
         task lane (``transport.lane``; none under TLS, where the worker's main thread does
         not read its connection itself, and so could not wait for both)."""
-        exeflags = params["exeflags"]
-        exeflags = [exeflags] if isinstance(exeflags, str) else list(exeflags)
+        from ..runtime.context import current_context
         security = params.get("security")
         link, worker_end = socket.socketpair()
         lane, lane_end = lane_pair() if not getattr(security, "tls", False) else (None, None)
         inherited = [worker_end] + ([lane_end] if lane_end is not None else [])
-        cmd = [str(params["exename"]), *exeflags, "-m", "distexec", "worker",
-               "--bind-to", bind_to, "--parent-pid", str(os.getpid()), "--die-with-stdin",
-               "--master-fd", str(worker_end.fileno()), "--separate-stderr",
-               *(["--lane-fd", str(lane_end.fileno())] if lane_end is not None else []),
-               *worker_flags(security)]
         try:
-            process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, cwd=params["dir"],
-                                       env=worker_environment(params, thread_limit),
-                                       start_new_session=True,
-                                       pass_fds=[end.fileno() for end in inherited])
-        except OSError as exc:  # bad exename or dir: a launch failure like any other
+            env = worker_environment(params, thread_limit)
+            process = (template.launch_worker(current_context(), params, env, bind_to,
+                                              uses_tls(security), worker_end, lane_end)
+                       or _spawn(params, env, bind_to, security, inherited))
+        except BaseException:
             for end in (link, lane):
                 if end is not None:
                     end.close()
-            raise LaunchWorkerError(_start_failure(cmd[0], params["dir"], exc)) from exc
+            raise
         finally:
             for end in inherited:
                 end.close()  # the worker's now
+        self._send_cookie(process, security)
+        return process, link, lane
+
+    @staticmethod
+    def _send_cookie(process: subprocess.Popen, security) -> None:
+        """The cookie (and TLS) lines on the worker's stdin, a pipe only it reads."""
         from ..runtime.context import current_context
         assert process.stdin is not None  # stdin=PIPE
         process.stdin.write(worker_stdin(current_context().cookie, security))
         process.stdin.flush()  # stays open: its EOF tells the worker the master is gone
-        return process, link, lane
 
     def connect(self, pid: int, config: WorkerConfig) -> tuple[Any, Any]:
         """The link made at launch (after the address line, which tells peers where the
@@ -122,7 +121,7 @@ class LocalManager(ClusterManager):
 
     def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
         if op == "interrupt" and config.process is not None and config.process.poll() is None:
-            os.kill(config.process.pid, signal.SIGINT)
+            config.process.send_signal(signal.SIGINT)  # a forked worker's: by its pidfd
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
         _close_link(config)  # still here: the worker never got as far as connecting
@@ -148,6 +147,27 @@ class LocalManager(ClusterManager):
         clone = copy.copy(self)
         clone.n = 1
         return clone
+
+
+def _spawn(params: dict, env: dict, bind_to: str, security,
+           inherited: list[socket.socket]) -> subprocess.Popen:
+    """``python -m distexec worker`` in a new interpreter; ``inherited``: the worker's ends
+    of its link and task lane."""
+    exeflags = params["exeflags"]
+    exeflags = [exeflags] if isinstance(exeflags, str) else list(exeflags)
+    worker_end, lane_end = inherited[0], (inherited[1] if len(inherited) > 1 else None)
+    cmd = [str(params["exename"]), *exeflags, "-m", "distexec", "worker",
+           "--bind-to", bind_to, "--parent-pid", str(os.getpid()), "--die-with-stdin",
+           "--master-fd", str(worker_end.fileno()), "--separate-stderr",
+           *(["--lane-fd", str(lane_end.fileno())] if lane_end is not None else []),
+           *worker_flags(security)]
+    try:
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=params["dir"], env=env,
+                                start_new_session=True,
+                                pass_fds=[end.fileno() for end in inherited])
+    except OSError as exc:  # bad exename or dir: a launch failure like any other
+        raise LaunchWorkerError(_start_failure(cmd[0], params["dir"], exc)) from exc
 
 
 def _start_failure(exename: str, workdir: object, exc: OSError) -> str:

@@ -480,6 +480,8 @@ def _observe_exit(record: WorkerRecord) -> None:
         code = process.wait(timeout=1.0)
     except subprocess.TimeoutExpired:
         return
+    if code is None:  # unknown (a forked worker whose template died: cluster.template)
+        return
     if code < 0:
         record.signal = -code
         if record.signal == signal.SIGKILL:

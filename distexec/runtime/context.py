@@ -222,6 +222,9 @@ class ClusterContext:
         self.pools: weakref.WeakValueDictionary[int, WorkerPool] | None = None
         self.on_peer_lost: list[Callable[["ClusterContext", int], None]] = []
         self.local_launched: set[int] = set()
+        # a launch mechanism's helpers that live as long as the context (cluster.template's
+        # template process): closed with it, each by its close()
+        self.launchers: dict[str, Any] = {}
         self.handlers: dict[Kind, Callable] = {}  # extra inline handlers (cluster layer: JOIN, IDENTIFY)
         self.multi = False                  # multi-process mode started (cookie, exit hook)
         # the long-lived launcher thread's queue (master); None stops the thread
@@ -414,3 +417,7 @@ class ClusterContext:
         self.gc.stop()
         self.heartbeat.stop()
         self.runner.stop()
+        for launcher in list(self.launchers.values()):
+            close = getattr(launcher, "close", None)
+            if close is not None:
+                close()

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 import distexec
-from tests.helpers import wait_gone, wait_until
+from tests.helpers import launcher_of, local_workers_of, wait_gone, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,7 +42,7 @@ def square(x):
 def meet(barrier, x):
     """Wait until the other task is running too (so each ran on a process of its own)."""
     barrier.wait(timeout=30)
-    return x * x, os.getpid(), os.getppid()
+    return x * x, os.getpid(), launcher_of(os.getpid())
 
 
 def squares_program(executor_class, barrier, n):
@@ -59,7 +59,8 @@ def pool_program(pool_class, barrier, n):
 
 
 def children_of_this_process():
-    return sorted(child.pid for child in psutil.Process().children())
+    """The local workers this process launched (children, or its template's children)."""
+    return local_workers_of(psutil.Process())
 
 
 def start_and_keep(n):
@@ -121,7 +122,7 @@ def _check_nested_run(result, n):
     inner = {pid for _, pid, _ in met}
     assert len(inner) == 2 and owner not in inner
     assert {parent for _, _, parent in met} == {owner}
-    assert psutil.Process(owner).ppid() == os.getpid()
+    assert launcher_of(owner) == os.getpid()
     return inner
 
 
@@ -149,7 +150,7 @@ def test_workers_a_task_left_running_exit_when_the_outer_executor_shuts_down():
         owner = _os_pid_of_only_worker(outer)
         inner = outer.submit(start_and_keep, 2).result(60)
         assert len(inner) == 2
-        assert {psutil.Process(pid).ppid() for pid in inner} == {owner}
+        assert {launcher_of(pid) for pid in inner} == {owner}
     wait_gone([owner, *inner])
 
 
@@ -158,7 +159,7 @@ def test_an_executor_made_and_used_on_other_threads_of_a_task():
         assert outer.submit(executor_on_other_threads, 10).result(60) == [
             x * x for x in range(10)]
         owner = _os_pid_of_only_worker(outer)
-        wait_until(lambda: not psutil.Process(owner).children(),
+        wait_until(lambda: not local_workers_of(psutil.Process(owner)),
                    message="the task's workers to exit after its shutdown")
 
 
@@ -245,7 +246,7 @@ def test_every_worker_dies_when_the_top_level_master_is_killed(tmp_path):
         printed = json.loads(line)
         outer, inner = printed["outer"], [pid for pids in printed["inner"] for pid in pids]
         assert len(set(inner)) == 4 and not set(inner) & set(outer)
-        assert {psutil.Process(pid).ppid() for pid in inner} <= set(outer)
+        assert {launcher_of(pid) for pid in inner} <= set(outer)
         master.send_signal(signal.SIGKILL)
         master.wait(10)
         wait_gone(outer + inner)

@@ -220,7 +220,8 @@ def test_every_module_has_a_docstring():
 
 CLUSTER = f"{PACKAGE}.cluster"
 GENERIC_CLUSTER = ("membership", "manager")
-PARTICULAR_CLUSTER = ("local", "local_template", "ssh", "ssh_commands", "slurm", "worker")
+PARTICULAR_CLUSTER = ("local", "template", "template_server", "ssh", "ssh_commands", "slurm",
+                      "worker")
 """What the generic modules must not reach: the launch mechanisms and the worker's side."""
 
 
