@@ -47,7 +47,10 @@ DISABLE_ENV = "DISTEXEC_TEMPLATE"
 DEFAULT = "1"
 """The template is used unless ``DISTEXEC_TEMPLATE`` says otherwise."""
 KEY = "template"
-"""The context's ``launchers`` key of its Template (False: it could not start; spawn)."""
+"""The context's ``launchers`` key of its Template (a float: it could not start; spawn until
+that ``time.monotonic()``)."""
+RETRY_AFTER = 60.0
+"""Seconds during which workers are spawned after the template failed to start."""
 STARTUP_KEYS = ("PYTHON", "LD_", "MALLOC_", "GLIBC_TUNABLES", "LANG", "LC_")
 """Environment variables read when an interpreter starts (or its C library loads): a worker
 whose values differ from the template's must start its own interpreter. ``PYTHONPATH`` is
@@ -114,8 +117,10 @@ def _template_of(ctx, env: dict) -> Template | None:
     with ctx.lock:
         launchers = ctx.launchers
         template = launchers.get(KEY)
-    if template is False:
-        return None
+    if isinstance(template, float):
+        if time.monotonic() < template:
+            return None
+        template = None
     if template is not None:
         if template.alive and template.startup_env == startup_environment(env):
             return template
@@ -123,10 +128,10 @@ def _template_of(ctx, env: dict) -> Template | None:
     try:
         template = Template.start(env)
     except Exception as exc:  # whatever it was, spawning still works
-        log.warning("the local workers' template could not start (%s): workers are spawned",
-                    exc)
+        log.warning("the local workers' template could not start (%s): workers are spawned "
+                    "for the next %g s", exc, RETRY_AFTER)
         with ctx.lock:
-            ctx.launchers[KEY] = False
+            ctx.launchers[KEY] = time.monotonic() + RETRY_AFTER
         return None
     with ctx.lock:
         ctx.launchers[KEY] = template
