@@ -354,9 +354,9 @@ class SharedIn:
         self._maps: dict[int, mmap.mmap] = {}
         self._checked = time.monotonic()
 
-    def take(self, record: bytes, n: int):
-        """The object over a shared buffer of ``n`` bytes that ``record`` names; it writes
-        the record's sequence number back when the last reference to it goes."""
+    def take(self, record: bytes, n: int) -> memoryview:
+        """A writable memoryview of the shared buffer of ``n`` bytes that ``record`` names;
+        the record's sequence number is written back when the last view of it goes."""
         block_id, new, seq = SHARED_REF.unpack(record)
         if new:
             if not self._fdsock.fds:
@@ -374,7 +374,7 @@ class SharedIn:
         region = _region_type(n).from_buffer(m, HEADER)
         release = weakref.finalize(region, _release, m, seq, _forks)
         release.atexit = False
-        return region
+        return memoryview(region).cast("B")  # (a plain bytes view, as a receiver expects)
 
     def trim(self, force: bool = False) -> None:
         """Forget the blocks the sender gave up (their arrays keep their own mapping)."""
