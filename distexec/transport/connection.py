@@ -100,7 +100,8 @@ class Frame(NamedTuple):
 class _BufferedReader:
     """Exact-size reads from a socket through one reusable buffer."""
 
-    def __init__(self, sock: socket.socket | TLSChannel, conn: "Connection | None" = None):
+    def __init__(self, sock: socket.socket | TLSChannel | shm.FdSocket,
+                 conn: "Connection | None" = None):
         self._sock = sock
         self._conn = conn
         self._buf = bytearray(_READ_BUFFER)
@@ -664,7 +665,7 @@ def _sendmsg_all(sock: socket.socket | TLSChannel, parts, ancillary=()) -> None:
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     while views:
         if ancillary:  # (descriptors: with the first bytes, once)
-            sent = sock.sendmsg(views[:_IOV_MAX], ancillary)
+            sent = cast(socket.socket, sock).sendmsg(views[:_IOV_MAX], ancillary)
             ancillary = ()
         else:
             sent = sock.sendmsg(views[:_IOV_MAX])

@@ -431,10 +431,10 @@ def _release(m: mmap.mmap, seq: int, forks: int) -> None:
         pass
 
 
-_REGION_TYPES: dict[int, type] = {}
+_REGION_TYPES: dict[int, Any] = {}
 
 
-def _region_type(n: int) -> type:
+def _region_type(n: int) -> Any:
     """A ctypes array type of ``n`` bytes that can carry a finalizer (one per size, cached).
 
     A ctypes array made ``from_buffer`` keeps its mapping alive, and every memoryview or
