@@ -3,9 +3,9 @@
 Owns the template process of a master (one per ``ClusterContext``, started at its first local
 launch that can use it, closed with the context), the requests to fork a worker, and
 ``TemplateProcess``, the ``subprocess.Popen`` that stands for a forked worker in its
-``WorkerConfig``. The template's own side is ``template_server``. Imports ``.launch`` and
-``.template_server``'s protocol only by convention (JSON over the control socket);
-``distexec.runtime`` and below. multiprocessing's forkserver and Android's zygote do the same.
+``WorkerConfig``. The template's own side is ``template_server``, whose protocol (JSON and
+descriptors over the control socket) this module speaks without importing it; it imports
+``.launch`` only. multiprocessing's forkserver and Android's zygote work the same way.
 
     LocalManager._start ──► launch_worker(ctx, params, env, ...) ──► the context's Template
         no template yet ──► start one: python -m distexec.cluster.template_server (one cold
