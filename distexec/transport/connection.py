@@ -501,8 +501,8 @@ class Connection:
     def _stand_aside(self, timeout: float | None) -> None:
         """The reader thread, with ``_demand`` held: wait without it until called back
         (``_call_back_reader``) or ``timeout`` seconds."""
-        poll = self._aside_poll
-        assert poll is not None and self._aside_fd is not None
+        # (made with the wake fd, which reading needs; only this thread closes them)
+        poll, aside_fd = cast(select.poll, self._aside_poll), cast(int, self._aside_fd)
         self._parked = True
         self._demand.release()
         try:
@@ -510,10 +510,10 @@ class Connection:
         finally:
             self._demand.acquire()
             self._parked = False
-        _drain(self._aside_fd)
-        if self._alarm_set:  # (woken another way, it is still set: it will go off later)
-            assert self._alarm is not None
-            self._alarm_set = not self._alarm.drain()
+        _drain(aside_fd)
+        alarm = self._alarm
+        if self._alarm_set and alarm is not None:  # (woken another way: it goes off later)
+            self._alarm_set = not alarm.drain()
 
     def _call_back_reader(self) -> None:
         """A waiting thread leaves, with ``_demand`` held: the reader thread must read again
