@@ -461,11 +461,13 @@ class DistributedExecutor(cf.Executor):
 
         A worker runs the executor's tasks in the order they were sent, so a task leaves out
         the ``__main__`` globals that earlier tasks already took there (``_send`` records
-        them once a message is sent).
+        them once a message is sent), or that an earlier task of its batch takes.
         """
         sent = self._sent_globals.get(pid)
         if sent is None:
             sent = self._sent_globals.setdefault(pid, serialization.SentGlobals())
+        if len(tasks) > 1:  # a batch: its tasks run in order, so the first to ship one ships it
+            sent = sent.copy()
         pickled = []
         with using_context(self._ctx):  # whichever thread pumps: references check their cluster
             for task in tasks:
@@ -476,6 +478,8 @@ class DistributedExecutor(cf.Executor):
                     unpicklable.note_what_failed_to_pickle(exc, task.fn, task.args, task.kwargs)
                     task.future.set_exception(exc)
                     continue
+                if len(tasks) > 1 and task.shipped:
+                    sent.commit(task.shipped)
                 pickled.append((task, payload, buffers))
         return pickled
 

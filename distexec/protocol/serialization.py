@@ -220,6 +220,11 @@ class SentGlobals:
     def commit(self, shipped: dict[str, int]) -> None:
         self._tokens.update(shipped)
 
+    def copy(self) -> "SentGlobals":
+        copied = SentGlobals()
+        copied._tokens = dict(self._tokens)
+        return copied
+
 
 class _MainGlobalValues:
     """The ``__main__`` globals one shipped function names: ``(name, token, value)`` each,
