@@ -33,7 +33,7 @@ error leaves it to the reader thread to close the connection and report it.
 
 from __future__ import annotations
 
-import _signal
+import _signal  # type: ignore[import-not-found]  # (the C module signal wraps; no stub)
 import logging
 import math
 import os
