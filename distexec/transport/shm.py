@@ -309,6 +309,11 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
 
 
 # -- the receiver -----------------------------------------------------------------------------
+# plain ints: the socket module's flags are enums, and every read of a local worker's link
+# (a waiting thread polls with them) would build one
+_CMSG_CLOEXEC, _CTRUNC = int(socket.MSG_CMSG_CLOEXEC), int(socket.MSG_CTRUNC)
+
+
 class FdSocket:
     """The reader's view of a Unix socket: ``recv_into`` that keeps the descriptors that
     come with the bytes (in arrival order, close-on-exec) for ``SharedIn``."""
@@ -324,8 +329,8 @@ class FdSocket:
 
     def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
         n, ancdata, msg_flags, _ = self._sock.recvmsg_into(
-            [buffer], self._ancsize, flags | socket.MSG_CMSG_CLOEXEC)
-        if ancdata or msg_flags & socket.MSG_CTRUNC:
+            [buffer], self._ancsize, flags | _CMSG_CLOEXEC)
+        if ancdata or msg_flags & _CTRUNC:
             self._keep(ancdata, msg_flags)
         return n
 
@@ -335,7 +340,7 @@ class FdSocket:
                 fds = array.array("i")
                 fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
                 self.fds.extend(fds)
-        if msg_flags & socket.MSG_CTRUNC:  # descriptors were lost: the frames cannot be read
+        if msg_flags & _CTRUNC:  # descriptors were lost: the frames cannot be read
             raise ProtocolError("the peer sent more file descriptors than a frame may carry")
 
     def close_fds(self) -> None:
