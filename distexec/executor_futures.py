@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import sys
-from concurrent.futures._base import RUNNING
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 from typing import Any
 
 from .errors import RemoteDeserializationError, RemoteException, WaitTimeout
 from .errors import RemoteTraceback as RemoteTraceback  # where distexec.Pool looks for it
 from .runtime.refs import invoke_callbacks_guarded
+
+_FINISHED = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 
 
 def original_exception(remote: RemoteException) -> BaseException:
@@ -89,7 +91,12 @@ class ExecutorFuture(cf.Future):
         sent_to = self._sent_to
         if sent_to is not None and self._state == RUNNING:
             ctx, pid = sent_to
-            ctx.read_while_waiting(pid, self.done, self)
+            ctx.read_while_waiting(pid, self._finished, self)
+
+    def _finished(self) -> bool:
+        """``done()`` without its lock: asked after every frame and poll of a waiting read, and
+        the state is one attribute, read whole."""
+        return self._state in _FINISHED
 
     def set_result(self, result) -> None:
         super().set_result(result)

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("distexec.transport")
 
 _SIGINT = int(signal.SIGINT)
+_DONTWAIT = int(socket.MSG_DONTWAIT)  # (an int: the enum costs an object per polling recv)
 _READ_BUFFER = 256 * 1024
 _IOV_MAX = 512
 
@@ -134,7 +135,7 @@ class _BufferedReader:
         self._make_room(frames.HEADER.size)
         try:
             n = cast(socket.socket, self._sock).recv_into(self._view[self._end:], 0,
-                                                          socket.MSG_DONTWAIT)
+                                                          _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return False
         if n == 0:

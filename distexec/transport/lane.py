@@ -35,6 +35,7 @@ from .connection import Frame
 #: which start at 64 KiB) take the connection. Small enough that the few a worker can have
 #: waiting always fit the socket's buffer; large enough for any ordinary task.
 LANE_MAX = 32 * 1024
+_DONTWAIT = int(socket.MSG_DONTWAIT)
 
 
 def lane_pair() -> tuple[socket.socket, socket.socket]:
@@ -58,7 +59,7 @@ class TaskLane:
             return False
         head = frames.encode_header(kind, len(payload), (), flags=flags, notify=notify)
         try:
-            self._sock.sendmsg([head, payload], [], socket.MSG_DONTWAIT)
+            self._sock.sendmsg([head, payload], [], _DONTWAIT)
         except OSError:  # EAGAIN (full), EPIPE (gone), closed meanwhile
             return False
         return True
