@@ -201,6 +201,17 @@ def wait_gone(os_pids, timeout: float = DEADLINE) -> None:
 TEMPLATE_MODULE = "distexec.cluster.template_server"
 
 
+def reap(proc) -> None:
+    """After a test that ran a master as a subprocess: kill it if it still runs, and close
+    its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            stream.close()
+
+
 def is_template(proc: psutil.Process) -> bool:
     """Whether ``proc`` is a template process of local workers (distexec.cluster.template)."""
     try:

@@ -43,7 +43,7 @@ from ..transport.tls import Security
 from . import membership
 from . import security as security_mod
 from .launch import ADDRESS_LINE
-from .manager import ClusterManager, WorkerConfig
+from .manager import ClusterManager, WorkerConfig, exit_now
 
 log = logging.getLogger("distexec")
 
@@ -519,7 +519,7 @@ def _serve(link, cookie: str, security: Security | None, bind_to: str | None) ->
     sys.stdout.write(line)
     sys.stdout.flush()
     ctx.runner.serve_main_thread(lambda: ctx.closed)
-    _exit(0)
+    exit_now(0)
 
 
 def _say(message: str) -> None:
@@ -528,13 +528,5 @@ def _say(message: str) -> None:
 
 def _die(code: int, message: str) -> NoReturn:
     _say(message)
-    _exit(code)
+    exit_now(code)
 
-
-def _exit(code: int) -> NoReturn:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(code)

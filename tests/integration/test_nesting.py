@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 import distexec
-from tests.helpers import launcher_of, local_workers_of, wait_gone, wait_until
+from tests.helpers import launcher_of, local_workers_of, reap, wait_gone, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -251,9 +251,4 @@ def test_every_worker_dies_when_the_top_level_master_is_killed(tmp_path):
         master.wait(10)
         wait_gone(outer + inner)
     finally:
-        if master.poll() is None:
-            master.kill()
-            master.wait()
-        for stream in (master.stdin, master.stdout):
-            if stream is not None:
-                stream.close()
+        reap(master)

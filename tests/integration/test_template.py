@@ -23,7 +23,7 @@ import pytest
 
 import distexec
 from distexec.errors import ProcessExitedException
-from tests.helpers import is_template, launcher_of, os_pid, wait_gone, wait_until
+from tests.helpers import is_template, launcher_of, os_pid, reap, wait_gone, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -204,9 +204,4 @@ def test_a_master_killed_leaves_no_worker_and_no_template(tmp_path):
         master.wait(10)
         wait_gone(workers + sorted(templates))
     finally:
-        if master.poll() is None:
-            master.kill()
-            master.wait()
-        for stream in (master.stdin, master.stdout):
-            if stream is not None:
-                stream.close()
+        reap(master)

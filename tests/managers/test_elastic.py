@@ -7,6 +7,7 @@ over their veth links.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -315,22 +316,34 @@ def _square_when_open(x, progress, gate):
     return x * x, distexec.myid()
 
 
-def test_workers_join_and_leave_during_a_pmap_whose_result_is_exact(joiners):
-    em = joiners.manager()
-    first = [joiners.start(em) for _ in range(2)]
-    old = em.wait_for_workers(2, timeout=60)
+@contextlib.contextmanager
+def _pmap_held_at_its_gate(n: int, retry_delays: list[float]):
+    """A ``pmap`` of ``_square_when_open`` over ``range(n)`` on the default pool (which
+    newcomers join; pmap's own default is the workers of its start), held at the gate once
+    the cluster is inside it while the block runs. Yields the list that gets its result."""
     progress = distexec.RemoteChannel(lambda: distexec.Channel(100))
     gate = distexec.RemoteChannel(lambda: distexec.Channel(1))
     outcome: list = []
-    # on the default pool, which newcomers join (pmap's own default is the workers of its start)
     runner = threading.Thread(target=lambda: outcome.append(distexec.pmap(
-        lambda x: _square_when_open(x, progress, gate), range(40),
-        pool=distexec.default_worker_pool(), retry_delays=[0.1] * 5)))
+        lambda x: _square_when_open(x, progress, gate), range(n),
+        pool=distexec.default_worker_pool(), retry_delays=retry_delays)))
     runner.start()
     try:
         seen = set()
         while not any(x >= 8 for x in seen):  # the cluster is inside the pmap, at the gate
             seen.add(distexec.take(progress))
+        yield outcome
+    finally:
+        if not gate.isready():
+            distexec.put(gate, True)
+        runner.join(60)
+    assert not runner.is_alive()
+
+def test_workers_join_and_leave_during_a_pmap_whose_result_is_exact(joiners):
+    em = joiners.manager()
+    first = [joiners.start(em) for _ in range(2)]
+    old = em.wait_for_workers(2, timeout=60)
+    with _pmap_held_at_its_gate(40, [0.1] * 5) as outcome:
         by_os = {worker_pid_of(p): p for p in old}
         leaving = by_os[first[0].pid]
         first[0].send_signal(signal.SIGTERM)
@@ -338,12 +351,6 @@ def test_workers_join_and_leave_during_a_pmap_whose_result_is_exact(joiners):
         joiners.start(em)
         new = [p for p in em.wait_for_workers(2, timeout=60) if p not in old]
         assert len(new) == 1
-        distexec.put(gate, True)
-    finally:
-        if not gate.isready():
-            distexec.put(gate, True)
-        runner.join(60)
-    assert not runner.is_alive()
     [results] = outcome
     assert [value for value, _ in results] == [x * x for x in range(40)]
     assert new[0] in {pid for _, pid in results}  # the newcomer took part
@@ -478,25 +485,9 @@ def test_a_worker_whose_node_vanishes_fails_only_its_calls_and_pmap_finishes(
     [far] = em.wait_for_workers(1, timeout=60)
     joiners.start(em)
     [near] = [p for p in em.wait_for_workers(2, timeout=60) if p != far]
-    progress = distexec.RemoteChannel(lambda: distexec.Channel(100))
-    gate = distexec.RemoteChannel(lambda: distexec.Channel(1))
-    outcome: list = []
-    runner = threading.Thread(target=lambda: outcome.append(distexec.pmap(
-        lambda x: _square_when_open(x, progress, gate), range(30),
-        pool=distexec.default_worker_pool(), retry_delays=[0.5] * 10)))
-    runner.start()
-    try:
-        seen = set()
-        while not any(x >= 8 for x in seen):
-            seen.add(distexec.take(progress))
+    with _pmap_held_at_its_gate(30, [0.5] * 10) as outcome:
         cut_port("dxh1", em.port)  # the far worker's node is gone, silently
         wait_until(lambda: far not in distexec.workers(), 30, message="the heartbeat verdict")
-        distexec.put(gate, True)
-    finally:
-        if not gate.isready():
-            distexec.put(gate, True)
-        runner.join(60)
-    assert not runner.is_alive()
     [results] = outcome
     assert [value for value, _ in results] == [x * x for x in range(30)]
     assert em.workers() == [near]
