@@ -226,6 +226,9 @@ class DistributedExecutor(cf.Executor):
         # Per worker: the __main__ globals its tasks carried, so that each goes once (and
         # again only when the master binds the name to another object).
         self._sent_globals: dict[int, serialization.SentGlobals] = {}
+        # Per worker: held while its tasks are pickled and sent, so that a second pumping
+        # thread neither ships those globals again nor overtakes a message that carries them.
+        self._dispatching: dict[int, threading.Lock] = {}
         self._batch_bytes = min(batches.BATCH_BYTES, configured_max_message_size() // 2)
         self._idle = threading.Condition(self._lock)
         self._shutdown = False
@@ -440,24 +443,41 @@ class DistributedExecutor(cf.Executor):
 
     def _dispatch(self, pid: int, tasks: list[Task]) -> None:
         """Send ``tasks`` to ``pid``: one message, a task alone or a batch, each task pickled
-        on its own; several messages when together they exceed the batch size in bytes."""
+        on its own; several messages when together they exceed the batch size in bytes.
+
+        One thread at a time pickles and sends to a worker (``_dispatching``), so that a
+        message that leaves a ``__main__`` global out never overtakes the one that carries
+        it, and no global goes twice. What fails is settled after, with no lock held: that
+        runs the futures' callbacks, and may pump to another worker.
+        """
         ctx = self._ctx
         if pid == ctx.myid:  # a pool that hands out the master itself
             ctx.runner.submit_in_order(lambda: self._run_here(pid, tasks))
             return
-        messages = batches.by_size(self._pickle_tasks(pid, tasks), self._batch_bytes)
+        lock = self._dispatching.get(pid)
+        if lock is None:
+            lock = self._dispatching.setdefault(pid, threading.Lock())
+        with lock:
+            pickled, unpicklable_tasks = self._pickle_tasks(pid, tasks)
+            messages = batches.by_size(pickled, self._batch_bytes)
+            if len(messages) > 1:  # pickled for this worker already: they all go there
+                with self._lock:
+                    self._in_flight.add(pid, len(messages) - 1)
+            failures = [failed for failed in (self._send(pid, m) for m in messages) if failed]
+        for task, exc in unpicklable_tasks:
+            task.future.set_exception(exc)
         if not messages:
             self._task_done(pid)
-            return
-        if len(messages) > 1:  # pickled for this worker already: they all go there
-            with self._lock:
-                self._in_flight.add(pid, len(messages) - 1)
-        for pickled in messages:
-            self._send(pid, pickled)
+        for waiter, error in failures:
+            if error is None:  # it never reached the worker: another one runs it
+                self._requeue(pid, waiter.tasks)
+            else:
+                waiter.fail(error)
 
-    def _pickle_tasks(self, pid: int, tasks: list[Task]) -> list[tuple]:
-        """(task, payload, buffers) for each task; one whose arguments cannot be pickled
-        fails alone.
+    def _pickle_tasks(self, pid: int, tasks: list[Task]
+                      ) -> tuple[list[tuple], list[tuple[Task, BaseException]]]:
+        """(task, payload, buffers) for each task, and (task, error) for each whose arguments
+        cannot be pickled: it fails alone.
 
         A worker runs the executor's tasks in the order they were sent, so a task leaves out
         the ``__main__`` globals that earlier tasks already took there (``_send`` records
@@ -469,21 +489,25 @@ class DistributedExecutor(cf.Executor):
         if len(tasks) > 1:  # a batch: its tasks run in order, so the first to ship one ships it
             sent = sent.copy()
         pickled = []
+        failed = []
         with using_context(self._ctx):  # whichever thread pumps: references check their cluster
             for task in tasks:
                 try:
                     payload, buffers, task.shipped = serialization.dumps_tracked(
                         (task.fn, task.args, task.kwargs), pid, sent)
-                except BaseException as exc:  # an argument that cannot be pickled fails it alone
+                except BaseException as exc:
                     unpicklable.note_what_failed_to_pickle(exc, task.fn, task.args, task.kwargs)
-                    task.future.set_exception(exc)
+                    failed.append((task, exc))
                     continue
                 if len(tasks) > 1 and task.shipped:
                     sent.commit(task.shipped)
                 pickled.append((task, payload, buffers))
-        return pickled
+        return pickled, failed
 
-    def _send(self, pid: int, pickled: list[tuple]) -> None:
+    def _send(self, pid: int, pickled: list[tuple]
+              ) -> "tuple[_TaskWaiter | _BatchWaiter, Exception | None] | None":
+        """Send one message; if it failed, its waiter and the error (``None``: it never
+        reached the worker) for ``_dispatch`` to settle."""
         ctx = self._ctx
         rrid = ctx.next_rrid()
         for task, _, _ in pickled:
@@ -501,13 +525,11 @@ class DistributedExecutor(cf.Executor):
         try:
             self._routes.send(pid, rrid, waiter, payload, buffers)
         except (ProcessExitedException, OSError):
-            # it never reached the worker: another one runs it
-            self._requeue(pid, [task for task, _, _ in pickled])
-            return
+            return waiter, None
         except Exception as exc:  # MessageTooLarge (a single task: batches stay under half the
-            waiter.fail(exc)      # limit), or anything else: none of them may stay in flight
-            return
+            return waiter, exc    # limit), or anything else: none of them may stay in flight
         self._commit_globals(pid, pickled)
+        return None
 
     def _commit_globals(self, pid: int, pickled: list[tuple]) -> None:
         """The tasks just sent to ``pid`` took their ``__main__`` globals there: later tasks
@@ -564,6 +586,7 @@ class DistributedExecutor(cf.Executor):
             # what it was sent (recycled workers would otherwise pile up here)
             self._probed.discard(pid)
             self._sent_globals.pop(pid, None)
+            self._dispatching.pop(pid, None)
         self._workers.lost(pid)  # replaced, if the executor launched it
         self._pump()  # queued work moves to the others (or the executor breaks if none is left)
 
