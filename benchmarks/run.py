@@ -361,6 +361,16 @@ def machine() -> dict:
             "platform": platform.platform(), "packages": versions, "commit": commit or None}
 
 
+def compile_distexec() -> None:
+    """Write distexec's bytecode, as ``pip install`` does for the peers: an editable install
+    has none, and with ``PYTHONDONTWRITEBYTECODE`` set every worker would compile it again
+    at start."""
+    import compileall
+
+    import distexec
+    compileall.compile_dir(os.path.dirname(distexec.__file__), quiet=1)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 repetition")
@@ -407,6 +417,7 @@ def main(argv=None) -> int:
         args.backends = sorted({r["backend"] for r in runs})
         args.workers = saved.get("workers", args.workers)
     else:
+        compile_distexec()
         info = machine()
         t0 = time.perf_counter()
         runs = run_all(args)

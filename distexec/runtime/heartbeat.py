@@ -28,7 +28,9 @@ from .context import WorkerState
 
 log = logging.getLogger("distexec")
 
-DEFAULT_INTERVAL = 2.0
+# A peer declared lost has been silent for ``timeout``; pinging six times in that span is
+# margin enough, and an idle cluster wakes each worker once per interval for it.
+DEFAULT_INTERVAL = 10.0
 DEFAULT_TIMEOUT = 60.0
 
 
@@ -46,24 +48,37 @@ class Heartbeat:
     def __init__(self, ctx):
         self._ctx = ctx
         self._stop = threading.Event()
+        self._wake = threading.Event()  # stop, or a new peer: read the settings again
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.on_silent: list = []  # callables(record): what else to do with a silent peer
 
     def ensure_started(self) -> None:
+        """Called as each peer joins: starts the thread, or has it read its settings again
+        (set before ``addprocs``, they apply from then on, without waiting out the interval)."""
         with self._lock:
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._loop, daemon=True,
                                                 name="distexec-heartbeat")
                 self._thread.start()
+            else:
+                self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def _loop(self) -> None:
         interval, timeout = settings()
-        while not self._stop.wait(interval):
-            interval, timeout = settings()  # read each time: a test or user may change them
+        last_beat = time.monotonic()
+        while not self._stop.is_set():
+            left = last_beat + interval - time.monotonic()
+            if left > 0:
+                self._wake.wait(left)
+                self._wake.clear()
+                interval, timeout = settings()  # read each time: a test or user may change them
+                continue
+            last_beat = time.monotonic()
             self._beat(timeout)
 
     def _beat(self, timeout: float) -> None:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("distexec")
 
 IDLE_SECONDS = 30.0
-IDLE_POLL = 0.5  # how often an idle main thread looks whether the worker should stop
+IDLE_POLL = 0.5  # how often an idle main thread that cannot read looks whether to stop
 LANE_POLL = 0.005  # how often it looks at its task lane while another thread reads (rare)
 
 
@@ -210,8 +210,9 @@ class CallRunner:
                 return self._pop_main_task()
             self._main_idle = True
             conn, lane_fd = self.idle_connection, self.lane_fd
-        if conn is None or not conn.read_until(self._main_has_task, timeout=IDLE_POLL,
-                                               also=lane_fd):
+        # No timeout: whatever gives it work or stops it pokes it out of the read
+        # (``_wake_main``, ``wake_idle_main``, ``stop``), so an idle worker sleeps until then.
+        if conn is None or not conn.read_until(self._main_has_task, also=lane_fd):
             # Another thread reads the connection (or none can): a task on the lane wakes
             # nobody then, so look at the lane often until the reading is ours again.
             self._main_wake.acquire(timeout=IDLE_POLL if lane_fd is None else LANE_POLL)
@@ -229,6 +230,8 @@ class CallRunner:
             if self._main_idle:
                 self._main_idle = False
                 self._main_wake.release()
+                if self.idle_connection is not None:
+                    self.idle_connection.poke()  # out of a read that began without the lane
 
     def _pop_main_task(self) -> Callable[[], None] | None:
         """With the lock held: the next task of the main queue, if any."""

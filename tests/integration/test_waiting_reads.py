@@ -156,3 +156,34 @@ def test_an_executor_that_only_runs_long_tasks_leaves_their_replies_to_the_reade
         quick = executor.submit(abs, -1)  # a function not seen yet counts as short
         assert quick._sent_to is not None
         assert quick.result() == 1
+
+
+def _sleeps_so_far(pid: int) -> int:
+    """How many times the threads of process ``pid`` have gone to sleep (woken since)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                total += sum(int(line.split()[1]) for line in f
+                             if line.startswith("voluntary_ctxt_switches:"))
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return total
+
+
+def test_an_idle_worker_sleeps_until_it_is_called(shared_workers):
+    """An idle worker's threads stay asleep: its main thread waits in its read of the master
+    connection with no timeout, and heartbeats come every 10 s (they used to wake it about
+    five times a second: a 0.5 s poll of the main thread, the reader thread taking over at
+    each, and a ping each way every 2 s)."""
+    worker = shared_workers[0]
+    os_pid = distexec.remotecall_fetch(os.getpid, worker)
+    window = 3.0
+    before = _sleeps_so_far(os_pid)
+    time.sleep(window)  # the span measured, not a wait for an event
+    woken = _sleeps_so_far(os_pid) - before
+    # At most a heartbeat from each side can fall in the window (each wakes one thread).
+    assert woken <= 4, f"an idle worker woke {woken} times in {window} s"
+    asked = time.monotonic()
+    assert distexec.remotecall_fetch(os.getpid, worker) == os_pid
+    assert time.monotonic() - asked < 1.0  # and it answers at once
