@@ -8,8 +8,8 @@ backend with N workers and measures, in this order:
   the run's info as ``construct_s``;
 - memory: the PSS (``/proc/PID/smaps_rollup``) of every process the backend started (workers,
   and whatever else it runs: dask's nannies, loky's resource tracker), divided by N;
-- idle: CPU of the master and of all those processes over a few seconds with nothing to do,
-  as a percentage of one core;
+- idle: CPU of the master and of all those processes over 10 s with nothing to do (1 s with
+  ``--quick``), as a percentage of one core;
 - ``map(inc, range(n))`` (chunksize 1), up to 100,000 items, fewer when the backend would
   take longer than the budget (the rate is what is compared); and ``map(sleep, [0.01] *
   2000)``: efficiency = ideal time (2000 × 10 ms / N) / measured;
@@ -67,7 +67,7 @@ def scale(name: str, cfg):
         processes = descendants(os.getpid())
         metrics["pss_mib"] = sum(map(pss_kib, processes)) / 1024 / n
         info["processes"] = len(processes)
-        metrics.update(_idle(processes, 1.0 if cfg.quick else 3.0))
+        metrics.update(_idle(processes, 1.0 if cfg.quick else IDLE_S))
         meter = CpuMeter([])
         metrics.update(_tiny(lambda k: _consume(backend.map(tasks.inc, range(k), 1), k),
                              "map", meter, budget, info))
@@ -82,6 +82,11 @@ def scale(name: str, cfg):
     finally:
         backend.close()
     return metrics, info
+
+
+# Long enough to hold one of distexec's heartbeats (every 10 s): a shorter window can miss
+# them, and report less than an idle cluster takes.
+IDLE_S = 10.0
 
 
 def _idle(processes: list[int], seconds: float) -> dict:
