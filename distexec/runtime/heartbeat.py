@@ -4,7 +4,7 @@ Owns the periodic PING to every linked peer and the verdict on peers that stoppe
 Imports ``distexec.protocol`` and the sibling runtime modules.
 
     heartbeat thread, every interval ──► PING to each linked peer
-                                    └──► a peer heard nothing from for ``timeout`` seconds:
+                   at each wake-up  └──► a peer heard nothing from for ``timeout`` seconds:
                                          close its connection (its callers get
                                          ProcessExitedException); hooks run (the master
                                          SIGKILLs a local worker so it cannot come back)
@@ -69,36 +69,46 @@ class Heartbeat:
         self._wake.set()
 
     def _loop(self) -> None:
+        """Ping every ``interval``; between pings, wake only when a peer could reach the
+        timeout (so one is declared lost on time, however long the interval)."""
         interval, timeout = settings()
-        last_beat = time.monotonic()
+        last_ping = time.monotonic()
         while not self._stop.is_set():
-            left = last_beat + interval - time.monotonic()
-            if left > 0:
-                self._wake.wait(left)
-                self._wake.clear()
-                interval, timeout = settings()  # read each time: a test or user may change them
-                continue
-            last_beat = time.monotonic()
-            self._beat(timeout)
+            linked = self._linked()
+            now = time.monotonic()
+            for record, conn in linked:
+                silent_for = now - conn.last_received
+                if silent_for > timeout:
+                    self._declare_lost(record, conn, silent_for)
+            if now - last_ping >= interval:
+                last_ping = now
+                self._ping(linked)
+            wake_at = min([last_ping + interval]
+                          + [conn.last_received + timeout for _, conn in linked
+                             if not conn.closed])
+            self._wake.wait(max(0.0, wake_at - time.monotonic()) + 0.001)
+            self._wake.clear()
+            interval, timeout = settings()  # read each time: a test or user may change them
 
-    def _beat(self, timeout: float) -> None:
-        now = time.monotonic()
+    def _linked(self) -> list:
+        """(record, connection) of each peer to ping and watch."""
         with self._ctx.lock:
             # Only joined peers: a worker still being set up must see JOIN before anything else.
-            linked = [r for r in self._ctx.peers.values()
-                      if r.conn is not None and not r.conn.closed
-                      and r.state in (WorkerState.CONNECTED, WorkerState.TERMINATING)]
-        for record in linked:
-            silent_for = now - record.conn.last_received
-            if silent_for > timeout:
-                self._declare_lost(record, silent_for)
+            return [(r, r.conn) for r in self._ctx.peers.values()
+                    if r.conn is not None and not r.conn.closed
+                    and r.state in (WorkerState.CONNECTED, WorkerState.TERMINATING)]
+
+    @staticmethod
+    def _ping(linked: list) -> None:
+        for _, conn in linked:
+            if conn.closed:  # declared lost just now
                 continue
             try:
-                record.conn.send(Kind.PING)
+                conn.send(Kind.PING)
             except Exception:  # the reader thread reports the broken link
                 pass
 
-    def _declare_lost(self, record, silent_for: float) -> None:
+    def _declare_lost(self, record, conn, silent_for: float) -> None:
         log.warning("no message from process %d for %.1f s (heartbeat timeout); "
                     "treating it as lost", record.pid, silent_for)
         record.lost_reason = (f"no message for {silent_for:.1f} s (heartbeat timeout "
@@ -108,4 +118,4 @@ class Heartbeat:
                 hook(record)
             except Exception:
                 log.exception("error while giving up on process %d", record.pid)
-        record.conn.close()
+        conn.close()

@@ -52,6 +52,26 @@ def test_a_stopped_worker_fails_its_calls_and_is_killed(short_heartbeats, add_wo
     assert distexec.remotecall_fetch(distexec.myid, alive) == alive
 
 
+def test_a_stopped_worker_is_declared_lost_on_time_however_far_apart_the_pings(monkeypatch,
+                                                                             add_workers):
+    """The silence is checked when it could reach the timeout, not only at the next ping:
+    with pings 3.5 s apart, a check at each ping alone would notice up to 3.5 s late."""
+    timeout = 4.0
+    monkeypatch.setenv("DISTEXEC_HEARTBEAT_TIMEOUT", str(timeout))
+    monkeypatch.setenv("DISTEXEC_HEARTBEAT_INTERVAL", "3.5")
+    stopped, alive = add_workers(2)
+    os_pid = distexec.remotecall_fetch(os.getpid, stopped)
+    call = distexec.remotecall(time.sleep, stopped, 30)
+    os.kill(os_pid, signal.SIGSTOP)
+    start = time.monotonic()
+    with pytest.raises(ProcessExitedException) as info:
+        call.fetch(timeout=30)
+    assert time.monotonic() - start < timeout + 1.0
+    assert "heartbeat" in str(info.value)
+    wait_gone([os_pid], 5)
+    assert distexec.remotecall_fetch(distexec.myid, alive) == alive  # pinged often enough
+
+
 def test_a_long_quiet_call_is_not_mistaken_for_silence(short_heartbeats, add_workers):
     (pid,) = add_workers(1)
     # The call runs three heartbeat timeouts; the worker's other threads keep answering.
