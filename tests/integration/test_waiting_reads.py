@@ -171,12 +171,12 @@ def _sleeps_so_far(pid: int) -> int:
     return total
 
 
-def test_an_idle_worker_sleeps_until_it_is_called(shared_workers):
+def test_an_idle_worker_sleeps_until_it_is_called(add_workers):
     """An idle worker's threads stay asleep: its main thread waits in its read of the master
     connection with no timeout, and heartbeats come every 10 s (they used to wake it about
     five times a second: a 0.5 s poll of the main thread, the reader thread taking over at
     each, and a ping each way every 2 s)."""
-    worker = shared_workers[0]
+    (worker,) = add_workers(1)  # its own: no call thread of an earlier test ends meanwhile
     os_pid = distexec.remotecall_fetch(os.getpid, worker)
     window = 3.0
     before = _sleeps_so_far(os_pid)
