@@ -74,18 +74,22 @@ class Heartbeat:
         interval, timeout = settings()
         last_ping = time.monotonic()
         while not self._stop.is_set():
-            linked = self._linked()
             now = time.monotonic()
-            for record, conn in linked:
-                silent_for = now - conn.last_received
-                if silent_for > timeout:
-                    self._declare_lost(record, conn, silent_for)
-            if now - last_ping >= interval:
-                last_ping = now
-                self._ping(linked)
-            wake_at = min([last_ping + interval]
-                          + [conn.last_received + timeout for _, conn in linked
-                             if not conn.closed])
+            wake_at = now + interval
+            try:
+                linked = self._linked()
+                for record, conn in linked:
+                    silent_for = now - conn.last_received
+                    if silent_for > timeout:
+                        self._declare_lost(record, conn, silent_for)
+                if now - last_ping >= interval:
+                    last_ping = now
+                    self._ping(linked)
+                wake_at = min([last_ping + interval]
+                              + [conn.last_received + timeout for _, conn in linked
+                                 if not conn.closed])
+            except Exception:  # heartbeats must go on for the other peers
+                log.exception("error in the heartbeat thread")
             self._wake.wait(max(0.0, wake_at - time.monotonic()) + 0.001)
             self._wake.clear()
             interval, timeout = settings()  # read each time: a test or user may change them

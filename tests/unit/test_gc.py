@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc as pygc
 import pickle
 import threading
+import time
 
 import pytest
 
@@ -43,6 +44,7 @@ class RecordingConn:
         self.entries: list[tuple[int, RRID, int]] = []
         self.frames = 0
         self.closed = False
+        self.last_received = time.monotonic()  # the context's heartbeat watches it
         self._lock = threading.Lock()
 
     def send(self, kind, payload=b"", buffers=(), **ids):
