@@ -132,7 +132,8 @@ class CallRunner:
         threading.Thread(target=self._drain_lane, name="distexec-lane", daemon=True).start()
 
     def _wake_main(self) -> None:
-        """With the lock held, a task just queued for the main thread: wake it if idle."""
+        """With the lock held, a task just queued for the main thread (or a lane to read):
+        wake it if idle."""
         waiting = self._main_idle
         self._main_idle = self._main_finishing = False
         if waiting:
@@ -227,11 +228,7 @@ class CallRunner:
     def wake_idle_main(self) -> None:
         """Make an idle main thread look again: it has a task lane to read now."""
         with self._lock:
-            if self._main_idle:
-                self._main_idle = False
-                self._main_wake.release()
-                if self.idle_connection is not None:
-                    self.idle_connection.poke()  # out of a read that began without the lane
+            self._wake_main()  # out of a read that began without the lane, too
 
     def _pop_main_task(self) -> Callable[[], None] | None:
         """With the lock held: the next task of the main queue, if any."""
