@@ -35,7 +35,6 @@ def short_heartbeats(monkeypatch):
     monkeypatch.setenv("DISTEXEC_HEARTBEAT_INTERVAL", "0.25")
 
 
-@pytest.mark.fault("W11")
 def _stop_one_of_two_mid_call(add_workers):
     """SIGSTOP one of two new workers during a long call: (stopped id, its OS pid, the other
     id, the call's error, seconds from the stop to the error)."""
@@ -49,6 +48,7 @@ def _stop_one_of_two_mid_call(add_workers):
     return stopped, os_pid, alive, info.value, time.monotonic() - start
 
 
+@pytest.mark.fault("W11")
 def test_a_stopped_worker_fails_its_calls_and_is_killed(short_heartbeats, add_workers):
     stopped, os_pid, alive, error, waited = _stop_one_of_two_mid_call(add_workers)
     assert waited < BUDGET
