@@ -27,7 +27,6 @@ import random
 import select
 import shlex
 import socket
-import ssl
 import stat
 import sys
 import threading
@@ -39,7 +38,7 @@ from ..protocol import handshake
 from ..protocol import secret as secret_mod
 from ..runtime.context import WorkerState, current_context, use_context
 from ..transport import sockets
-from ..transport.tls import Security
+from ..transport.tls import Security, ssl_error
 from . import membership
 from . import security as security_mod
 from .launch import ADDRESS_LINE
@@ -281,7 +280,7 @@ class _JoinListener(sockets.Listener):
         except (AuthenticationError, ProtocolError) as exc:
             self._refused(peer, str(exc), conn)
             return
-        except ssl.SSLError as exc:
+        except ssl_error() as exc:
             self._refused(peer, f"TLS handshake failed ({exc.reason or exc}): the cluster "
                                 "requires TLS with its own CA (a worker without --tls, or "
                                 "with another certificate?)", conn)

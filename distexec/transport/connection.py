@@ -40,7 +40,6 @@ import os
 import select
 import signal
 import socket
-import ssl
 import threading
 import time
 import warnings
@@ -52,7 +51,7 @@ from ..protocol.frames import Flag, Header, Kind, RRID, NULL_RRID
 from .alarm import Alarm
 from . import shm
 from .buffers import ReceiveBuffers
-from .tls import TLSChannel
+from .tls import TLSChannel, is_tls_socket
 
 if TYPE_CHECKING:
     from .lane import TaskLane
@@ -181,7 +180,7 @@ class Connection:
                  on_close: Callable[["Connection", BaseException | None], None],
                  name: str = "peer", max_message_size: int | None = None):
         stream: socket.socket | TLSChannel = sock
-        if isinstance(sock, ssl.SSLSocket):  # OpenSSL allows one thread at a time: see tls.py
+        if is_tls_socket(sock):  # OpenSSL allows one thread at a time: see tls.py
             stream = TLSChannel(sock)
         if stream.family in (socket.AF_INET, socket.AF_INET6):
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -21,13 +21,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import ssl
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import AuthenticationError, ProtocolError
 from ..protocol import handshake
+from .tls import ssl_error
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("distexec.transport")
 
@@ -156,7 +159,7 @@ class Listener:
             self._warn(f"rejected connection: {exc}")
             conn.close()
             return
-        except ssl.SSLError as exc:  # plaintext client, certificate not from our CA, ...
+        except ssl_error() as exc:  # plaintext client, certificate not from our CA, ...
             self._warn(f"rejected connection: TLS handshake failed: {_ssl_reason(exc)}")
             conn.close()
             return
@@ -252,7 +255,7 @@ def connect_tls(sock: socket.socket, context: ssl.SSLContext, deadline: float,
     try:
         tls.settimeout(_remaining(deadline))
         tls.do_handshake()
-    except ssl.SSLError as exc:
+    except ssl_error() as exc:
         tls.close()
         raise AuthenticationError(f"{peer}: TLS handshake failed: {_ssl_reason(exc)}") from exc
     except BaseException:
@@ -283,7 +286,7 @@ def initiate_handshake(sock, secret: bytes, timeout: float, peer: str) -> int:
         sock.close()
         raise AuthenticationError(f"{peer} closed the connection during the handshake "
                                   "(wrong cluster cookie or not a distexec worker?)") from None
-    except ssl.SSLError as exc:  # TLS 1.3: the acceptor rejects our certificate after our
+    except ssl_error() as exc:  # TLS 1.3: the acceptor rejects our certificate after our
         sock.close()             # handshake completed; we learn it at the first read
         raise AuthenticationError(f"{peer}: TLS connection rejected: {_ssl_reason(exc)}") \
             from exc

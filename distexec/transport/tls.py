@@ -5,6 +5,9 @@ key, and ``require_encryption``), the ``ssl.SSLContext`` each side builds from t
 throwaway CA of :meth:`Security.temporary` (needs the optional ``cryptography`` package), the
 one line of stdin that carries the material to a worker, and :class:`TLSChannel`, which lets
 one reader thread and one writer thread share a TLS connection. Imports nothing from distexec.
+``ssl`` is imported when certificates are given (it and OpenSSL take several milliseconds to
+load, in every process and every worker, and a plaintext cluster never needs them); until
+then nothing can raise its errors, which :func:`ssl_error` stands for in ``except`` clauses.
 
 Policy (the dask one, spec/faults.md "TLS"): TLS 1.2 or later, a certificate required and
 checked against the private CA on *both* sides, no host-name check (peers are IP addresses;
@@ -26,21 +29,40 @@ OpenSSL call runs under one lock and never waits for the network while holding i
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import select
 import socket
-import ssl
-import tempfile
+import sys
 import threading
+from typing import TYPE_CHECKING, TypeGuard, cast
 
-__all__ = ["Security", "TLSChannel"]
+if TYPE_CHECKING:
+    import ssl
+
+__all__ = ["Security", "TLSChannel", "ssl_error", "is_tls_socket"]
 
 _PEM_MARK = "-----BEGIN "
 _CHUNK = 256 * 1024        # plaintext per SSL_write: bounds how long the reader waits for the lock
 _JOIN_BELOW = 64 * 1024    # parts smaller than this are joined, so a small message is one record
 _WANT_POLL_MS = 50         # a writer told "want read" (renegotiation) polls in short steps
+
+
+class _NotRaised(Exception):
+    """What :func:`ssl_error` gives while ``ssl`` is not imported: nothing raises it."""
+
+
+def ssl_error() -> type[ssl.SSLError]:
+    """``ssl.SSLError`` for an ``except`` clause, without importing ``ssl`` for it: while
+    ``ssl`` is not imported, no TLS socket exists and no SSL error can come."""
+    module = sys.modules.get("ssl")
+    return module.SSLError if module is not None else cast("type[ssl.SSLError]", _NotRaised)
+
+
+def is_tls_socket(sock: object) -> TypeGuard[ssl.SSLSocket]:
+    """Whether ``sock`` is an ``ssl.SSLSocket`` (without importing ``ssl`` to ask)."""
+    module = sys.modules.get("ssl")
+    return module is not None and isinstance(sock, module.SSLSocket)
 
 
 # ============================================================================================
@@ -211,6 +233,8 @@ def _read_pem(name: str, value) -> str | None:
 
 
 def _base_context(protocol: int) -> ssl.SSLContext:
+    import ssl
+
     context = ssl.SSLContext(protocol)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
@@ -218,6 +242,8 @@ def _base_context(protocol: int) -> ssl.SSLContext:
 
 
 def _server_context(security: Security) -> ssl.SSLContext:
+    import ssl
+
     context = _base_context(ssl.PROTOCOL_TLS_SERVER)
     context.num_tickets = 0  # no resumption: links are few and long-lived
     _load(context, security)
@@ -226,6 +252,8 @@ def _server_context(security: Security) -> ssl.SSLContext:
 
 
 def _client_context(security: Security) -> ssl.SSLContext:
+    import ssl
+
     context = _base_context(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False  # peers are IP addresses; the private CA vouches for them
     context.verify_mode = ssl.CERT_REQUIRED
@@ -234,6 +262,8 @@ def _client_context(security: Security) -> ssl.SSLContext:
 
 
 def _load(context: ssl.SSLContext, security: Security) -> None:
+    import ssl
+
     try:
         context.load_verify_locations(cadata=security._ca)
     except (ssl.SSLError, ValueError) as exc:
@@ -266,6 +296,8 @@ def _pem_path(text: str | None):
         finally:
             os.close(fd)
         return
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="distexec-tls-") as directory:
         path = os.path.join(directory, "pem")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -285,6 +317,8 @@ def _temporary_material() -> tuple[str, str, str]:
         raise ImportError("Security.temporary() needs the optional 'cryptography' package: "
                           "pip install 'distexec[tls]' (or pass your own CA, certificate and "
                           "key to Security(...))") from exc
+    import datetime
+
     now = datetime.datetime.now(datetime.timezone.utc)
     start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=365)
 
@@ -338,6 +372,10 @@ class TLSChannel:
     """
 
     def __init__(self, sock: ssl.SSLSocket):
+        import ssl  # (imported already: the socket is one of its)
+
+        # What a non-blocking OpenSSL call raises when it must wait for the socket.
+        self._want_read, self._want_write = ssl.SSLWantReadError, ssl.SSLWantWriteError
         self._sock = sock
         self._io = threading.Lock()   # held only around an OpenSSL call, never while waiting
         self._shut = False            # shutdown() or close() was called: no more I/O
@@ -383,9 +421,9 @@ class TLSChannel:
                     return 0
                 try:
                     return self._sock.recv_into(buffer, nbytes)
-                except ssl.SSLWantReadError:
+                except self._want_read:
                     poller = self._read_poll
-                except ssl.SSLWantWriteError:  # a read that must send first (a key update)
+                except self._want_write:  # a read that must send first (a key update)
                     poller = _poller(self._fd, select.POLLOUT)
             poller.poll()
 
@@ -435,9 +473,9 @@ class TLSChannel:
             try:
                 sent = self._sock.send(chunk)
                 return chunk[sent:]
-            except ssl.SSLWantWriteError:
+            except self._want_write:
                 poller = self._write_poll
-            except ssl.SSLWantReadError:  # the reader thread consumes the input: poll briefly
+            except self._want_read:  # the reader thread consumes the input: poll briefly
                 poller, timeout = _poller(self._fd, select.POLLIN), _WANT_POLL_MS
         poller.poll(timeout)
         return chunk

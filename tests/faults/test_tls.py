@@ -19,6 +19,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -97,6 +98,25 @@ def _call_peer(other: int) -> int:
 
 def _assert_serves(pid: int) -> None:
     assert distexec.remotecall_fetch(lambda: 6 * 7, pid) == 42
+
+
+# --------------------------------------------------------------------------------------------
+# A cluster without TLS loads no TLS code
+# --------------------------------------------------------------------------------------------
+def test_a_plaintext_cluster_loads_no_tls_code(add_workers, monkeypatch):
+    """``ssl`` and OpenSSL take milliseconds to load in every process, worker and template:
+    a cluster without certificates never loads them."""
+    (forked,) = add_workers(1)
+    monkeypatch.setenv("DISTEXEC_TEMPLATE", "0")
+    (spawned,) = add_workers(1)
+    for pid in (forked, spawned):  # a lambda travels by value: the worker imports no test module
+        assert distexec.remotecall_fetch(lambda: "ssl" in sys.modules, pid) is False, pid
+    # This process imported ssl long ago (pytest, numpy); a fresh one shows what distexec does.
+    code = ("import sys; before = 'ssl' in sys.modules; import distexec; "
+            "print(before, 'ssl' in sys.modules)")
+    seen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60).stdout.split()
+    assert seen[1] == seen[0]  # loaded after the import only if before it (the site's doing)
 
 
 # --------------------------------------------------------------------------------------------
