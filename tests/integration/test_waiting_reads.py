@@ -146,11 +146,13 @@ def test_ctrl_c_while_the_main_thread_reads_a_reply_leaves_the_connection_whole(
 def test_an_executor_that_only_runs_long_tasks_leaves_their_replies_to_the_reader_thread():
     """Reading a reply on the waiting thread pays only when the reply comes soon: for a long
     task it wakes the reader thread twice for nothing. An executor that has run nothing but
-    50 ms tasks must still know they are long; its yardstick is the empty task each worker
-    gets first, whose reply the worker sends before it starts the first real task."""
+    250 ms tasks must still know they are long; its yardstick is the empty task each worker
+    gets first, whose reply the worker sends before it starts the first real task. (A task
+    counts as long past 4 times the yardstick's round trip: 250 ms keeps the test true on a
+    machine so loaded that an empty round trip takes 50 ms; 50 ms tasks failed there.)"""
     with distexec.DistributedExecutor(1) as executor:
-        executor.submit(time.sleep, 0.05).result()
-        later = executor.submit(time.sleep, 0.05)
+        executor.submit(time.sleep, 0.25).result()
+        later = executor.submit(time.sleep, 0.25)
         assert later._sent_to is None  # not read by the thread waiting in result()
         assert later.result() is None
         quick = executor.submit(abs, -1)  # a function not seen yet counts as short
