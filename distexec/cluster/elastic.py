@@ -106,9 +106,11 @@ class ElasticManager(ClusterManager):
         self._closed = False
         chosen = self._security
         tls = chosen.server_context() if chosen is not None and chosen.tls else None
+        # Read once (a bad value fails here, not in a handshake thread), as a worker does.
+        self._handshake_timeout = sockets.handshake_timeout()
         self._listener = _JoinListener(
             ctx, sockets.bind_listener(address, port, False), self._authenticated,
-            handshake_timeout=_handshake_timeout(), tls=tls)
+            handshake_timeout=self._handshake_timeout, tls=tls)
         self._address = self._listener.address  # kept: readable after close()
         self._listener.start()
         threading.Thread(target=self._join_loop, daemon=True,
@@ -186,7 +188,7 @@ class ElasticManager(ClusterManager):
         """A worker passed the challenge: read where it listens, queue it for the joiner."""
         try:
             peer = link.getpeername()[0]
-            host, port = _read_address(link, time.monotonic() + _handshake_timeout())
+            host, port = _read_address(link, time.monotonic() + self._handshake_timeout)
         except (OSError, EOFError, ProtocolError) as exc:
             log.warning("ElasticManager: a worker that authenticated did not send its address "
                         "line: %s", exc)
@@ -276,7 +278,8 @@ class _JoinListener(sockets.Listener):
         try:
             if self._tls is not None:
                 conn = sockets.accept_tls(conn, self._tls, deadline)
-            version = sockets.serve_handshake(conn, self._ctx.cookie.key, _left(deadline))
+            version = sockets.serve_handshake(conn, self._ctx.cookie.key,
+                                              sockets.remaining(deadline))
         except (AuthenticationError, ProtocolError) as exc:
             self._refused(peer, str(exc), conn)
             return
@@ -300,29 +303,13 @@ class _JoinListener(sockets.Listener):
         conn.close()
 
 
-def _left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise socket.timeout("handshake deadline passed")
-    return left
-
-
-def _handshake_timeout() -> float:
-    value = os.environ.get("DISTEXEC_HANDSHAKE_TIMEOUT")
-    try:
-        timeout = float(value) if value else sockets.DEFAULT_HANDSHAKE_TIMEOUT
-    except ValueError:
-        timeout = sockets.DEFAULT_HANDSHAKE_TIMEOUT
-    return timeout if timeout > 0 else sockets.DEFAULT_HANDSHAKE_TIMEOUT
-
-
 def _read_address(link, deadline: float) -> tuple[str, int]:
     """The ``distexec_worker:PORT#ADDR`` line a joined worker sends after the challenge."""
     data = bytearray()
     while not data.endswith(b"\n"):
         if len(data) >= MAX_ADDRESS_LINE:
             raise ProtocolError("address line too long")
-        link.settimeout(_left(deadline))
+        link.settimeout(sockets.remaining(deadline))
         chunk = link.recv(1)  # byte by byte: what follows is the worker's first frame
         if not chunk:
             raise EOFError("connection closed before the address line")
@@ -479,13 +466,13 @@ def _attempt(host: str, port: int, cookie: str, security: Security | None, deadl
 def _peek_hello(sock: socket.socket, deadline: float) -> bytes:
     """The master's HELLO (or TLS_HELLO), left unread; EOFError if it hangs up first."""
     while True:
-        sock.settimeout(_left(deadline))
+        sock.settimeout(sockets.remaining(deadline))
         data = sock.recv(handshake.HELLO_SIZE, socket.MSG_PEEK)
         if not data:
             raise EOFError("the master closed the connection before its greeting")
         if len(data) >= handshake.HELLO_SIZE:
             return data
-        select.select([sock], [], [], min(_left(deadline), 0.05))
+        select.select([sock], [], [], min(sockets.remaining(deadline), 0.05))
 
 
 def _serve(link, cookie: str, security: Security | None, bind_to: str | None) -> NoReturn:
@@ -503,7 +490,7 @@ def _serve(link, cookie: str, security: Security | None, bind_to: str | None) ->
     assert ctx.cookie is not None
     listener = sockets.Listener(sockets.bind_listener(host, port, hint), ctx.cookie.key,
                                 lambda sock, _v: worker._accept(ctx, sock),
-                                handshake_timeout=worker.handshake_timeout(), tls=tls)
+                                handshake_timeout=sockets.handshake_timeout(), tls=tls)
     ctx.listener = listener
     listener.start()
     bound, port = listener.address

@@ -17,7 +17,6 @@ from __future__ import annotations
 import builtins
 import ctypes
 import logging
-import math
 import os
 import pickle
 import signal
@@ -116,7 +115,7 @@ def start_worker(out: TextIO | None = None, cookie: str | None = None, *,
     tls = security.server_context() if security is not None and security.tls else None
     listener = sockets.Listener(sockets.bind_listener(host, port, hint), ctx.cookie.key,
                                 lambda sock, _v: _accept(ctx, sock),
-                                handshake_timeout=handshake_timeout(), tls=tls)
+                                handshake_timeout=sockets.handshake_timeout(), tls=tls)
     ctx.listener = listener
     listener.start()
     if master_fd is not None:
@@ -183,24 +182,6 @@ def _refuse_stdin(message: str) -> NoReturn:
     exit_now(EXIT_BAD_STDIN)
 
 
-def handshake_timeout() -> float:
-    """Seconds an incoming connection gets to authenticate, and then to identify itself.
-
-    ``DISTEXEC_HANDSHAKE_TIMEOUT`` (workers inherit the master's environment), else 10 s.
-    """
-    value = os.environ.get("DISTEXEC_HANDSHAKE_TIMEOUT")
-    if not value:
-        return sockets.DEFAULT_HANDSHAKE_TIMEOUT
-    try:
-        timeout = float(value)
-    except ValueError:
-        timeout = math.nan
-    if not (math.isfinite(timeout) and timeout > 0):
-        raise ValueError("DISTEXEC_HANDSHAKE_TIMEOUT must be a positive number of seconds, "
-                         f"got {value!r}")
-    return timeout
-
-
 def _accept(ctx: ClusterContext, sock) -> Connection:
     conn = Connection(sock, on_frame=lambda c, f: dispatch.on_frame(ctx, c, f),
                       on_close=lambda c, e: _on_close(ctx, c, e), name="incoming")
@@ -218,7 +199,7 @@ def _expect_identity(ctx: ClusterContext, conn: Connection) -> None:
     may be the master's, which can wait for other workers to join before it sends JOIN, so it
     gets the startup deadline instead (the same one after which an unjoined worker exits).
     """
-    timeout = handshake_timeout() if ctx.joined.is_set() else worker_timeout()
+    timeout = sockets.handshake_timeout() if ctx.joined.is_set() else worker_timeout()
     timer = threading.Timer(timeout, _close_if_unidentified, args=(ctx, conn, timeout))
     timer.daemon = True
     timer.name = "distexec-identify-deadline"
@@ -246,7 +227,7 @@ def process_messages(reader: Any, writer: Any, incoming: bool = True) -> threadi
         raise DistributedError("process_messages: no cluster cookie yet; call "
                                "init_worker(cookie) first on a worker")
     transport = as_transport(reader, writer)
-    timeout = handshake_timeout()
+    timeout = sockets.handshake_timeout()
     timer = expire_after(transport, timeout) if transport is not reader else None
     try:
         if incoming:

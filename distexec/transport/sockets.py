@@ -1,7 +1,8 @@
 """Listening, accepting and connecting: every new socket passes the handshake first.
 
-Owns the pre-authentication phase of every connection. Imports ``distexec.errors`` and
-``distexec.protocol``.
+Owns the pre-authentication phase of every connection, and its deadline
+(``DISTEXEC_HANDSHAKE_TIMEOUT``, read by ``handshake_timeout``). Imports ``distexec.errors``,
+``distexec.protocol`` and ``.tls``.
 
     accept thread ──► (pre-auth cap) ──► handshake thread per socket, with a deadline
                                           ├─ [TLS: TLS_HELLO, TLS handshake, peer cert checked]
@@ -19,6 +20,7 @@ the same cookie challenge runs inside the encrypted channel.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -154,7 +156,7 @@ class Listener:
         try:
             if self._tls is not None:
                 conn = accept_tls(conn, self._tls, deadline)
-            peer_version = serve_handshake(conn, self._secret, _remaining(deadline))
+            peer_version = serve_handshake(conn, self._secret, remaining(deadline))
         except (AuthenticationError, ProtocolError) as exc:
             self._warn(f"rejected connection: {exc}")
             conn.close()
@@ -223,7 +225,7 @@ def accept_tls(conn: socket.socket, context: ssl.SSLContext, deadline: float) ->
         conn.close()
         raise
     try:
-        tls.settimeout(_remaining(deadline))
+        tls.settimeout(remaining(deadline))
         tls.do_handshake()
     except BaseException:
         tls.close()
@@ -253,7 +255,7 @@ def connect_tls(sock: socket.socket, context: ssl.SSLContext, deadline: float,
         sock.close()
         raise
     try:
-        tls.settimeout(_remaining(deadline))
+        tls.settimeout(remaining(deadline))
         tls.do_handshake()
     except ssl_error() as exc:
         tls.close()
@@ -301,7 +303,27 @@ def initiate_handshake(sock, secret: bytes, timeout: float, peer: str) -> int:
     return client.peer_version
 
 
-def _remaining(deadline: float) -> float:
+def handshake_timeout() -> float:
+    """Seconds an incoming connection gets to authenticate, and then to identify itself (a
+    worker's listener, the elastic master's join port).
+
+    ``DISTEXEC_HANDSHAKE_TIMEOUT`` (workers inherit the master's environment), else 10 s.
+    """
+    value = os.environ.get("DISTEXEC_HANDSHAKE_TIMEOUT")
+    if not value:
+        return DEFAULT_HANDSHAKE_TIMEOUT
+    try:
+        timeout = float(value)
+    except ValueError:
+        timeout = math.nan
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError("DISTEXEC_HANDSHAKE_TIMEOUT must be a positive number of seconds, "
+                         f"got {value!r}")
+    return timeout
+
+
+def remaining(deadline: float) -> float:
+    """Seconds left until ``deadline`` (``time.monotonic``); ``socket.timeout`` once past."""
     left = deadline - time.monotonic()
     if left <= 0:
         raise socket.timeout("handshake deadline passed")
@@ -314,7 +336,7 @@ def _remaining_or_expired(deadline: float) -> float:
 
 
 def _send_before(sock: socket.socket, data: bytes, deadline: float) -> None:
-    sock.settimeout(_remaining(deadline))
+    sock.settimeout(remaining(deadline))
     sock.sendall(data)
 
 
@@ -326,7 +348,7 @@ def _recv_magic_before(sock: socket.socket, server: handshake.ServerHandshake,
     """
     data = b""
     while len(data) < len(handshake.MAGIC):
-        sock.settimeout(_remaining(deadline))
+        sock.settimeout(remaining(deadline))
         chunk = sock.recv(len(handshake.MAGIC) - len(data))
         if not chunk:
             raise EOFError("connection closed during the handshake")
@@ -340,7 +362,7 @@ def _recv_magic_before(sock: socket.socket, server: handshake.ServerHandshake,
 def _recv_exact_before(sock: socket.socket, n: int, deadline: float) -> bytes:
     data = bytearray()
     while len(data) < n:
-        sock.settimeout(_remaining(deadline))
+        sock.settimeout(remaining(deadline))
         chunk = sock.recv(n - len(data))
         if not chunk:
             raise EOFError("connection closed during the handshake")

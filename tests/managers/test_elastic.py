@@ -206,6 +206,18 @@ def test_a_wrong_cookie_is_refused_at_once_and_logged(joiners, logs):
     assert em.workers() == [] and distexec.workers() == [1]
 
 
+@pytest.mark.parametrize("value", ["soon", "0", "-3", "nan"])
+def test_a_bad_handshake_timeout_is_refused_by_the_master_as_by_its_workers(
+        joiners, monkeypatch, value):
+    """The join port reads ``DISTEXEC_HANDSHAKE_TIMEOUT`` as a worker does: a value that is
+    not a positive number of seconds is an error naming it, not a silent 10 s."""
+    monkeypatch.setenv("DISTEXEC_HANDSHAKE_TIMEOUT", value)
+    with pytest.raises(ValueError, match="DISTEXEC_HANDSHAKE_TIMEOUT must be a positive"):
+        joiners.manager()
+    monkeypatch.setenv("DISTEXEC_HANDSHAKE_TIMEOUT", "2.5")
+    assert joiners.manager()._listener._handshake_timeout == 2.5
+
+
 class _Evidence:
     """Unpickling this creates a file: proof that someone unpickled it."""
 
