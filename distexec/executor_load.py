@@ -71,7 +71,6 @@ class InFlight:
         """One message of ``pid`` is back; returns how many it still has in flight."""
         count = self._count.get(pid)
         if not count:  # forgotten (lost) meanwhile, or nothing sent
-            self._count[pid] = 0
             return 0
         self._unlevel(pid)
         count = self._count[pid] = count - 1

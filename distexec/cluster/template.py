@@ -69,7 +69,7 @@ def launch_worker(ctx, params: dict, env: dict, bind_to: str, tls: bool,
     ``link`` and ``lane`` are the worker's ends (the caller closes its copies). The cookie
     is not here: the caller writes it to the returned process's ``stdin``, as to a spawned one.
     """
-    reason = unusable(params, env)
+    reason = unusable(params)
     if reason is not None:
         log.debug("local worker spawned, not forked from the template: %s", reason)
         return None
@@ -83,9 +83,9 @@ def launch_worker(ctx, params: dict, env: dict, bind_to: str, tls: bool,
         return None
 
 
-def unusable(params: dict, env: dict) -> str | None:
-    """Why a worker with these ``addprocs`` parameters and this environment cannot be forked
-    from the template (None: it can)."""
+def unusable(params: dict) -> str | None:
+    """Why a worker with these ``addprocs`` parameters cannot be forked from the template
+    (None: it can)."""
     if os.environ.get(DISABLE_ENV, DEFAULT) == "0":
         return f"{DISABLE_ENV}=0"
     if not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open") \
@@ -97,7 +97,7 @@ def unusable(params: dict, env: dict) -> str | None:
         return f"exeflags={params['exeflags']!r}"
     user_env = params.get("env") or {}
     pairs = user_env.items() if isinstance(user_env, dict) else user_env
-    startup = sorted(str(k) for k, _ in pairs if str(k) in startup_environment({str(k): ""}))
+    startup = sorted(k for k in (str(k) for k, _ in pairs) if _read_at_startup(k))
     if startup:
         return f"env= sets {', '.join(startup)}, read when an interpreter starts"
     workdir = str(params["dir"])
@@ -108,8 +108,11 @@ def unusable(params: dict, env: dict) -> str | None:
 
 def startup_environment(env: dict) -> dict:
     """The variables of ``env`` an interpreter reads when it starts (``STARTUP_KEYS``)."""
-    return {k: v for k, v in env.items()
-            if k.startswith(STARTUP_KEYS) and k != "PYTHONPATH"}
+    return {k: v for k, v in env.items() if _read_at_startup(k)}
+
+
+def _read_at_startup(key: str) -> bool:
+    return key.startswith(STARTUP_KEYS) and key != "PYTHONPATH"
 
 
 def _template_of(ctx, env: dict) -> Template | None:
@@ -148,8 +151,7 @@ class _Exit:
 
     def __init__(self, pidfd: int) -> None:
         self.pidfd: int | None = pidfd
-        self.code: int | None = None
-        self.orphaned = False      # the template died first: the status is lost
+        self.code: int | None = None  # None once known: the template died first, it is lost
         self.known = threading.Event()
         self.lock = threading.Lock()
 
@@ -157,7 +159,6 @@ class _Exit:
         """The status is ``code`` (None with the template gone: unknown)."""
         with self.lock:
             self.code = code
-            self.orphaned = code is None
             if code is not None:
                 self._close()
         self.known.set()

@@ -25,7 +25,6 @@ environment, working directory, ``sys.path`` and session, and runs ``start_worke
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -63,7 +62,7 @@ def serve(control_fd: int, master_pid: int) -> None:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    signal.signal(MASTER_DIED, lambda signum, frame: _end(control, master_pid, children, True))
+    signal.signal(MASTER_DIED, lambda signum, frame: _end(children))
     interpreter = interpreter_path()
     _die_with_master(master_pid)
     gc.collect()
@@ -87,33 +86,26 @@ def serve(control_fd: int, master_pid: int) -> None:
             if request["op"] == "close":  # the master is done with us; its workers are not
                 os._exit(0)
             if request["op"] == "lost":   # EOF without "close": the master is gone
-                _end(control, master_pid, children, master_gone=True)
+                _end(children)
             _fork(control, request, fds, children, template, interpreter)
 
 
 def _die_with_master(master_pid: int) -> None:
     """``MASTER_DIED`` (its handler: ``_end``) when the master dies; gone already: end now."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, MASTER_DIED)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    worker.signal_at_parent_death(MASTER_DIED)
     if os.getppid() != master_pid:
         os._exit(0)
 
 
-def _end(control: socket.socket, master_pid: int, children: set[int],
-         master_gone: bool = False) -> None:
-    """Leave. Workers outlive a template that is merely closed or killed, not their master:
-    when the master is gone, its workers go too (they would leave on their own when their
-    master link ends; this also stops one whose C code holds the GIL). The control socket's
-    EOF and the death signal can come before the kernel gives us another parent."""
-    if master_gone or os.getppid() != master_pid:
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+def _end(children: set[int]) -> None:
+    """The master is gone: its workers go too, then the template (they would leave on their
+    own when their master link ends; this also stops one whose C code holds the GIL).
+    Workers outlive a template that is merely closed or killed, not their master."""
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
     os._exit(0)
 
 

@@ -335,14 +335,19 @@ def _stdin_lifeline(fd: int) -> None:
 
 def _die_with_parent(parent_pid: int) -> None:
     """Linux: SIGKILL this process when the master dies, even while C code holds the GIL."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    signal_at_parent_death(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the master died before we could ask
         exit_now(EXIT_MASTER_LOST)
+
+
+def signal_at_parent_death(sig: int) -> None:
+    """Linux: the kernel sends ``sig`` to this process when its parent dies
+    (``PR_SET_PDEATHSIG``); elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 def _install_sigint(ctx: ClusterContext) -> None:

@@ -199,11 +199,7 @@ class CallRunner:
             # A wake-up given after the last wait timed out: its task is in the queue. Only
             # a submitter that finds the main thread idle releases, so while idle it is held.
             self._main_wake.acquire(blocking=False)
-            task = self._pop_main_task()
-        if task is None and self.take_from_lane is not None:
-            self.take_from_lane()  # the next task the master left there, read here
-            with self._lock:
-                task = self._pop_main_task()
+        task = self._queued_or_from_lane()  # the next task the master left on the lane
         if task is not None:
             return task
         with self._lock:
@@ -217,10 +213,14 @@ class CallRunner:
             # Another thread reads the connection (or none can): a task on the lane wakes
             # nobody then, so look at the lane often until the reading is ours again.
             self._main_wake.acquire(timeout=IDLE_POLL if lane_fd is None else LANE_POLL)
+        return self._queued_or_from_lane()  # the lane is what ended the wait, most likely
+
+    def _queued_or_from_lane(self) -> Callable[[], None] | None:
+        """The next queued task, or else the one the task lane holds (read here), if any."""
         with self._lock:
             task = self._pop_main_task()
         if task is None and self.take_from_lane is not None:
-            self.take_from_lane()  # the lane is what ended the wait, most likely
+            self.take_from_lane()
             with self._lock:
                 task = self._pop_main_task()
         return task
