@@ -164,12 +164,14 @@ class WorkerPool(AbstractWorkerPool):
 
     def __len__(self) -> int:
         with self._cond:
+            self._prune()  # a worker may have left before our lost-peer hook ran
             return len(self._members)
 
     def workers(self) -> list[int]:
         with self._cond:
             if self._is_default_empty():
                 return [1]
+            self._prune()
             return sorted(self._members)
 
     def _prune(self) -> None:
