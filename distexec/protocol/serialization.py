@@ -386,6 +386,35 @@ _PLAIN_ARGS_MAX = 16
 # without it (another cloudpickle), every call takes cloudpickle's way.
 _pickled_by_reference = getattr(getattr(cloudpickle, "cloudpickle", None),
                                 "_should_pickle_by_reference", None)
+#: the modules ``cloudpickle.register_pickle_by_value`` names (None: another cloudpickle)
+_by_value_modules = getattr(getattr(cloudpickle, "cloudpickle", None),
+                            "_PICKLE_BY_VALUE_MODULES", None)
+_BY_REFERENCE_MAX = 1024
+#: module-level function -> (its module, its name): where cloudpickle found it last time
+_found_by_name: dict[types.FunctionType, tuple[types.ModuleType, str]] = {}
+
+
+def _function_by_reference(fn: types.FunctionType) -> bool:
+    """cloudpickle's test of whether ``fn`` is pickled by reference, remembered per function.
+
+    The executor asks it for every task, and cloudpickle's answer costs a search of the
+    function's module. A function it accepted is looked up by its name again each time (it
+    may have been rebound, or its module dropped), which is all that can change, unless a
+    module is registered to be pickled by value: then cloudpickle decides every time.
+    """
+    seen = _found_by_name.get(fn)
+    if (seen is not None and not _by_value_modules
+            and sys.modules.get(fn.__module__) is seen[0] and vars(seen[0]).get(seen[1]) is fn):
+        return True
+    if _pickled_by_reference is None or not _pickled_by_reference(fn):
+        return False
+    name = fn.__qualname__
+    module = sys.modules.get(fn.__module__)
+    if "." not in name and module is not None:  # (a method is found in two steps: not kept)
+        if len(_found_by_name) >= _BY_REFERENCE_MAX:
+            _found_by_name.clear()
+        _found_by_name[fn] = (module, name)
+    return True
 
 
 def is_plain_call(obj: Any) -> bool:
@@ -405,8 +434,7 @@ def is_plain_call(obj: Any) -> bool:
         return False
     if type(fn) is types.BuiltinFunctionType:  # a module's (math.sqrt), not a bound method
         return isinstance(fn.__self__, types.ModuleType)
-    return (type(fn) is types.FunctionType and _pickled_by_reference is not None
-            and _pickled_by_reference(fn))
+    return type(fn) is types.FunctionType and _function_by_reference(fn)
 
 
 class _Picklers(threading.local):

@@ -26,6 +26,7 @@ import functools
 import pickle
 import threading
 import time
+import types
 from typing import Any
 
 from ..errors import RemoteException
@@ -249,6 +250,8 @@ def cost_key(fn):
     """What tasks share an estimate by: the code they run (a new closure of the same function,
     a bound method of another instance and a partial of it count as the same), never the
     callable itself, which may hold large data alive."""
+    if type(fn) is types.FunctionType:  # the usual task: asked three times per task
+        return fn.__code__
     while isinstance(fn, functools.partial):
         fn = fn.func
     fn = getattr(fn, "__func__", fn)

@@ -69,7 +69,10 @@ class CallRunner:
     """Runs tasks (zero-argument callables) on reusable threads; see the module docstring."""
 
     def __init__(self, ctx) -> None:
+        from .context import use_context  # (context imports this module)
+
         self._ctx = ctx
+        self._use_context = use_context  # not imported again for each call
         self._lock = threading.Lock()
         self._idle: list[_PoolThread] = []
         self._main_queue: deque | None = None
@@ -242,9 +245,7 @@ class CallRunner:
 
     # -- running and interrupting ------------------------------------------------------------
     def _run(self, task: Callable[[], None]) -> None:
-        from .context import use_context
-
-        use_context(self._ctx)
+        self._use_context(self._ctx)
         try:
             task()
         except BaseException:  # tasks report their own errors; this is a last resort

@@ -385,7 +385,7 @@ class Connection:
         if placed is not None:  # large NumPy buffers went to shared memory (shm.py)
             self._send_placed(kind, payload, placed, flags, response, notify)
             return
-        lens = [memoryview(b).nbytes for b in buffers]
+        lens = [memoryview(b).nbytes for b in buffers] if buffers else ()
         head = frames.encode_header(kind, len(payload), lens, flags=flags, response=response,
                                     notify=notify, max_message_size=self.max_message_size)
         parts = [head, payload, *buffers] if payload else [head, *buffers]
@@ -662,6 +662,14 @@ def _sigint_deferred(conn: Connection, defer: bool) -> Iterator[list]:
 
 
 def _sendmsg_all(sock: socket.socket | TLSChannel, parts, ancillary=()) -> None:
+    if not ancillary and len(parts) == 2 and type(parts[1]) is bytes:
+        # a header and a small payload, the usual message: one call when it all goes at once
+        head, payload = parts
+        sent = sock.sendmsg(parts)
+        if sent == len(head) + len(payload):
+            return
+        parts = [memoryview(head)[sent:], payload] if sent < len(head) else \
+            [memoryview(payload)[sent - len(head):]]
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     while views:
         if ancillary:  # (descriptors: with the first bytes, once)

@@ -201,6 +201,55 @@ def test_other_calls_take_cloudpickles_way(call):
     assert not serialization.is_plain_call(call)
 
 
+def _module_with_a_function(name: str):
+    """A fresh importable module ``name`` with ``double(x)``, as a user's module would be."""
+    import sys
+    import types
+
+    module = types.ModuleType(name)
+    exec("def double(x):\n    return 2 * x\n", vars(module))
+    sys.modules[name] = module
+    return module
+
+
+def test_a_function_rebound_in_its_module_after_a_call_is_still_sent_as_itself():
+    """The plain-call check is remembered per function; a later rebinding of the module's
+    name must not make the old function travel as a reference to the new one."""
+    import sys
+
+    module = _module_with_a_function("distexec_test_rebound")
+    try:
+        old = module.double
+        assert serialization.is_plain_call((old, (3,), {}))  # remembered as found by name
+        module.double = lambda x: "the new one"
+        assert not serialization.is_plain_call((old, (3,), {}))
+        fn, args, _ = loads(dumps((old, (3,), {}), 2)[0])
+        assert fn is not module.double and fn(*args) == 6
+    finally:
+        del sys.modules["distexec_test_rebound"]
+
+
+def test_a_function_of_a_module_dropped_or_registered_by_value_goes_by_value():
+    import sys
+
+    import cloudpickle
+
+    module = _module_with_a_function("distexec_test_by_value")
+    fn = module.double
+    try:
+        assert serialization.is_plain_call((fn, (1,), {}))
+        cloudpickle.register_pickle_by_value(module)
+        try:
+            assert not serialization.is_plain_call((fn, (1,), {}))
+        finally:
+            cloudpickle.unregister_pickle_by_value(module)
+        assert serialization.is_plain_call((fn, (1,), {}))
+    finally:
+        del sys.modules["distexec_test_by_value"]
+    assert not serialization.is_plain_call((fn, (1,), {}))  # no module to import it from
+    assert loads(dumps((fn, (4,), {}), 2)[0])[0](4) == 8
+
+
 # --------------------------------------------------------------------------------------------
 # References pickled outside the cluster become inert null references
 # --------------------------------------------------------------------------------------------
