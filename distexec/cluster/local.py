@@ -86,7 +86,7 @@ class LocalManager(ClusterManager):
             env = worker_environment(params, thread_limit)
             process = (template.launch_worker(current_context(), params, env, bind_to,
                                               uses_tls(security), worker_end, lane_end)
-                       or _spawn(params, env, bind_to, security, inherited))
+                       or _spawn(params, env, bind_to, security, worker_end, lane_end))
         except BaseException:
             for end in (link, lane):
                 if end is not None:
@@ -149,13 +149,13 @@ class LocalManager(ClusterManager):
         return clone
 
 
-def _spawn(params: dict, env: dict, bind_to: str, security,
-           inherited: list[socket.socket]) -> subprocess.Popen:
-    """``python -m distexec worker`` in a new interpreter; ``inherited``: the worker's ends
-    of its link and task lane."""
+def _spawn(params: dict, env: dict, bind_to: str, security, worker_end: socket.socket,
+           lane_end: socket.socket | None) -> subprocess.Popen:
+    """``python -m distexec worker`` in a new interpreter, inheriting the worker's ends of
+    its link and of its task lane (if it has one)."""
     exeflags = params["exeflags"]
     exeflags = [exeflags] if isinstance(exeflags, str) else list(exeflags)
-    worker_end, lane_end = inherited[0], (inherited[1] if len(inherited) > 1 else None)
+    inherited = [end for end in (worker_end, lane_end) if end is not None]
     cmd = [str(params["exename"]), *exeflags, "-m", "distexec", "worker",
            "--bind-to", bind_to, "--parent-pid", str(os.getpid()), "--die-with-stdin",
            "--master-fd", str(worker_end.fileno()), "--separate-stderr",

@@ -47,8 +47,8 @@ DISABLE_ENV = "DISTEXEC_TEMPLATE"
 DEFAULT = "1"
 """The template is used unless ``DISTEXEC_TEMPLATE`` says otherwise."""
 KEY = "template"
-"""The context's ``launchers`` key of its Template (a float: it could not start; spawn until
-that ``time.monotonic()``)."""
+"""The context's ``launchers`` key of its Template (or of ``_Unavailable``: it could not
+start)."""
 RETRY_AFTER = 60.0
 """Seconds during which workers are spawned after the template failed to start."""
 STARTUP_KEYS = ("PYTHON", "LD_", "MALLOC_", "GLIBC_TUNABLES", "LANG", "LC_")
@@ -118,10 +118,9 @@ def _read_at_startup(key: str) -> bool:
 def _template_of(ctx, env: dict) -> Template | None:
     """The context's running template for workers of this environment, started if needed."""
     with ctx.lock:
-        launchers = ctx.launchers
-        template = launchers.get(KEY)
-    if isinstance(template, float):
-        if time.monotonic() < template:
+        template = ctx.launchers.get(KEY)
+    if isinstance(template, _Unavailable):
+        if time.monotonic() < template.until:
             return None
         template = None
     if template is not None:
@@ -134,11 +133,24 @@ def _template_of(ctx, env: dict) -> Template | None:
         log.warning("the local workers' template could not start (%s): workers are spawned "
                     "for the next %g s", exc, RETRY_AFTER)
         with ctx.lock:
-            ctx.launchers[KEY] = time.monotonic() + RETRY_AFTER
+            ctx.launchers[KEY] = _Unavailable(time.monotonic() + RETRY_AFTER)
         return None
     with ctx.lock:
         ctx.launchers[KEY] = template
     return template
+
+
+class _Unavailable:
+    """In the context's ``launchers`` while the template could not start: workers are
+    spawned until ``until`` (``time.monotonic()``), then a template is tried again."""
+
+    __slots__ = ("until",)
+
+    def __init__(self, until: float):
+        self.until = until
+
+    def close(self) -> None:
+        """Nothing runs: a launcher's ``close`` (the context closes every launcher)."""
 
 
 class _Exit:

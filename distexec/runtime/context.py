@@ -418,6 +418,4 @@ class ClusterContext:
         self.heartbeat.stop()
         self.runner.stop()
         for launcher in list(self.launchers.values()):
-            close = getattr(launcher, "close", None)
-            if close is not None:
-                close()
+            launcher.close()
