@@ -459,8 +459,7 @@ class DistributedExecutor(cf.Executor):
             lock = self._dispatching.setdefault(pid, threading.Lock())
         with lock:
             pickled, unpicklable_tasks = self._pickle_tasks(pid, tasks)
-            messages = (batches.by_size(pickled, self._batch_bytes) if len(pickled) > 1
-                        else [pickled] if pickled else [])
+            messages = batches.by_size(pickled, self._batch_bytes)
             if len(messages) > 1:  # pickled for this worker already: they all go there
                 with self._lock:
                     self._in_flight.add(pid, len(messages) - 1)

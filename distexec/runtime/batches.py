@@ -169,6 +169,8 @@ SHORT_TASK_ROUND_TRIPS = 4  # a task this many quickest round trips long, or les
 def by_size(pickled: list[tuple], limit: int) -> list[list[tuple]]:
     """Pickled tasks ``(task, payload, buffers)``, in order, grouped into messages of at most
     ``limit`` bytes (a larger task alone)."""
+    if len(pickled) <= 1:  # a task alone, the usual message: nothing to weigh
+        return [pickled] if pickled else []
     messages: list[list[tuple]] = []
     size = limit + 1
     for item in pickled:
