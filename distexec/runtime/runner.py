@@ -231,7 +231,11 @@ class CallRunner:
     def wake_idle_main(self) -> None:
         """Make an idle main thread look again: it has a task lane to read now."""
         with self._lock:
+            free = self._main_idle or self._main_finishing
             self._wake_main()  # out of a read that began without the lane, too
+            # It comes back to the queue without running anything: a call arriving meanwhile
+            # is still its own, as one arriving while it finishes a call (see submit).
+            self._main_finishing = free
 
     def _pop_main_task(self) -> Callable[[], None] | None:
         """With the lock held: the next task of the main queue, if any."""

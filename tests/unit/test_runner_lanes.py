@@ -123,3 +123,16 @@ def test_calls_that_arrive_before_the_main_thread_serves_wait_for_it(monkeypatch
         stopping.append(True)
         runner.stop()
         thread.join(5)
+
+
+def test_a_call_right_after_the_idle_main_thread_is_told_of_its_lane_runs_there(served):
+    """A worker's JOIN gives its idle main thread a task lane and wakes it to read it too
+    (``wake_idle_main``). A call arriving while it looks is still the main thread's: it
+    runs there, where SIGINT can stop it, not on a pool thread (C1 failed 1 time in ~100)."""
+    log, lock = [], threading.Lock()
+    for i in range(20):
+        wait_until(lambda: served.runner._main_idle, 5)
+        served.runner.wake_idle_main()
+        served.runner.submit(_recorder(log, lock, i))
+        wait_until(lambda: len(log) == i + 1, 5)
+    assert {thread for _, thread, _, _ in log} == {"served-main"}
