@@ -45,7 +45,7 @@ from .errors import (
     ProcessExitedException,
     RemoteException,
 )
-from .executor_futures import ExecutorFuture, Task, complete
+from .executor_futures import ExecutorFuture, Task, complete, in_callbacks_of
 from .executor_load import InFlight
 from .executor_routes import InOrderRoutes
 from .executor_workers import WorkerLifecycle, check_initializer
@@ -339,12 +339,19 @@ class DistributedExecutor(cf.Executor):
                     self._idle.notify_all()
         for task in cancelled:
             task.future.cancel()
-        if wait:
+        waits_for_itself = wait and in_callbacks_of(self._callback_lock)
+        if wait and not waits_for_itself:
             self._wait_idle()
             self._release_workers()
         else:
             threading.Thread(target=self._finish_in_background, daemon=True,
                              name="distexec-shutdown").start()
+        if waits_for_itself:  # ProcessPoolExecutor's callback thread cannot join itself either
+            raise RuntimeError("shutdown(wait=True) in a done-callback of this executor's "
+                               "futures cannot wait: the callback runs where their results "
+                               "arrive. The executor shuts down without waiting, as with "
+                               "wait=False; call shutdown(wait=True) from another thread to "
+                               "wait for it")
 
     def terminate_workers(self) -> None:
         """Stop the workers this executor launched now, with SIGTERM (Python 3.14's method).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import sys
+import threading
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 from typing import Any
 
@@ -17,6 +18,13 @@ from .errors import RemoteTraceback as RemoteTraceback  # where distexec.Pool lo
 from .runtime.refs import invoke_callbacks_guarded
 
 _FINISHED = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
+_calling_back = threading.local()  # .lock: the callback lock of the callbacks this thread runs
+
+
+def in_callbacks_of(callback_lock) -> bool:
+    """Whether this thread is running done-callbacks of the futures ``callback_lock`` guards,
+    as their completion runs them (where results arrive: nothing arrives while they run)."""
+    return getattr(_calling_back, "lock", None) is callback_lock
 
 
 def original_exception(remote: RemoteException) -> BaseException:
@@ -61,7 +69,11 @@ class ExecutorFuture(cf.Future):
             invoke_callbacks_guarded(self)
             return
         with lock:
-            invoke_callbacks_guarded(self)
+            outer, _calling_back.lock = getattr(_calling_back, "lock", None), lock
+            try:
+                invoke_callbacks_guarded(self)
+            finally:
+                _calling_back.lock = outer
 
     def add_done_callback(self, fn) -> None:
         lock = self._callback_lock

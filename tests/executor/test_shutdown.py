@@ -155,3 +155,28 @@ def test_shutdown_with_wait_after_one_without_returns_once_the_workers_are_gone(
     assert future.result(timeout=0) == "last"
     assert not set(launched) & set(distexec.procs())
     wait_gone(processes)
+
+
+@pytest.mark.parametrize("timeout", [None, 10], ids=["result()", "result(timeout)"])
+def test_shutdown_with_wait_in_a_done_callback_raises_instead_of_hanging(timeout):
+    """ProcessPoolExecutor raises RuntimeError there (its callback thread cannot join itself);
+    waiting in a callback, which runs where results arrive, would wait for itself for ever.
+    The executor still shuts down, as with wait=False."""
+    ex = DistributedExecutor(1)
+    raised: list[BaseException] = []
+
+    def shut_down(future):
+        try:
+            ex.shutdown(wait=True)
+        except RuntimeError as exc:
+            raised.append(exc)
+
+    future = ex.submit(square, 3)
+    future.add_done_callback(shut_down)
+    assert future.result(timeout=timeout) == 9
+    wait_until(lambda: raised, 10, message="the callback's shutdown to return")
+    assert "done-callback" in str(raised[0])
+    with pytest.raises(RuntimeError, match=AFTER_SHUTDOWN):
+        ex.submit(square, 1)
+    ex.shutdown(wait=True)  # from here it waits, and the worker goes
+    wait_until(lambda: ex.workers() == [], 10, message="the executor's worker to go")
