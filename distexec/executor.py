@@ -335,7 +335,7 @@ class DistributedExecutor(cf.Executor):
             cancelled = list(self._queue) if cancel_futures else []
             if cancel_futures:
                 self._queue.clear()
-                if not self._in_flight.total and not self._settling:
+                if self._is_idle():
                     self._idle.notify_all()
         for task in cancelled:
             task.future.cancel()
@@ -600,7 +600,7 @@ class DistributedExecutor(cf.Executor):
             finally:
                 with self._lock:
                     self._settling -= settle is not None
-                    if not self._queue and not self._in_flight.total and not self._settling:
+                    if self._is_idle():
                         self._idle.notify_all()
 
     def _worker_lost(self, pid: int) -> None:
@@ -645,9 +645,13 @@ class DistributedExecutor(cf.Executor):
         return doomed
 
     # -- shutting down -----------------------------------------------------------------------
+    def _is_idle(self) -> bool:
+        """With the lock held: nothing queued, in flight, or being completed."""
+        return not (self._queue or self._in_flight.total or self._settling)
+
     def _wait_idle(self) -> None:
         with self._lock:
-            while (self._queue or self._in_flight.total or self._settling) and not self._broken:
+            while not self._is_idle() and not self._broken:
                 self._idle.wait()
 
     def _release_workers(self) -> None:
