@@ -27,10 +27,23 @@ log() { echo "setup-sshd: $*"; }
 
 ns_index() { echo "${1#dxh}"; }
 
+# sshd_running PIDFILE [LISTEN]: is the process the pidfile names an sshd of ours (on LISTEN)? A
+# pidfile can outlive its sshd (a machine restored from a snapshot keeps /run) and its pid be
+# reused by another process, so a live pid alone proves nothing.
+sshd_running() {
+    local pid cmdline
+    pid="$(cat "$1" 2>/dev/null || true)"
+    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null || true)" = sshd ] || return 1
+    cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
+    [[ "$cmdline" == *"$dir/sshd_config"*"ListenAddress=${2:-}"* ]]
+}
+
 stop_all() {
     for pidfile in "$dir"/sshd-*.pid; do
         [ -f "$pidfile" ] || continue
-        kill "$(cat "$pidfile")" 2>/dev/null || true
+        if sshd_running "$pidfile"; then
+            kill "$(cat "$pidfile")" 2>/dev/null || true
+        fi
         rm -f "$pidfile"
     done
     local home
@@ -133,15 +146,26 @@ user_config_block() {
 # start_sshd NAME LISTEN [NAMESPACE]: no-op when the one from an earlier run still runs.
 start_sshd() {
     local name="$1" listen="$2" ns="${3:-}" pidfile="$dir/sshd-$1.pid"
-    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    if sshd_running "$pidfile" "$listen"; then
+        log "sshd $name already listening on $listen"
         return
     fi
+    rm -f "$pidfile"
     local cmd=(/usr/sbin/sshd -f "$dir/sshd_config" -o "ListenAddress=$listen" -o "PidFile=$pidfile")
-    if [ -n "$ns" ]; then
-        ip netns exec "$ns" "${cmd[@]}"
-    else
-        "${cmd[@]}"
-    fi
+    local run=()
+    [ -z "$ns" ] || run=(ip netns exec "$ns")
+    "${run[@]}" "${cmd[@]}"
+    # sshd forks before it binds: a port already taken is only seen as no pidfile appearing.
+    local waited=0
+    until sshd_running "$pidfile" "$listen"; do
+        if [ "$waited" -ge 100 ]; then
+            log "ERROR: sshd $name did not start on $listen; what listens there:" >&2
+            "${run[@]}" ss -ltnp >&2 || true
+            return 1
+        fi
+        sleep 0.1
+        waited=$((waited + 1))
+    done
     log "sshd $name listening on $listen"
 }
 
@@ -150,7 +174,11 @@ make_namespace() {
     i="$(ns_index "$ns")"
     root_if="dxv$i"
     peer_if="dxv${i}p"
-    ip netns list | grep -qw "^$ns" || ip netns add "$ns"
+    # A name left in /run/netns by a machine restored from a snapshot names no namespace.
+    if ip netns list 2>/dev/null | grep -qw "^$ns" && ! ip netns exec "$ns" true 2>/dev/null; then
+        ip netns del "$ns" 2>/dev/null || rm -f "/run/netns/$ns"
+    fi
+    ip netns list 2>/dev/null | grep -qw "^$ns" || ip netns add "$ns"
     if ! ip link show "$root_if" >/dev/null 2>&1; then
         ip link add "$root_if" type veth peer name "$peer_if"
         ip link set "$peer_if" netns "$ns"
