@@ -238,13 +238,15 @@ class ProcessExitedException(DistexecError, _BrokenProcessPool):
                              self.oom_evidence))
 
 
-class ResultPicklingError(_pickle.PicklingError):
+class ResultPicklingError(_pickle.PicklingError, TypeError):
     """A call's result could not be pickled (or was too large) to be sent back.
 
     Raised, in place of the result, by ``remotecall_fetch``, ``fetch`` and an executor
     future's ``result()``; the worker is fine. ``type_name`` names the result's type (or its
     size, when only that is known); ``__cause__`` is the error pickling raised. It is a
-    ``pickle.PicklingError``; ``distexec.Pool`` reports it as multiprocessing's
+    ``pickle.PicklingError`` and a ``TypeError``: ``ProcessPoolExecutor`` raises pickle's own
+    ``TypeError`` ("cannot pickle '_thread.lock' object"), and ``except TypeError`` written for
+    it still catches this. ``distexec.Pool`` reports it as multiprocessing's
     ``MaybeEncodingError``.
     """
 

@@ -13,13 +13,19 @@ tests/integration/test_tracebacks.py.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import subprocess
+import sys
 import traceback
+from pathlib import Path
 
 import pytest
 
 from tests.executor.helpers import Boom, raise_boom, square
 
 pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FalseyError(Exception):
@@ -112,3 +118,51 @@ def test_map_raises_the_original_exception_at_its_item(executor):
     # 3.11-3.14 semantics: iteration ends after an item raised
     with pytest.raises(StopIteration):
         next(results)
+
+
+
+UNPICKLABLE_RESULT_PROGRAM = """\
+import sys
+import threading
+from concurrent.futures import ProcessPoolExecutor
+
+import distexec
+
+
+def make_lock():
+    return threading.Lock()
+
+
+if __name__ == "__main__":
+    executor = (ProcessPoolExecutor if sys.argv[1] == "ProcessPoolExecutor"
+                else distexec.DistributedExecutor)
+    with executor(1) as ex:
+        try:
+            ex.submit(make_lock).result()
+        except TypeError as exc:
+            print("caught TypeError:", type(exc).__name__, exc)
+        print("next task:", ex.submit(abs, -3).result())
+"""
+
+
+def test_an_unpicklable_result_is_caught_by_except_type_error_as_under_process_pool(tmp_path):
+    """The same program under both: ``ProcessPoolExecutor`` raises pickle's TypeError;
+    distexec's ``ResultPicklingError`` is one too (and names the result), and the worker goes
+    on."""
+    script = tmp_path / "program.py"
+    script.write_text(UNPICKLABLE_RESULT_PROGRAM, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    printed = {}
+    for backend in ("ProcessPoolExecutor", "DistributedExecutor"):
+        done = subprocess.run([sys.executable, str(script), backend], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        printed[backend] = done.stdout.splitlines()
+    assert printed["ProcessPoolExecutor"] == [
+        "caught TypeError: TypeError cannot pickle '_thread.lock' object", "next task: 3"]
+    caught, next_task = printed["DistributedExecutor"]
+    assert caught.startswith("caught TypeError: ResultPicklingError the result of the call "
+                             "(lock) could not be sent")
+    assert caught.endswith("cannot pickle '_thread.lock' object")
+    assert next_task == "next task: 3"
