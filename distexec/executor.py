@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import logging
+import operator
 import os
 import pickle
 import threading
@@ -207,8 +208,12 @@ class DistributedExecutor(cf.Executor):
                  initializer: Callable | None = None, initargs: tuple = (), *,
                  max_tasks_per_child: int | None = None, pool: AbstractWorkerPool | None = None,
                  manager: ClusterManager | None = None, **addprocs_params: Any) -> None:
-        if max_workers is not None and (isinstance(max_workers, bool) or max_workers <= 0):
-            raise ValueError("max_workers must be greater than 0")
+        if max_workers is not None:
+            # ProcessPoolExecutor's checks, in its order: a str fails the comparison (TypeError),
+            # a float is no index (TypeError), a bool is the int it is.
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+            max_workers = operator.index(max_workers)
         if mp_context is not None:
             mp_context.get_start_method(allow_none=False)  # ProcessPoolExecutor's own check
         _check_max_tasks(max_tasks_per_child, pool)

@@ -129,6 +129,45 @@ def test_max_workers_must_be_positive(bad):
     assert distexec.procs() == before  # nothing was launched
 
 
+BAD_MAX_WORKERS_SCRIPT = textwrap.dedent("""
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+
+    from distexec import DistributedExecutor
+
+    if __name__ == "__main__":
+        executor = ProcessPoolExecutor if sys.argv[1] == "ProcessPoolExecutor" else DistributedExecutor
+        for bad in (2.0, "2", 0.5, -1.0, False, 0):
+            try:
+                executor(bad).shutdown()
+            except Exception as exc:
+                print(repr(bad), type(exc).__name__, exc)
+            else:
+                print(repr(bad), "accepted")
+""")
+
+
+def test_a_max_workers_that_is_no_positive_int_fails_as_in_process_pool(tmp_path):
+    """The same script under both executors prints the same errors, type and text."""
+    script = tmp_path / "bad_max_workers.py"
+    script.write_text(BAD_MAX_WORKERS_SCRIPT)
+    printed = {}
+    for backend in ("ProcessPoolExecutor", "DistributedExecutor"):
+        done = subprocess.run([sys.executable, str(script), backend], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        printed[backend] = done.stdout.splitlines()
+    assert printed["DistributedExecutor"] == printed["ProcessPoolExecutor"]
+    assert printed["DistributedExecutor"][0] == (
+        "2.0 TypeError 'float' object cannot be interpreted as an integer")
+
+
+def test_max_workers_true_is_one_worker_as_in_process_pool():
+    with DistributedExecutor(True) as executor:
+        assert executor._max_workers == 1
+        assert executor.submit(square, 3).result(timeout=30) == 9
+
+
 # --------------------------------------------------------------------------------------------
 # a drop-in replacement: the same __main__ script with either executor
 # --------------------------------------------------------------------------------------------
