@@ -95,6 +95,26 @@ def _pool_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def _check_call_arguments(fn: Callable, args: Any, kwds: Any) -> None:
+    """The TypeError ``fn(*args, **kwds)`` raises on a worker of ``multiprocessing.Pool`` when
+    ``args`` is no iterable or ``kwds`` no mapping (here it would name ``submit`` instead)."""
+    if not isinstance(args, Iterable):
+        raise TypeError(f"{_function_str(fn)} argument after * must be an iterable, not "
+                        f"{type(args).__name__}")
+    if not isinstance(kwds, Mapping) and not hasattr(kwds, "keys"):
+        raise TypeError(f"{_function_str(fn)} argument after ** must be a mapping, not "
+                        f"{type(kwds).__name__}")
+
+
+def _function_str(fn: Callable) -> str:
+    """How Python names a function in a call's error: ``module.qualname()``."""
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return f"{type(fn).__name__} object"
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{qualname}()" if module not in (None, "builtins") else f"{qualname}()"
+
+
 def _outcome(future: cf.Future) -> Outcome:
     if future.cancelled():
         return False, cf.CancelledError("the task was cancelled")
@@ -376,6 +396,7 @@ class Pool:
                 args: Iterable[Any], kwds: Mapping[str, Any]) -> cf.Future | None:
         """Submit one task whose outcome is part ``i`` of ``result``."""
         try:
+            _check_call_arguments(fn, args, kwds)
             future = self._executor.submit(fn, *args, **kwds)
         except Exception as exc:  # e.g. args not iterable, or the executor is broken
             self._complete(result, functools.partial(result._set, i, (False, exc)))

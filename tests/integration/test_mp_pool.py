@@ -18,6 +18,7 @@ import itertools
 import multiprocessing
 import multiprocessing.pool
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -252,6 +253,21 @@ def test_a_result_that_cannot_be_pickled_is_a_maybe_encoding_error(pool):
         pool.apply(threading.Lock)
     assert "lock" in str(info.value)
     assert pool.apply(sq, (4,)) == 16  # the worker is fine
+
+
+def test_arguments_that_are_no_iterable_or_mapping_fail_as_in_multiprocessing(pool):
+    """``apply(f, 3)``: the TypeError of ``f(*3)`` that a ``multiprocessing.Pool`` worker
+    raises, naming ``f`` (not distexec's ``submit``), from ``get()``; the pool goes on."""
+    name = re.escape(f"{sq.__module__}.sq()")
+    with pytest.raises(TypeError, match=rf"^{name} argument after \* must be an iterable, "
+                                        "not int$"):
+        pool.apply(sq, 3)
+    with pytest.raises(TypeError, match=rf"^{name} argument after \*\* must be a mapping, "
+                                        "not int$"):
+        pool.apply_async(sq, (3,), 5).get(timeout=10)
+    with pytest.raises(TypeError, match=r"^abs\(\) argument after \* must be an iterable"):
+        pool.apply(abs, 3)
+    assert pool.apply(sq, [4]) == 16
 
 
 def die(_=None):
