@@ -228,6 +228,9 @@ class DistributedExecutor(cf.Executor):
         self._sizer = batches.BatchSizer()
         self._routes = InOrderRoutes(self._ctx)  # by a worker's task lane or its connection
         self._probed: set[int] = set()  # workers that got their _probe
+        # Workers a message could not be sent to: gone, or going (their connection failed
+        # before its reader saw the end). Nothing more goes there; _worker_lost forgets them.
+        self._unreachable: set[int] = set()
         # Per worker: the __main__ globals its tasks carried, so that each goes once (and
         # again only when the master binds the name to another object).
         self._sent_globals: dict[int, serialization.SentGlobals] = {}
@@ -397,6 +400,8 @@ class DistributedExecutor(cf.Executor):
                 targets = self._targets()
                 self._in_flight.track(targets)
                 usable, new = self._workers.usable(targets)
+                if self._unreachable:
+                    usable = [p for p in usable if p not in self._unreachable]
                 pid = self._least_loaded(usable, targets)
                 if not targets and not self._workers.replacing():
                     doomed = self._mark_broken("all workers of this executor have exited")
@@ -566,8 +571,13 @@ class DistributedExecutor(cf.Executor):
             ctx.pop_waiter(rrid)
 
     def _requeue(self, pid: int, tasks: list[Task]) -> None:
+        """``tasks`` could not be sent to ``pid``: they go to another worker, or wait for
+        ``pid``'s loss to be known (``_worker_lost``), never to ``pid`` again. (Sent again
+        there, they would fail again, for ever, when this runs on the thread that reads
+        ``pid``'s connection: its end is known only once this thread reads on.)"""
         with self._lock:
             self._in_flight.done(pid)
+            self._unreachable.add(pid)
             self._queue.extendleft(reversed(tasks))
         self._pump()
 
@@ -616,6 +626,7 @@ class DistributedExecutor(cf.Executor):
                 self._last_lost = pid
             # what it was sent (recycled workers would otherwise pile up here)
             self._probed.discard(pid)
+            self._unreachable.discard(pid)
             self._sent_globals.pop(pid, None)
             self._dispatching.pop(pid, None)
         self._workers.lost(pid)  # replaced, if the executor launched it

@@ -102,7 +102,9 @@ class InOrderRoutes:
             if counts.get(pid, 0) > 0:
                 counts[pid] -= 1
             held = self._held.get(pid)
-            if not held or self._by_lane.get(pid):
+            # A worker that is gone keeps them: ``lost`` hands them back (never sent, they
+            # go to another worker), where sending them now would fail them with its death.
+            if not held or self._by_lane.get(pid) or pid in self._ctx.deleted:
                 return
             release = list(held)
             held.clear()

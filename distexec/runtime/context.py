@@ -334,7 +334,8 @@ class ClusterContext:
                 if record is None or record.conn is None or not record.conn.closed:
                     return
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or record.conn.reads_on_this_thread():
+                    # (the reading thread deregisters it, once this frame's handler is done)
                     dead = record
                     break
                 self.changed.wait(left)

@@ -213,6 +213,7 @@ class Connection:
         # The read role (module docstring): only plain sockets can be polled and read
         # without blocking; TLS and stream transports keep to the reader thread.
         self._role = threading.Lock()
+        self._role_holder: int | None = None  # the thread that holds it (reads and dispatches)
         # (reentrant: the SIGINT handler of a waiting main thread pokes under it)
         self._demand = threading.Condition(threading.RLock())
         self._wanted = 0  # waiting threads that want the role; the reader thread stands aside
@@ -291,11 +292,13 @@ class Connection:
                 if not self._role.acquire(blocking=False):
                     _poke(wake_fd)  # the reader thread gives the role up after its frame
                     self._role.acquire()
+                self._role_holder = threading.get_ident()
                 try:
                     if also is not None:
                         poll = self._poll_also(also, wake_fd)
                     return self._lead(done, timeout, spin, interrupted, wake_fd, poll, also)
                 finally:
+                    self._role_holder = None
                     self._role.release()
             finally:
                 with self._demand:
@@ -306,6 +309,12 @@ class Connection:
                         self._demand.notify_all()
                     elif self._parked:
                         self._call_back_reader()
+
+    def reads_on_this_thread(self) -> bool:
+        """Whether the calling thread reads this connection now (a frame's handler runs on
+        it): what the reading would show next (the peer's EOF, say) cannot come while it
+        waits, so it must not wait for that."""
+        return self._role_holder == threading.get_ident()
 
     def poke(self) -> None:
         """Make the thread that holds the read role look up (its ``done()`` may have changed)."""
@@ -448,7 +457,8 @@ class Connection:
         error: BaseException | None = None
         try:
             wake_fd, poll = self._wake_fd, self._poll
-            if wake_fd is None or poll is None:
+            if wake_fd is None or poll is None:  # the role is this thread's for good
+                self._role_holder = threading.get_ident()
                 while True:
                     self._on_frame(self, self._read_frame(reader))
             while True:
@@ -496,7 +506,11 @@ class Connection:
                 if any(fd == wake_fd for fd, _ in ready):
                     _drain(wake_fd)
                     return
-            self._on_frame(self, self._read_frame(self._input))
+            self._role_holder = threading.get_ident()
+            try:
+                self._on_frame(self, self._read_frame(self._input))
+            finally:
+                self._role_holder = None
 
     def _stand_aside(self, timeout: float | None) -> None:
         """The reader thread, with ``_demand`` held: wait without it until called back

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import select
 import signal
 from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -19,6 +20,7 @@ import pytest
 import distexec
 from distexec import DistributedExecutor, ProcessExitedException
 from distexec.executor import MAX_IN_FLIGHT
+from distexec.runtime.context import current_context
 from tests.executor.helpers import os_pids, sleep_and_getpid, sleep_and_return, touch_and_sleep
 from tests.helpers import is_gone, wait_until
 
@@ -116,3 +118,51 @@ def test_losing_every_worker_of_a_pool_breaks_the_executor(tmp_path):
     ex.shutdown(wait=True)  # returns: there is nothing left to wait for
     assert distexec.workers() == [1]  # nobody launched a replacement
     wait_until(lambda: is_gone(os_pid), 10)
+
+
+class _KillsWhilePickled:
+    """An argument whose pickling, on the master, SIGKILLs worker ``pid`` and waits until the
+    master's ends of its link and task lane hang up: the task it belongs to is then sent to a
+    worker that died after its last reply."""
+
+    def __init__(self, pid: int, os_pid: int):
+        self.pid, self.os_pid = pid, os_pid
+
+    def __reduce__(self):
+        record = current_context().peers.get(self.pid)  # (pickled again: gone by then)
+        conn = record.conn if record is not None else None
+        ends = [] if conn is None else [conn.sock] + (
+            [conn.task_lane._sock] if conn.task_lane is not None else [])
+        if ends and not all(_hung_up(end) for end in ends):
+            os.kill(self.os_pid, signal.SIGKILL)
+            wait_until(lambda: all(_hung_up(end) for end in ends), 10,
+                       message="the worker's ends to close")
+        return (int, (7,))
+
+
+def _hung_up(sock) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLHUP)
+    return any(event & select.POLLHUP for _, event in poller.poll(0))
+
+
+@pytest.mark.parametrize("second", ["small", "large"])
+def test_a_task_sent_after_its_worker_died_unseen_goes_to_the_replacement(second):
+    """The worker dies between its reply and the next task, which the thread reading that
+    reply sends, before that thread has read the worker's end. The task never reached the
+    worker, so it runs on the replacement: whether it waited behind the small task before it
+    (by the task lane) or went after the large one (by the connection, where the send fails:
+    it used to be sent to the dead worker again and again, the reading thread too busy with
+    that to read the end)."""
+    second_value = "second" if second == "small" else b"x" * 40_000  # (over the lane's limit)
+    with DistributedExecutor(1) as ex:
+        (pid,) = ex.workers()
+        wpid = ex.submit(os.getpid).result(timeout=30)
+        first = ex.submit(sleep_and_return, 0.3, "first")
+        running = ex.submit(sleep_and_return, 0.3, second_value)  # the worker's both slots
+        last = ex.submit(abs, _KillsWhilePickled(pid, wpid))  # queued: pumped at first's reply
+        assert first.result(timeout=30) == "first"
+        assert last.result(timeout=DEATH_BUDGET) == 7  # on the replacement
+        with pytest.raises(ProcessExitedException):
+            running.result(timeout=DEATH_BUDGET)
+        assert ex.submit(os.getpid).result(timeout=30) != wpid

@@ -105,10 +105,10 @@ class _Ctx:
 
     def __init__(self, lane):
         self.peers = {2: _Record(lane)}
-        self.waiters, self.sent, self.dead = {}, [], set()
+        self.waiters, self.sent, self.deleted = {}, [], {}
 
     def add_waiter(self, rrid, waiter):
-        if waiter.waitingfor in self.dead:
+        if waiter.waitingfor in self.deleted:
             raise ProcessExitedException(waiter.waitingfor)
         self.waiters[rrid] = waiter
 
@@ -182,14 +182,28 @@ def test_a_lost_worker_gives_back_the_messages_it_never_got():
     assert RRID(1, 1) not in ctx.waiters and ctx.sent == []
 
 
+def test_the_messages_held_for_a_worker_that_died_are_given_back_not_sent():
+    """Its death fails what it was sent (each done) before it is forgotten (lost): what it
+    held stays held for ``lost``, which hands it back to go to another worker."""
+    lane = _Lane()
+    ctx = _Ctx(lane)
+    routes = InOrderRoutes(ctx)
+    first = _route(routes, 0)
+    held = _route(routes, 1, buffers=[b"x"])
+    ctx.deleted[2] = "its record"
+    routes.done(2, first.via_lane)
+    assert ctx.sent == [] and held.failed is None and held.via_lane is None
+    assert routes.lost(2) == [held]
+
+
 def test_a_worker_gone_before_the_send_leaves_nothing_counted():
     lane = _Lane()
     ctx = _Ctx(lane)
-    ctx.dead.add(2)
+    ctx.deleted[2] = "its record"
     routes = InOrderRoutes(ctx)
     with pytest.raises(ProcessExitedException):
         _route(routes, 0)
     with pytest.raises(ProcessExitedException):
         _route(routes, 1, buffers=[b"x"])
-    ctx.dead.clear()
+    ctx.deleted.clear()
     assert _route(routes, 2).via_lane is True  # nothing was left counted against the lane
