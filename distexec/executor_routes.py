@@ -62,30 +62,43 @@ class InOrderRoutes:
                            flags=Flag.IN_ORDER)
 
     def _offer(self, lane, pid: int, rrid: RRID, waiter, payload: bytes) -> bool:
-        """With the lock held: send by the lane if it takes the message. Everything is in
-        place before the send: the reply may be back (and the message done) at once."""
+        """With the lock held: send by the lane if it takes the message (True). Everything is
+        in place before the send: the reply may be back (and the message done) at once.
+
+        A registered waiter belongs to whoever takes it back from the context: if the
+        worker's loss took it meanwhile (``ClusterContext.peer_lost``), the loss fails it as a
+        message sent by the lane, so this counts as sent: sending it another way would run
+        a task whose future has failed already.
+        """
         waiter.via_lane = True
         self._by_lane[pid] = self._by_lane.get(pid, 0) + 1
-        sent = False
+        sent = registered = False
         try:
             self._ctx.add_waiter(rrid, waiter)  # (raises if the worker is gone)
+            registered = True
             sent = lane.offer(Kind.CALL_FETCH, payload, flags=Flag.IN_ORDER, notify=rrid)
-            if not sent:
-                self._ctx.pop_waiter(rrid)
         finally:
+            if not sent and registered and self._ctx.pop_waiter(rrid) is None:
+                sent = True  # taken by the worker's loss, which fails it
             if not sent:
                 self._by_lane[pid] -= 1
                 waiter.via_lane = None
         return sent
 
     def _send_by_connection(self, pid: int, rrid: RRID, waiter, payload, buffers) -> None:
+        """Send by the connection; raises as ``ClusterContext.send`` does when the message
+        did not go and is still the caller's (see ``_offer`` for a waiter the worker's loss
+        took meanwhile: then this returns, and the loss fails it)."""
         waiter.via_lane = False
+        registered = False
         try:
             self._ctx.add_waiter(rrid, waiter)
+            registered = True
             self._ctx.send(pid, Kind.CALL_FETCH, payload=payload, buffers=buffers, notify=rrid,
                            flags=Flag.IN_ORDER)
         except BaseException:
-            self._ctx.pop_waiter(rrid)
+            if registered and self._ctx.pop_waiter(rrid) is None:
+                return  # taken by the worker's loss, which fails it (and counts it done)
             waiter.via_lane = None  # it never went: nothing to report done
             with self._lock:
                 if self._by_conn.get(pid, 0) > 0:

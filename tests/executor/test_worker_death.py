@@ -9,9 +9,14 @@ queued futures and later submits get ``BrokenProcessPool``, and ``shutdown`` sti
 from __future__ import annotations
 
 import concurrent.futures as cf
+import fcntl
+import logging
 import os
 import select
 import signal
+import struct
+import termios
+import threading
 from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -141,6 +146,8 @@ class _KillsWhilePickled:
 
 
 def _hung_up(sock) -> bool:
+    if sock.fileno() == -1:  # closed here already: the master has seen the end
+        return True
     poller = select.poll()
     poller.register(sock, select.POLLHUP)
     return any(event & select.POLLHUP for _, event in poller.poll(0))
@@ -166,3 +173,36 @@ def test_a_task_sent_after_its_worker_died_unseen_goes_to_the_replacement(second
         with pytest.raises(ProcessExitedException):
             running.result(timeout=DEATH_BUDGET)
         assert ex.submit(os.getpid).result(timeout=30) != wpid
+
+
+def test_a_task_whose_send_meets_its_workers_death_is_failed_once(caplog):
+    """A thread sends a large task as its worker dies: the send fails, and the worker's loss,
+    on its reader thread, has taken the task's waiter and failed it meanwhile. The task ends
+    there, with ``ProcessExitedException``. It used to be requeued as well and run on the
+    replacement, whose result then met a finished future: an InvalidStateError that dropped
+    the replacement's connection too."""
+    with DistributedExecutor(1) as ex:
+        (pid,) = ex.workers()
+        wpid = ex.submit(os.getpid).result(timeout=30)
+        sock = current_context().peers[pid].conn.sock
+        os.kill(wpid, signal.SIGSTOP)  # it reads nothing: the send below fills the socket
+        sent: list[cf.Future] = []
+        sender = threading.Thread(target=lambda: sent.append(ex.submit(len, b"x" * 50_000_000)))
+        sender.start()
+        wait_until(lambda: _unsent_bytes(sock) > 64 * 1024, 10, message="the send to block")
+        os.kill(wpid, signal.SIGKILL)
+        sender.join(DEATH_BUDGET)
+        assert sent, "submit did not return"
+        with pytest.raises(ProcessExitedException):
+            sent[0].result(timeout=DEATH_BUDGET)
+        replacement = ex.submit(os.getpid).result(timeout=30)
+        assert replacement != wpid
+        assert [ex.submit(os.getpid).result(timeout=30) for _ in range(3)] == [replacement] * 3
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def _unsent_bytes(sock) -> int:
+    """Bytes written to ``sock`` that its peer has not read yet (SIOCOUTQ)."""
+    if sock.fileno() == -1:
+        return 0
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]

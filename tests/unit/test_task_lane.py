@@ -196,6 +196,31 @@ def test_the_messages_held_for_a_worker_that_died_are_given_back_not_sent():
     assert routes.lost(2) == [held]
 
 
+def test_a_failed_send_whose_waiter_the_workers_loss_took_is_settled_not_raised():
+    """The loss fails that waiter itself: raising too would have the executor send the task
+    again, and complete its future twice."""
+    lane = _Lane()
+    lane.full = True  # (the lane refuses: the connection it is)
+    ctx = _Ctx(lane)
+
+    def send_meets_the_loss(pid, kind, *, payload, buffers, notify, flags):
+        ctx.waiters.clear()  # what ClusterContext.peer_lost does, on the reader thread
+        raise BrokenPipeError
+
+    ctx.send = send_meets_the_loss
+    routes = InOrderRoutes(ctx)
+    waiter = _route(routes, 0)  # no exception
+    assert waiter.via_lane is False  # as the loss counts it done
+
+    def send_fails(pid, kind, *, payload, buffers, notify, flags):
+        raise BrokenPipeError  # its waiter is still registered: the caller's to send again
+
+    ctx.send = send_fails
+    with pytest.raises(BrokenPipeError):
+        _route(routes, 1)
+    assert ctx.waiters == {}
+
+
 def test_a_worker_gone_before_the_send_leaves_nothing_counted():
     lane = _Lane()
     ctx = _Ctx(lane)
