@@ -55,8 +55,8 @@ from .protocol import serialization, unpicklable
 from .protocol.frames import Flag, Kind, configured_max_message_size
 from .runtime import batches, calls
 from .runtime.arguments import check_callable
-from .runtime.context import (ClusterContext, current_context, private_master_context,
-                               using_context)
+from .runtime.context import (ClusterContext, WorkerState, current_context,
+                               private_master_context, using_context)
 
 if TYPE_CHECKING:  # annotations only
     from .cluster.manager import ClusterManager
@@ -718,6 +718,9 @@ def _stop_worker(ctx: ClusterContext, pid: int, kill: bool) -> None:
     manager, config = found if found is not None else (None, None)
     process = config.process if config is not None else None
     if isinstance(manager, LocalManager) and process is not None:
+        record = ctx.record(pid)
+        if record is not None:  # stopped on purpose: its end is a removal, not a death to report
+            ctx.set_state(record, WorkerState.TERMINATING)
         try:
             process.kill() if kill else process.terminate()
         except OSError:

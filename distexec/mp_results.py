@@ -166,7 +166,8 @@ class IMapIterator:
 
     ``next(timeout)`` raises ``multiprocessing.TimeoutError`` when the next result is not
     there within ``timeout`` seconds. With ``chunksize > 1`` it yields the items of each
-    chunk in turn.
+    chunk in turn, and ends after the first chunk that failed (multiprocessing's iterator is
+    then a generator over the chunks, which a raised exception ends); the tasks still run.
     """
 
     _ordered = True
@@ -182,6 +183,7 @@ class IMapIterator:
         self._chunk: collections.deque = collections.deque()
         self._in_flight = 0  # tasks submitted and not back yet (the feeder keeps it bounded)
         self._aborted = False
+        self._ended = False  # chunked: a chunk failed, and that was the last item
         self._serialized = False
         pool._remember(self)
 
@@ -192,6 +194,8 @@ class IMapIterator:
         """The next result; ``StopIteration`` at the end; ``multiprocessing.TimeoutError``."""
         if self._chunked and self._chunk:
             return self._chunk.popleft()
+        if self._ended:
+            raise StopIteration
         with self._cond:
             if not self._cond.wait_for(lambda: self._items or self._index == self._length,
                                        timeout):
@@ -200,6 +204,7 @@ class IMapIterator:
                 raise StopIteration
             success, value = self._items.popleft()
         if not success:
+            self._ended = self._chunked
             raise value
         if not self._chunked:
             return value

@@ -160,6 +160,32 @@ def test_results_match_multiprocessing_side_by_side(pool, reference):
     assert list(pool.imap(abs, range(-5, 5), 3)) == list(reference.imap(abs, range(-5, 5), 3))
 
 
+def _drain(iterator) -> list:
+    """Every item, and each exception raised where it came, until the iterator ends."""
+    out = []
+    while len(out) < 100:
+        try:
+            out.append(next(iterator))
+        except StopIteration:
+            return out
+        except ValueError as exc:
+            out.append(f"ValueError: {exc}")
+    raise AssertionError(f"no end: {out}")
+
+
+@pytest.mark.parametrize("chunksize", [1, 2, 3])
+def test_imap_ends_after_a_failed_chunk_as_multiprocessing(pool, reference, chunksize):
+    """With chunks, multiprocessing's imap is a generator over them: the first chunk that
+    fails ends it (its other items are lost with it). Item by item, it goes on past errors."""
+    inputs = ["1", "2", "x", "4", "5", "6", "y", "8", "9"]
+    expected = _drain(reference.imap(int, inputs, chunksize))
+    assert _drain(pool.imap(int, inputs, chunksize)) == expected
+    if chunksize > 1:
+        assert expected[-1].startswith("ValueError") and len(expected) < len(inputs)
+        unordered = _drain(pool.imap_unordered(int, inputs, chunksize))
+        assert unordered[-1].startswith("ValueError") and len(unordered) < len(inputs)
+
+
 def test_tasks_run_on_the_workers_main_thread(pool):
     assert pool.apply(on_main_thread)
     assert all(pool.map(on_main_thread, range(20), chunksize=5))
@@ -611,6 +637,35 @@ def test_exiting_with_a_pool_never_closed(tmp_path):
                           timeout=50, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[0.0, 1.0, 2.0, 3.0]\n"
+
+
+TERMINATE_SCRIPT = textwrap.dedent("""
+    import multiprocessing
+    import sys
+    import time
+
+    import distexec
+
+    if __name__ == "__main__":
+        Pool = (multiprocessing.get_context("forkserver").Pool if sys.argv[1] == "multiprocessing"
+                else distexec.Pool)
+        with Pool(2) as pool:
+            pending = pool.map_async(time.sleep, [30] * 4)
+            pending.wait(0.5)  # the workers are busy: terminate stops them
+        print("terminated", pending.ready())
+""")
+
+
+@pytest.mark.parametrize("kind", ["multiprocessing", "distexec"])
+def test_terminating_busy_workers_prints_nothing(kind):
+    """``Pool.terminate()`` (here by the ``with`` block) stops busy workers on purpose: no
+    "Worker 2 has exited (terminated by SIGTERM(-15))." on stderr, as with multiprocessing."""
+    done = subprocess.run([sys.executable, "-c", TERMINATE_SCRIPT, kind], capture_output=True,
+                          text=True, timeout=50, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("terminated")
+    assert done.stderr == ""
 
 
 
