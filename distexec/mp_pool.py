@@ -101,7 +101,7 @@ def _check_call_arguments(fn: Callable, args: Any, kwds: Any) -> None:
     if not isinstance(args, Iterable):
         raise TypeError(f"{_function_str(fn)} argument after * must be an iterable, not "
                         f"{type(args).__name__}")
-    if not isinstance(kwds, Mapping) and not hasattr(kwds, "keys"):
+    if not hasattr(kwds, "keys"):  # (what Python's ** asks of a mapping)
         raise TypeError(f"{_function_str(fn)} argument after ** must be a mapping, not "
                         f"{type(kwds).__name__}")
 

@@ -213,7 +213,7 @@ class Connection:
         # The read role (module docstring): only plain sockets can be polled and read
         # without blocking; TLS and stream transports keep to the reader thread.
         self._role = threading.Lock()
-        self._role_holder: int | None = None  # the thread that holds it (reads and dispatches)
+        self._role_holder: int | None = None  # a waiting thread that holds it (read_until)
         # (reentrant: the SIGINT handler of a waiting main thread pokes under it)
         self._demand = threading.Condition(threading.RLock())
         self._wanted = 0  # waiting threads that want the role; the reader thread stands aside
@@ -313,8 +313,10 @@ class Connection:
     def reads_on_this_thread(self) -> bool:
         """Whether the calling thread reads this connection now (a frame's handler runs on
         it): what the reading would show next (the peer's EOF, say) cannot come while it
-        waits, so it must not wait for that."""
-        return self._role_holder == threading.get_ident()
+        waits, so it must not wait for that. (The reader thread runs frame handlers only
+        while it holds the role.)"""
+        return (self._role_holder == threading.get_ident()
+                or threading.current_thread() is self._reader)
 
     def poke(self) -> None:
         """Make the thread that holds the read role look up (its ``done()`` may have changed)."""
@@ -457,8 +459,7 @@ class Connection:
         error: BaseException | None = None
         try:
             wake_fd, poll = self._wake_fd, self._poll
-            if wake_fd is None or poll is None:  # the role is this thread's for good
-                self._role_holder = threading.get_ident()
+            if wake_fd is None or poll is None:
                 while True:
                     self._on_frame(self, self._read_frame(reader))
             while True:
@@ -506,11 +507,7 @@ class Connection:
                 if any(fd == wake_fd for fd, _ in ready):
                     _drain(wake_fd)
                     return
-            self._role_holder = threading.get_ident()
-            try:
-                self._on_frame(self, self._read_frame(self._input))
-            finally:
-                self._role_holder = None
+            self._on_frame(self, self._read_frame(self._input))
 
     def _stand_aside(self, timeout: float | None) -> None:
         """The reader thread, with ``_demand`` held: wait without it until called back
