@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -42,6 +43,13 @@ METRICS = {
     "submit_per_s": ("k/s", True, 1e-3, "{:.1f}"),
     "submit_master_cpu_us": ("µs", False, 1.0, "{:.0f}"),
     "submit_worker_cpu_us": ("µs", False, 1.0, "{:.0f}"),
+    "latency_script_us": ("µs", False, 1.0, "{:.0f}"),
+    "latency_script_p99_us": ("µs", False, 1.0, "{:.0f}"),
+    "latency_script_master_cpu_us": ("µs", False, 1.0, "{:.0f}"),
+    "latency_script_worker_cpu_us": ("µs", False, 1.0, "{:.0f}"),
+    "submit_script_per_s": ("k/s", True, 1e-3, "{:.1f}"),
+    "submit_script_master_cpu_us": ("µs", False, 1.0, "{:.0f}"),
+    "submit_script_worker_cpu_us": ("µs", False, 1.0, "{:.0f}"),
     "map1_per_s": ("k items/s", True, 1e-3, "{:.1f}"),
     "map100_per_s": ("k items/s", True, 1e-3, "{:.0f}"),
     "map1000_per_s": ("k items/s", True, 1e-3, "{:.0f}"),
@@ -132,41 +140,66 @@ def startup(name: str, cfg: Config):
     return {"startup_s": elapsed}, info
 
 
-@with_backend
-def latency(backend, cfg: Config):
-    """Sequential ``submit(noop).result()``; and the CPU each call costs the master and the
-    worker (``cpu_use``)."""
-    meter = CpuMeter(worker_pids(backend.submit, NWORKERS))
-    call = lambda: backend.submit(tasks.noop).result()  # noqa: E731
-    for _ in range(20):
-        call()
-    meter.start()
-    samples = timed_calls(call, cfg.budget, n_max=2000 if cfg.quick else 10000, warmup=0)
-    cpu = meter.stop(len(samples))
-    return ({"latency_us": statistics.median(samples) * 1e6,
-             "latency_p99_us": percentile(samples, 0.99) * 1e6,
-             "latency_master_cpu_us": cpu["master"], "latency_worker_cpu_us": cpu["worker"]},
-            {"calls": len(samples)})
+def _latency_case(task, prefix: str):
+    @with_backend
+    def case(backend, cfg: Config):
+        meter = CpuMeter(worker_pids(backend.submit, NWORKERS))
+        call = lambda: backend.submit(task()).result()  # noqa: E731
+        for _ in range(20):
+            call()
+        meter.start()
+        samples = timed_calls(call, cfg.budget, n_max=2000 if cfg.quick else 10000, warmup=0)
+        cpu = meter.stop(len(samples))
+        return ({f"{prefix}_us": statistics.median(samples) * 1e6,
+                 f"{prefix}_p99_us": percentile(samples, 0.99) * 1e6,
+                 f"{prefix}_master_cpu_us": cpu["master"],
+                 f"{prefix}_worker_cpu_us": cpu["worker"]},
+                {"calls": len(samples)})
+    return case
 
 
-@with_backend
-def submit(backend, cfg: Config):
-    """``n`` submits of noop, then every result."""
-    def run(n):
-        t0 = time.perf_counter()
-        futures = [backend.submit(tasks.noop) for _ in range(n)]
-        for f in futures:
-            f.result()
-        return time.perf_counter() - t0
+def _submit_case(task, prefix: str):
+    @with_backend
+    def case(backend, cfg: Config):
+        fn = task()
 
-    meter = CpuMeter(worker_pids(backend.submit, NWORKERS))
-    n, _ = sized(run, 5000 if cfg.quick else 20000, 1000, cfg.budget)
-    meter.start()
-    seconds = run(n)
-    cpu = meter.stop(n)
-    return ({"submit_per_s": n / seconds, "submit_master_cpu_us": cpu["master"],
-             "submit_worker_cpu_us": cpu["worker"]},
-            {"submits": n, "seconds": round(seconds, 3)})
+        def run(n):
+            t0 = time.perf_counter()
+            futures = [backend.submit(fn) for _ in range(n)]
+            for f in futures:
+                f.result()
+            return time.perf_counter() - t0
+
+        meter = CpuMeter(worker_pids(backend.submit, NWORKERS))
+        n, _ = sized(run, 5000 if cfg.quick else 20000, 1000, cfg.budget)
+        meter.start()
+        seconds = run(n)
+        cpu = meter.stop(n)
+        return ({f"{prefix}_per_s": n / seconds, f"{prefix}_master_cpu_us": cpu["master"],
+                 f"{prefix}_worker_cpu_us": cpu["worker"]},
+                {"submits": n, "seconds": round(seconds, 3)})
+    return case
+
+
+def _importable_noop():
+    return tasks.noop
+
+
+def _script_noop():
+    """The noop of the script that runs (``benchmarks/child.py`` as ``__main__``), as most
+    users' functions are: backends that cannot name it on a worker ship it by value."""
+    return sys.modules["__main__"].script_noop
+
+
+latency = _latency_case(_importable_noop, "latency")
+latency.__doc__ = """Sequential ``submit(noop).result()``; and the CPU each call costs the master
+and the worker (``cpu_use``)."""
+latency_script = _latency_case(_script_noop, "latency_script")
+latency_script.__doc__ = "``latency`` with a noop defined in the script (``__main__``)."
+submit = _submit_case(_importable_noop, "submit")
+submit.__doc__ = "``n`` submits of noop, then every result."
+submit_script = _submit_case(_script_noop, "submit_script")
+submit_script.__doc__ = "``submit`` with a noop defined in the script (``__main__``)."
 
 
 def _map_case(chunksize: int):
@@ -402,6 +435,10 @@ CASE_METRICS = {
     "latency": ("latency_us", "latency_p99_us", "latency_master_cpu_us",
                 "latency_worker_cpu_us"),
     "submit": ("submit_per_s", "submit_master_cpu_us", "submit_worker_cpu_us"),
+    "latency_script": ("latency_script_us", "latency_script_p99_us",
+                       "latency_script_master_cpu_us", "latency_script_worker_cpu_us"),
+    "submit_script": ("submit_script_per_s", "submit_script_master_cpu_us",
+                      "submit_script_worker_cpu_us"),
     "map1": ("map1_per_s",),
     "map100": ("map100_per_s",),
     "map1000": ("map1000_per_s",),
@@ -425,6 +462,8 @@ CASES = {
     "startup": (startup, PEERS),
     "latency": (latency, PEERS),
     "submit": (submit, PEERS),
+    "latency_script": (latency_script, PEERS),
+    "submit_script": (submit_script, PEERS),
     "map1": (map1, PEERS),
     "map100": (map100, PEERS),
     "map1000": (map1000, PEERS),

@@ -39,6 +39,7 @@ COLUMNS = (*BACKENDS, "machine")
 
 #: table rows whose last column shows the machine's matching limit
 LIMIT_FOR = {"latency_us": "pingpong_us", "latency_p99_us": "pingpong_p99_us",
+             "latency_script_us": "pingpong_us", "latency_script_p99_us": "pingpong_p99_us",
              "remotecall_fetch_us": "pingpong_us", "remotecall_fetch_p99_us": "pingpong_p99_us",
              "bandwidth_MBps": "tcp_MBps"}
 
@@ -51,6 +52,13 @@ ROW_LABELS = {
     "submit_per_s": "throughput: submits then results",
     "submit_master_cpu_us": "throughput: master CPU per task",
     "submit_worker_cpu_us": "throughput: worker CPU per task",
+    "latency_script_us": "latency, a noop defined in the script (__main__), median",
+    "latency_script_p99_us": "latency, the script's noop, p99",
+    "latency_script_master_cpu_us": "latency, the script's noop: master CPU per call",
+    "latency_script_worker_cpu_us": "latency, the script's noop: worker CPU per call",
+    "submit_script_per_s": "throughput, the script's noop: submits then results",
+    "submit_script_master_cpu_us": "throughput, the script's noop: master CPU per task",
+    "submit_script_worker_cpu_us": "throughput, the script's noop: worker CPU per task",
     "map1_per_s": "map, chunksize 1",
     "map100_per_s": "map, chunksize 100",
     "map1000_per_s": "map, chunksize 1000",

@@ -14,7 +14,7 @@ It also owns how the globals of ``__main__`` travel with the functions shipped b
 never overwrite a name the receiver bound itself, and with ``dumps_tracked`` are sent to a
 destination only when it has not had the sender's current value yet.
 
-May import ``distexec.errors`` and ``distexec.protocol.tracebacks`` only.
+May import ``distexec.errors``, ``distexec.protocol.tracebacks`` and ``.functions`` only.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import functions
 from . import tracebacks  # noqa: F401  (registers the CapturedException reducer)
 
 #: Buffers smaller than this stay inside the pickle: a separate buffer costs more than a copy.
@@ -310,23 +311,72 @@ class _ClusterPickler(cloudpickle.Pickler):
 
     sent: SentGlobals | None = None  # the destination's, for dumps_tracked
     shipped: dict[str, int] | None = None  # what this message carries, for SentGlobals.commit
+    alone: types.FunctionType | None = None  # pickled on its own, its globals left out
+
+    def _function_reduce(self, obj):
+        # cloudpickle's, with its test of "importable by name" remembered per function
+        if functions.by_reference(obj):
+            return NotImplemented
+        return self._dynamic_function_reduce(obj)
 
     def _dynamic_function_reduce(self, func):
-        reduced = super()._dynamic_function_reduce(func)
         main = sys.modules.get("__main__")
         if main is None or func.__globals__ is not main.__dict__:
+            return super()._dynamic_function_reduce(func)
+        if func is self.alone:
+            reduced = super()._dynamic_function_reduce(func)
+            reduced[2][1]["__globals__"] = _MainGlobalValues([])
             return reduced
-        _, slotstate = reduced[2]
-        entries = []
-        for name, value in slotstate["__globals__"].items():
-            token = _tokens.token(name, value)
-            if self.sent is not None and self.sent.has(name, token):
-                value = _MISSING
-            elif self.shipped is not None:
-                self.shipped[name] = token
-            entries.append((name, token, value))
-        slotstate["__globals__"] = _MainGlobalValues(entries)
+        reused = _reused_function_reduce(func, main.__dict__, self.sent, self.shipped)
+        if reused is not None:
+            return reused
+        reduced = super()._dynamic_function_reduce(func)
+        slotstate = reduced[2][1]
+        slotstate["__globals__"] = _main_global_values(slotstate["__globals__"], self.sent,
+                                                       self.shipped)
         return reduced
+
+
+def _main_global_values(named: dict, sent: SentGlobals | None,
+                        shipped: dict[str, int] | None) -> _MainGlobalValues:
+    """The ``__main__`` globals a function names, as a message carries them: left out where
+    ``sent`` says the destination has them, and recorded in ``shipped`` where not."""
+    entries = []
+    for name, value in named.items():
+        token = _tokens.token(name, value)
+        if sent is not None and sent.has(name, token):
+            value = _MISSING
+        elif shipped is not None:
+            shipped[name] = token
+        entries.append((name, token, value))
+    return _MainGlobalValues(entries)
+
+
+def _reused_function_reduce(func: types.FunctionType, namespace: dict,
+                            sent: SentGlobals | None, shipped: dict[str, int] | None):
+    """The reduction of a function of ``__main__`` that the receiver builds once from its
+    bytes (``functions.built_function``), the globals it names beside them; None when its
+    state is not decided by immutable objects (``functions.state_of``)."""
+    if functions.code_globals is None:  # (another cloudpickle)
+        return None
+    named = {k: namespace[k] for k in functions.code_globals(func.__code__) if k in namespace}
+    modules = tuple(v for v in named.values() if type(v) is types.ModuleType)
+    state = functions.state_of(func, modules)
+    if state is None:
+        return None
+    pickled = functions.pickled_functions.bytes_of(func, state, _pickle_alone)
+    # The globals are its state, unpickled once the function exists: one may be the function
+    # itself (a recursive one), or another that names it.
+    return (functions.built_function, (pickled,), _main_global_values(named, sent, shipped),
+            None, None, functions.globals_defined)
+
+
+def _pickle_alone(func: types.FunctionType) -> bytes:
+    """A function of ``__main__`` pickled on its own, without its globals (see functions.py)."""
+    pickler = _ReusedPickler()
+    pickler.pickler.alone = func
+    payload, _buffers = pickler.dumps(func)  # (no out-of-band buffers: its values are small)
+    return payload
 
 
 class _ReusedPickler:
@@ -382,39 +432,6 @@ def is_plain(obj: Any) -> bool:
 
 
 _PLAIN_ARGS_MAX = 16
-# cloudpickle's own test of whether it writes a function as a reference (module + name);
-# without it (another cloudpickle), every call takes cloudpickle's way.
-_pickled_by_reference = getattr(getattr(cloudpickle, "cloudpickle", None),
-                                "_should_pickle_by_reference", None)
-#: the modules ``cloudpickle.register_pickle_by_value`` names (None: another cloudpickle)
-_by_value_modules = getattr(getattr(cloudpickle, "cloudpickle", None),
-                            "_PICKLE_BY_VALUE_MODULES", None)
-_BY_REFERENCE_MAX = 1024
-#: module-level function -> (its module, its name): where cloudpickle found it last time
-_found_by_name: dict[types.FunctionType, tuple[types.ModuleType, str]] = {}
-
-
-def _function_by_reference(fn: types.FunctionType) -> bool:
-    """cloudpickle's test of whether ``fn`` is pickled by reference, remembered per function.
-
-    The executor asks it for every task, and cloudpickle's answer costs a search of the
-    function's module. A function it accepted is looked up by its name again each time (it
-    may have been rebound, or its module dropped), which is all that can change, unless a
-    module is registered to be pickled by value: then cloudpickle decides every time.
-    """
-    seen = _found_by_name.get(fn)
-    if (seen is not None and not _by_value_modules
-            and sys.modules.get(fn.__module__) is seen[0] and vars(seen[0]).get(seen[1]) is fn):
-        return True
-    if _pickled_by_reference is None or not _pickled_by_reference(fn):
-        return False
-    name = fn.__qualname__
-    module = sys.modules.get(fn.__module__)
-    if "." not in name and module is not None:  # (a method is found in two steps: not kept)
-        if len(_found_by_name) >= _BY_REFERENCE_MAX:
-            _found_by_name.clear()
-        _found_by_name[fn] = (module, name)
-    return True
 
 
 def is_plain_call(obj: Any) -> bool:
@@ -424,17 +441,58 @@ def is_plain_call(obj: Any) -> bool:
     The common executor task (``submit(module.fn, 3)``); pickling it is most of what the
     master does per task, and the master shares the CPUs with the workers.
     """
+    fn = _function_of_plain_call(obj)
+    if type(fn) is types.BuiltinFunctionType:  # a module's (math.sqrt), not a bound method
+        return isinstance(fn.__self__, types.ModuleType)
+    return type(fn) is types.FunctionType and functions.by_reference(fn)
+
+
+def _function_of_plain_call(obj: Any) -> Any:
+    """The function of a ``(fn, args, kwargs)`` with a few plain arguments, else None."""
     if type(obj) is not tuple or len(obj) != 3:
-        return False
+        return None
     fn, args, kwargs = obj
     if (type(args) is not tuple or type(kwargs) is not dict
             or len(args) + len(kwargs) > _PLAIN_ARGS_MAX):
-        return False
+        return None
     if not all(map(is_plain, args)) or (kwargs and not all(map(is_plain, kwargs.values()))):
-        return False
+        return None
+    return fn
+
+
+class _Reduced:
+    """An object that pickles as the reduction it holds."""
+
+    __slots__ = ("reduction",)
+
+    def __init__(self, reduction: tuple):
+        self.reduction = reduction
+
+    def __reduce__(self):
+        return self.reduction
+
+
+def _plain_pickle(obj: Any, sent: SentGlobals | None,
+                  shipped: dict[str, int] | None) -> bytes | None:
+    """``obj`` pickled by plain pickle where that writes what cloudpickle would, sooner (a
+    plain value, a call with plain arguments of a function importable by name, or of a
+    function of ``__main__`` built from its bytes whose globals are plain or sent); else None."""
+    if is_plain(obj):
+        return pickle.dumps(obj, protocol=5)
+    fn = _function_of_plain_call(obj)
     if type(fn) is types.BuiltinFunctionType:  # a module's (math.sqrt), not a bound method
-        return isinstance(fn.__self__, types.ModuleType)
-    return type(fn) is types.FunctionType and _function_by_reference(fn)
+        return pickle.dumps(obj, protocol=5) if isinstance(fn.__self__, types.ModuleType) else None
+    if type(fn) is not types.FunctionType:
+        return None
+    main = sys.modules.get("__main__")
+    if main is None or fn.__globals__ is not main.__dict__ or fn.__module__ != "__main__":
+        return pickle.dumps(obj, protocol=5) if functions.by_reference(fn) else None
+    # (cloudpickle never names a function of __main__: it travels by value)
+    reduced = _reused_function_reduce(fn, main.__dict__, sent, shipped)
+    if reduced is None or not all(value is _MISSING or is_plain(value)
+                                  for _, _, value in reduced[2].entries):
+        return None
+    return pickle.dumps((_Reduced(reduced), obj[1], obj[2]), protocol=5)
 
 
 class _Picklers(threading.local):
@@ -450,8 +508,9 @@ def dumps(obj: Any, destination: int | None) -> tuple[bytes, list[memoryview]]:
     Raises whatever pickling raises (a ``SystemExit`` from a ``__reduce__`` as
     ``pickle.PicklingError``); nothing has been sent at that point.
     """
-    if is_plain(obj) or is_plain_call(obj):
-        return pickle.dumps(obj, protocol=5), []  # what cloudpickle writes too, sooner
+    payload = _plain_pickle(obj, None, None)
+    if payload is not None:
+        return payload, []
     return _dumps(obj, destination, None, None)
 
 
@@ -463,8 +522,9 @@ def dumps_tracked(obj: Any, destination: int,
     is sent. Only for messages the destination unpickles in the order they were sent.
     """
     shipped: dict[str, int] = {}
-    if is_plain(obj) or is_plain_call(obj):
-        return pickle.dumps(obj, protocol=5), [], shipped
+    payload = _plain_pickle(obj, sent, shipped)
+    if payload is not None:
+        return payload, [], shipped
     payload, buffers = _dumps(obj, destination, sent, shipped)
     return payload, buffers, shipped
 

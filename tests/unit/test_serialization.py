@@ -305,3 +305,53 @@ def test_receiving_context_is_visible_while_loading_and_restored_after():
     with serialization.receiving(marker, 3):
         assert serialization.current_receiving() == (marker, 3)
     assert serialization.current_receiving() is None
+
+
+@pytest.fixture
+def in_main():
+    """``define(source)``: run ``source`` in ``__main__``, as a user's script defines its
+    functions there; every name it bound is removed after the test."""
+    import sys
+
+    namespace = vars(sys.modules["__main__"])
+    before = set(namespace)
+
+    def define(source: str) -> dict:
+        exec(source, namespace)
+        return namespace
+
+    yield define
+    for name in set(namespace) - before:
+        del namespace[name]
+
+
+def test_a_function_of_main_is_built_once_where_it_arrives(in_main):
+    main = in_main("def scaled(x, factor=2):\n    return x * factor\n")
+    first = loads(dumps((main["scaled"], (5,), {}), 2)[0])[0]
+    again = loads(dumps((main["scaled"], (5,), {}), 2)[0])[0]
+    assert first is again and first is not main["scaled"] and first(5) == 10
+
+
+def test_a_function_of_main_whose_defaults_changed_is_built_again(in_main):
+    main = in_main("def scaled(x, factor=2):\n    return x * factor\n")
+    before = loads(dumps((main["scaled"], (5,), {}), 2)[0])[0]
+    main["scaled"].__defaults__ = (3,)
+    after = loads(dumps((main["scaled"], (5,), {}), 2)[0])[0]
+    assert after is not before and (before(5), after(5)) == (10, 15)
+
+
+def test_a_function_of_main_over_a_mutable_closure_carries_its_current_contents(in_main):
+    main = in_main("def reader(items):\n    return lambda: list(items)\n")
+    items = [1]
+    read = main["reader"](items)
+    before = loads(dumps((read, (), {}), 2)[0])[0]
+    items.append(2)
+    after = loads(dumps((read, (), {}), 2)[0])[0]
+    assert (before(), after()) == ([1], [1, 2])
+
+
+def test_a_recursive_function_of_main_travels(in_main):
+    main = in_main("def fact(n):\n    return 1 if n < 2 else n * fact(n - 1)\n")
+    payload, _ = dumps((main["fact"], (5,), {}), 2)
+    fn, args, _ = loads(payload)
+    assert fn(*args) == 120
