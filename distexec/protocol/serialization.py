@@ -311,7 +311,7 @@ class _ClusterPickler(cloudpickle.Pickler):
 
     sent: SentGlobals | None = None  # the destination's, for dumps_tracked
     shipped: dict[str, int] | None = None  # what this message carries, for SentGlobals.commit
-    alone: types.FunctionType | None = None  # pickled on its own, its globals left out
+    alone: object = None  # a function pickled on its own, its globals left out
 
     def _function_reduce(self, obj):
         # cloudpickle's, with its test of "importable by name" remembered per function
