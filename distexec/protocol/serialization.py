@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import copy
 import io
 import pickle
 import sys
@@ -239,40 +240,89 @@ class _MainGlobalValues:
         self.entries = entries
 
     def __reduce__(self):
-        return (_define_main_globals, (self.entries,))
+        # The names first, the values as their state: when a value cannot be rebuilt on the
+        # receiver, it knows which globals it did not get (see loads).
+        names = [(name, token) for name, token, _ in self.entries]
+        values = [value for _, _, value in self.entries]
+        return (_announce_main_globals, (names,), values, None, None, _define_main_globals)
+
+
+class _Announced(dict):
+    """Empty globals, and the names whose values are being unpickled (until defined)."""
+
+    __slots__ = ("names",)
+    names: list[tuple[str, int]]
 
 
 class _Defined:
-    """What the receiver defined from each sender: (source pid, name) -> (token, value)."""
+    """What the receiver defined from each sender: (source pid, name) -> (token, value); and
+    the globals whose value could not be rebuilt here: (source pid, name) -> (token, error)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.by_source: dict[tuple[Any, str], tuple[int, Any]] = {}
+        self.lost: dict[tuple[Any, str], tuple[int, BaseException]] = {}
 
 
 _defined = _Defined()
+_announced: list[_Announced] = []  # of the messages being unpickled (under _UNPICKLING)
 
 
-def _define_main_globals(entries: list[tuple[str, int, Any]]) -> dict:
+def _announce_main_globals(names: list[tuple[str, int]]) -> _Announced:
+    announced = _Announced()
+    announced.names = names
+    _announced.append(announced)
+    return announced
+
+
+def _define_main_globals(announced: _Announced, values: list) -> None:
     receiving = _receiving.get()
     source = receiving[1] if receiving is not None else None
     namespace = _receiver_main_globals()
     with _defined.lock:
-        for name, token, value in entries:
+        for (name, token), value in zip(announced.names, values):
             key = (source, name)
             last = _defined.by_source.get(key)
             if last is not None and last[0] == token:
                 continue  # the sender's value has not changed since it was sent
-            if value is _MISSING:  # (cannot happen: the sender thinks it came)
-                raise pickle.UnpicklingError(
-                    f"global {name!r} of __main__ was left out as sent before, and it was not")
+            if value is _MISSING:  # it was sent, and could not be rebuilt here
+                raise _lost_again(name, token, _defined.lost.get(key))
+            _defined.lost.pop(key, None)
             current = namespace.get(name, _MISSING)
             if current is _MISSING or (last is not None and current is last[1]):
                 namespace[name] = value
                 _defined.by_source[key] = (token, value)
             else:
                 _defined.by_source[key] = (token, _OWN)
-    return {}
+    announced.names = []
+
+
+def _lost_again(name: str, token: int, lost: tuple[int, BaseException] | None) -> BaseException:
+    """The error of a call that names a global whose value could not be rebuilt here when it
+    was sent (the sender does not send it again): that error once more."""
+    if lost is not None and lost[0] == token:
+        try:
+            return copy.copy(lost[1])
+        except Exception:  # (an exception that cannot be copied: its words)
+            return pickle.UnpicklingError(f"{type(lost[1]).__name__}: {lost[1]}")
+    return pickle.UnpicklingError(
+        f"global {name!r} of __main__ was left out as sent before, and it was not")
+
+
+def _remember_lost(announced: list[_Announced], error: BaseException) -> None:
+    """A message failed to unpickle: the globals it was defining are lost, with ``error``."""
+    receiving = _receiving.get()
+    source = receiving[1] if receiving is not None else None
+    try:
+        kept = copy.copy(error)  # (not the one raised: its traceback holds the frames)
+    except Exception:
+        kept = pickle.UnpicklingError(f"{type(error).__name__}: {error}")
+    with _defined.lock:
+        for names in announced:
+            for name, token in names.names:
+                last = _defined.by_source.get((source, name))
+                if last is None or last[0] != token:
+                    _defined.lost[(source, name)] = (token, kept)
 
 
 def _share_main_globals(pickler) -> None:
@@ -570,4 +620,11 @@ _UNPICKLING = threading.RLock()
 def loads(payload, buffers=()) -> Any:
     """Unpickle a payload with its out-of-band buffers (call inside ``receiving()``)."""
     with _UNPICKLING:
-        return pickle.loads(payload, buffers=buffers)
+        mark = len(_announced)
+        try:
+            return pickle.loads(payload, buffers=buffers)
+        except BaseException as exc:
+            _remember_lost(_announced[mark:], exc)
+            raise
+        finally:
+            del _announced[mark:]

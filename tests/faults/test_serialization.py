@@ -618,6 +618,48 @@ def test_classes_and_functions_defined_in_main_run_remotely(tmp_path):
         "10", "[0, 1, 1, 2, 3, 5, 8, 13, 21, 34]", "(10, 12)", "True"]
 
 
+GLOBAL_SCRIPT = textwrap.dedent("""
+    import distexec
+
+    class OnlyHere:
+        def __reduce__(self):
+            return (rebuild, ())
+
+    def rebuild():
+        if distexec.myid() != 1:
+            raise LookupError("only the master can rebuild this")
+        return OnlyHere()
+
+    SETTING = OnlyHere()
+
+    def uses_setting(x):
+        return x, type(SETTING).__name__
+
+    if __name__ == "__main__":
+        with distexec.DistributedExecutor(1) as ex:
+            for i in range(3):
+                try:
+                    print(ex.submit(uses_setting, i).result())
+                except LookupError as exc:
+                    print("LookupError", exc)
+            SETTING = 5
+            print(ex.submit(uses_setting, 3).result())
+""")
+
+
+@pytest.mark.fault("S3")
+def test_a_global_that_cannot_be_rebuilt_on_the_worker_fails_every_call_alike(tmp_path):
+    """The value goes once per worker, so the calls after the first leave it out: they must
+    fail as the first did (not "left out as sent before"), until the master rebinds it."""
+    script = tmp_path / "setting.py"
+    script.write_text(GLOBAL_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=50, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["LookupError only the master can rebuild this"] * 3 + [
+        "(3, 'int')"]
+
+
 # --------------------------------------------------------------------------------------------
 # S9: a 1 GiB result (slow group)
 # --------------------------------------------------------------------------------------------
