@@ -125,14 +125,16 @@ def state_of(fn: types.FunctionType, module_globals: tuple) -> tuple | None:
         values += tuple(attributes.values())
     if not all(map(_stable, values)):
         return None
+    kw = _flat(kwdefaults) if kwdefaults else ()
+    attrs = _flat(attributes) if attributes else ()
+    # (each part of variable length after its length: two different states never flatten alike)
     return (fn.__code__, defaults, fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__,
-            fn.__annotations__, len(contents), *contents,
-            *(_items(kwdefaults) if kwdefaults else ()), len(attributes),
-            *(_items(attributes) if attributes else ()), *module_globals)
+            fn.__annotations__, len(contents), *contents, len(kw), *kw, len(attrs), *attrs,
+            *module_globals)
 
 
-def _items(mapping: dict) -> tuple:
-    return (len(mapping), *(x for pair in mapping.items() for x in pair))
+def _flat(mapping: dict) -> tuple:
+    return tuple(x for pair in mapping.items() for x in pair)
 
 
 def _same(a: tuple, b: tuple) -> bool:
