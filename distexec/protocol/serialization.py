@@ -241,17 +241,27 @@ class _MainGlobalValues:
 
     def __reduce__(self):
         # The names first, the values as their state: when a value cannot be rebuilt on the
-        # receiver, it knows which globals it did not get (see loads).
-        names = [(name, token) for name, token, _ in self.entries]
-        values = [value for _, _, value in self.entries]
-        return (_announce_main_globals, (names,), values, None, None, _define_main_globals)
+        # receiver, it knows which globals it did not get (see loads). A value left out is
+        # only a flag beside its name.
+        names = [(name, token, value is not _MISSING) for name, token, value in self.entries]
+        values = [value for _, _, value in self.entries if value is not _MISSING]
+        return (_Announced, (names,), values)
 
 
 class _Announced(dict):
-    """Empty globals, and the names whose values are being unpickled (until defined)."""
+    """Unpickled ``_MainGlobalValues``: empty globals (cloudpickle updates a function's
+    globals with them), made with the names, then given the values (``__setstate__``), which
+    it defines in this process's ``__main__``."""
 
     __slots__ = ("names",)
-    names: list[tuple[str, int]]
+
+    def __init__(self, names: list[tuple[str, int, bool]]):
+        super().__init__()
+        self.names = names
+        _announced.append(self)
+
+    def __setstate__(self, values: list) -> None:
+        _define_main_globals(self, values)
 
 
 class _Defined:
@@ -268,19 +278,14 @@ _defined = _Defined()
 _announced: list[_Announced] = []  # of the messages being unpickled (under _UNPICKLING)
 
 
-def _announce_main_globals(names: list[tuple[str, int]]) -> _Announced:
-    announced = _Announced()
-    announced.names = names
-    _announced.append(announced)
-    return announced
-
-
 def _define_main_globals(announced: _Announced, values: list) -> None:
     receiving = _receiving.get()
     source = receiving[1] if receiving is not None else None
     namespace = _receiver_main_globals()
+    given = iter(values)
     with _defined.lock:
-        for (name, token), value in zip(announced.names, values):
+        for name, token, carried in announced.names:
+            value = next(given) if carried else _MISSING
             key = (source, name)
             last = _defined.by_source.get(key)
             if last is not None and last[0] == token:
@@ -319,7 +324,7 @@ def _remember_lost(announced: list[_Announced], error: BaseException) -> None:
         kept = pickle.UnpicklingError(f"{type(error).__name__}: {error}")
     with _defined.lock:
         for names in announced:
-            for name, token in names.names:
+            for name, token, _carried in names.names:
                 last = _defined.by_source.get((source, name))
                 if last is None or last[0] != token:
                     _defined.lost[(source, name)] = (token, kept)
@@ -415,6 +420,8 @@ def _reused_function_reduce(func: types.FunctionType, namespace: dict,
     if state is None:
         return None
     pickled = functions.pickled_functions.bytes_of(func, state, _pickle_alone)
+    if not named:
+        return functions.built_function, (pickled,)
     # The globals are its state, unpickled once the function exists: one may be the function
     # itself (a recursive one), or another that names it.
     return (functions.built_function, (pickled,), _main_global_values(named, sent, shipped),
@@ -539,8 +546,8 @@ def _plain_pickle(obj: Any, sent: SentGlobals | None,
         return pickle.dumps(obj, protocol=5) if functions.by_reference(fn) else None
     # (cloudpickle never names a function of __main__: it travels by value)
     reduced = _reused_function_reduce(fn, main.__dict__, sent, shipped)
-    if reduced is None or not all(value is _MISSING or is_plain(value)
-                                  for _, _, value in reduced[2].entries):
+    if reduced is None or (len(reduced) > 2 and not all(
+            value is _MISSING or is_plain(value) for _, _, value in reduced[2].entries)):
         return None
     return pickle.dumps((_Reduced(reduced), obj[1], obj[2]), protocol=5)
 
