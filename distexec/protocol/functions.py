@@ -29,6 +29,7 @@ a ``ProcessPoolExecutor`` worker's module-level function is: attributes a task s
 
 from __future__ import annotations
 
+import functools
 import operator
 import pickle
 import sys
@@ -179,3 +180,65 @@ def built_function(pickled: bytes) -> types.FunctionType:
 def globals_defined(fn: types.FunctionType, _defined: Any) -> None:
     """The state of a function from ``built_function``: the globals it names, which
     unpickling them has defined in this process's ``__main__``, where it reads them."""
+
+
+# -- functools.lru_cache of __main__ ----------------------------------------------------------
+#
+# An lru_cache wrapper pickles by name, which a worker cannot resolve for one of the script.
+# It travels as its parameters and its function instead, and each worker keeps one wrapper per
+# name, so that what it cached stays from call to call, as in a ProcessPoolExecutor worker
+# (where the script's module-level wrapper is the worker's own).
+
+LRU_TYPE = type(functools.lru_cache(maxsize=None)(lambda: None))
+
+
+class _LateTarget:
+    """What a rebuilt wrapper calls: the function, set once unpickled (the function may name
+    the wrapper itself, so the wrapper must exist first)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self) -> None:
+        self.fn: Callable | None = None
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)  # type: ignore[misc]
+
+
+def lru_cache_reduce(wrapper):
+    """The cluster pickler's reduction of an ``lru_cache`` wrapper: by value for one of
+    ``__main__`` or one made in a function, by name (pickle's own) otherwise."""
+    fn = getattr(wrapper, "__wrapped__", None)
+    named = (getattr(wrapper, "__module__", None) != "__main__"
+             and "<locals>" not in getattr(wrapper, "__qualname__", "<locals>"))
+    if named or not callable(fn):
+        return wrapper.__reduce__()
+    params = wrapper.cache_parameters()
+    return (lru_cached, (wrapper.__qualname__, params["maxsize"], params["typed"]), fn,
+            None, None, lru_cached_function)
+
+
+_lru_wrappers: dict[str, Any] = {}
+
+
+def lru_cached(qualname: str, maxsize: int | None, typed: bool):
+    """The receiver's wrapper for ``qualname``: the one it has, or a new one."""
+    kept = _lru_wrappers.get(qualname)
+    if kept is not None and kept.cache_parameters() == {"maxsize": maxsize, "typed": typed}:
+        return kept
+    wrapper = functools.lru_cache(maxsize=maxsize, typed=typed)(_LateTarget())
+    vars(wrapper)["_distexec_target"] = wrapper.__wrapped__
+    if len(_lru_wrappers) >= _CACHE_MAX:
+        _lru_wrappers.clear()
+    _lru_wrappers[qualname] = wrapper
+    return wrapper
+
+
+def lru_cached_function(wrapper, fn: Callable) -> None:
+    """The state of a wrapper from ``lru_cached``: its function (a new one empties its cache)."""
+    target = vars(wrapper)["_distexec_target"]
+    if target.fn is not fn:
+        if target.fn is not None:
+            wrapper.cache_clear()
+        target.fn = fn
+        functools.update_wrapper(wrapper, fn)

@@ -361,7 +361,8 @@ class _ClusterPickler(cloudpickle.Pickler):
     ``_MainGlobalValues``, and their code keeping its file name."""
 
     if _cloudpickle_code_reduce is not None:  # (another cloudpickle: its own way)
-        dispatch_table = collections.ChainMap({types.CodeType: _code_keeping_its_file_name},
+        dispatch_table = collections.ChainMap({types.CodeType: _code_keeping_its_file_name,
+                                               functions.LRU_TYPE: functions.lru_cache_reduce},
                                               cloudpickle.Pickler.dispatch_table)
 
     sent: SentGlobals | None = None  # the destination's, for dumps_tracked

@@ -18,6 +18,7 @@ import pytest
 pytestmark = pytest.mark.timeout(90)
 
 SCRIPT = textwrap.dedent("""
+    import functools
     import multiprocessing
     import sys
     from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +38,14 @@ SCRIPT = textwrap.dedent("""
     def shifted(x):
         return x + OFFSET
 
+    @functools.lru_cache(maxsize=None)
+    def fib_cached(n):
+        return n if n < 2 else fib_cached(n - 1) + fib_cached(n - 2)
+
+    def cache_hits(n):
+        fib_cached(n)
+        return fib_cached.cache_info().hits
+
     def reader(items):
         def read():
             return list(items)
@@ -51,6 +60,8 @@ SCRIPT = textwrap.dedent("""
         with ex:
             print("attribute kept", [ex.submit(counted).result() for _ in range(3)])
             print("recursive", ex.submit(fib, 15).result())
+            print("lru_cache", ex.submit(fib_cached, 30).result(), list(ex.map(fib_cached, [5, 6])))
+            print("lru_cache kept", [ex.submit(cache_hits, 10).result() for _ in range(3)])
             if sys.argv[1] == "distexec":  # by value: the next call sees what the master changed
                 before = ex.submit(scaled, 5).result()
                 scaled.__defaults__ = (3,)
@@ -79,11 +90,12 @@ def _run(tmp_path, backend: str) -> list[str]:
 
 
 def test_a_scripts_functions_behave_as_under_processpoolexecutor(tmp_path):
-    expected = ["attribute kept [1, 2, 3]", "recursive 610"]
+    expected = ["attribute kept [1, 2, 3]", "recursive 610", "lru_cache 832040 [5, 8]",
+                "lru_cache kept [31, 32, 33]"]
     assert _run(tmp_path, "ppe") == expected
-    assert _run(tmp_path, "distexec")[:2] == expected
+    assert _run(tmp_path, "distexec")[:4] == expected
 
 
 def test_what_the_master_changes_in_a_scripts_function_the_next_task_sees(tmp_path):
-    assert _run(tmp_path, "distexec")[2:] == [
+    assert _run(tmp_path, "distexec")[4:] == [
         "defaults 10 15", "global 101 201", "redefined -1", "closure [1] [1, 2]"]
