@@ -167,18 +167,7 @@ def _receiver_main_globals() -> dict:
 # has had under their current token (``SentGlobals``): that needs the messages to be unpickled
 # in the order they were sent, as the executor's tasks are.
 
-class _Missing:
-    """A value left out: the destination has it (one instance, ``_MISSING``)."""
-
-    def __reduce__(self):
-        return (_missing, ())
-
-
-def _missing() -> _Missing:
-    return _MISSING
-
-
-_MISSING = _Missing()
+_MISSING = object()  # a value left out: the destination has it
 _OWN = object()  # the receiver bound the name itself
 
 
@@ -258,7 +247,9 @@ class _Announced(dict):
     def __init__(self, names: list[tuple[str, int, bool]]):
         super().__init__()
         self.names = names
-        _announced.append(self)
+        announcing = getattr(_loading, "announced", None)
+        if announcing is not None:  # (None: unpickled by someone else than loads)
+            announcing.append(self)
 
     def __setstate__(self, values: list) -> None:
         _define_main_globals(self, values)
@@ -275,7 +266,7 @@ class _Defined:
 
 
 _defined = _Defined()
-_announced: list[_Announced] = []  # of the messages being unpickled (under _UNPICKLING)
+_loading = threading.local()  # .announced: of the message loads is unpickling on this thread
 
 
 def _define_main_globals(announced: _Announced, values: list) -> None:
@@ -381,7 +372,7 @@ class _ClusterPickler(cloudpickle.Pickler):
             return super()._dynamic_function_reduce(func)
         if func is self.alone:
             reduced = super()._dynamic_function_reduce(func)
-            reduced[2][1]["__globals__"] = _MainGlobalValues([])
+            reduced[2][1]["__globals__"] = {}
             return reduced
         reused = _reused_function_reduce(func, main.__dict__, self.sent, self.shipped)
         if reused is not None:
@@ -628,11 +619,13 @@ _UNPICKLING = threading.RLock()
 def loads(payload, buffers=()) -> Any:
     """Unpickle a payload with its out-of-band buffers (call inside ``receiving()``)."""
     with _UNPICKLING:
-        mark = len(_announced)
+        outer = getattr(_loading, "announced", None)  # (a message inside a message: a batch)
+        announced: list[_Announced] = []
+        _loading.announced = announced
         try:
             return pickle.loads(payload, buffers=buffers)
         except BaseException as exc:
-            _remember_lost(_announced[mark:], exc)
+            _remember_lost(announced, exc)
             raise
         finally:
-            del _announced[mark:]
+            _loading.announced = outer
