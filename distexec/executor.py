@@ -85,8 +85,14 @@ def _python_exit() -> None:
     """
     global _interpreter_exiting
     _interpreter_exiting = True
-    for executor in list(_live_executors):
-        executor._wait_idle()
+    executors = list(_live_executors)
+    for executor in executors:
+        try:
+            executor._wait_idle_or_stop()
+        except KeyboardInterrupt:  # a Ctrl-C while the program ends: end it, stop them all
+            for other in executors:
+                other._stop_on_interrupt()
+            return
 
 
 try:
@@ -240,6 +246,7 @@ class DistributedExecutor(cf.Executor):
         self._batch_bytes = min(batches.BATCH_BYTES, configured_max_message_size() // 2)
         self._idle = threading.Condition(self._lock)
         self._settling = 0  # replies taken whose futures are not complete yet (_task_done)
+        self._interrupted = False  # a Ctrl-C stopped the wait for its tasks: none is awaited
         self._shutdown = False
         self._broken: str | bool = False
         self._last_lost: int | None = None  # the last of this executor's workers that died
@@ -349,7 +356,7 @@ class DistributedExecutor(cf.Executor):
             task.future.cancel()
         waits_for_itself = wait and in_callbacks_of(self._callback_lock)
         if wait and not waits_for_itself:
-            self._wait_idle()
+            self._wait_idle_or_stop()
             self._release_workers()
         else:
             threading.Thread(target=self._finish_in_background, daemon=True,
@@ -667,8 +674,26 @@ class DistributedExecutor(cf.Executor):
 
     def _wait_idle(self) -> None:
         with self._lock:
-            while not self._is_idle() and not self._broken:
+            while not self._is_idle() and not self._broken and not self._interrupted:
                 self._idle.wait()
+
+    def _wait_idle_or_stop(self) -> None:
+        """Wait until every submitted task is done. A Ctrl-C meanwhile (leaving a ``with``
+        block, or the program's end) means stop, not wait: see ``_stop_on_interrupt``."""
+        try:
+            self._wait_idle()
+        except KeyboardInterrupt:
+            self._stop_on_interrupt()
+            raise
+
+    def _stop_on_interrupt(self) -> None:
+        """Stop the executor's work at once: queued tasks cancelled, the workers it launched
+        terminated (their running tasks fail), and nothing more awaited: the running tasks of
+        a ``pool=`` it did not launch finish, their results unread."""
+        with self._lock:
+            self._interrupted = True
+            self._idle.notify_all()
+        self.terminate_workers()
 
     def _release_workers(self) -> None:
         # Under a lock: a shutdown(wait=True) that follows a shutdown(wait=False) still

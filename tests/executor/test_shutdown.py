@@ -10,8 +10,15 @@ raises. ``shutdown(wait=False)`` returns at once and still finishes the work.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +30,7 @@ from tests.helpers import wait_gone, wait_until
 pytestmark = pytest.mark.timeout(60)
 
 AFTER_SHUTDOWN = r"^cannot schedule new futures after shutdown$"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_context_manager_returns_the_executor_and_shuts_it_down():
@@ -180,3 +188,73 @@ def test_shutdown_with_wait_in_a_done_callback_raises_instead_of_hanging(timeout
         ex.submit(square, 1)
     ex.shutdown(wait=True)  # from here it waits, and the worker goes
     wait_until(lambda: ex.workers() == [], 10, message="the executor's worker to go")
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C while the executor finishes its work
+# --------------------------------------------------------------------------------------------
+CTRL_C_SCRIPT = textwrap.dedent("""
+    import json
+    import sys
+    import time
+
+    import distexec
+
+    def read_pid(_):
+        import os
+        time.sleep(0.05)  # (so that both workers take some)
+        return os.getpid()
+
+    ex = distexec.DistributedExecutor(2)
+    pids = sorted(set(ex.map(read_pid, range(8))))
+    futures = [ex.submit(time.sleep, 60) for _ in range(5)]
+    print(json.dumps(pids), flush=True)
+    if sys.argv[1] == "shutdown":
+        try:
+            ex.shutdown(wait=True)
+        except KeyboardInterrupt:
+            states = ["cancelled" if f.cancelled() else type(f.exception()).__name__
+                      for f in futures]
+            print(json.dumps(sorted(set(states))), flush=True)
+    # else: the program ends with the tasks still running, and waits for them at exit
+""")
+
+
+def _blocked_in_a_wait(pid: int) -> bool:
+    """The process's main thread sleeps in a futex wait (x86-64 and arm64 syscall numbers)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            number = f.read().split()[0]
+    except (OSError, IndexError):
+        return False
+    return number in ("202", "98")
+
+
+@pytest.mark.parametrize("where", ["shutdown", "exit"])
+def test_a_ctrl_c_while_the_executor_finishes_its_work_stops_it(tmp_path, where):
+    """A Ctrl-C while shutdown(wait=True) waits (leaving a ``with`` block, often after a first
+    Ctrl-C) or while the program's end waits for the tasks: stop, not wait. Queued tasks are
+    cancelled, the running ones' workers terminated, and the program ends at once, where
+    ProcessPoolExecutor hangs (python/cpython#125886)."""
+    script = tmp_path / "job.py"
+    script.write_text(CTRL_C_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), where], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        workers = json.loads(proc.stdout.readline())
+        wait_until(lambda: _blocked_in_a_wait(proc.pid), message="the wait for the tasks")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)  # the terminal's Ctrl-C reaches the master only
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert time.monotonic() - started < 20, "the program waited for the 60 s tasks"
+    assert proc.returncode == 0, err
+    if where == "shutdown":  # 2 running tasks failed with their workers, 2 sent, 1 queued
+        assert json.loads(out) == ["ProcessExitedException", "cancelled"]
+    else:  # the end the user asked for, without a traceback from the wait that was cut short
+        assert "Traceback" not in err
+    wait_gone(workers)
