@@ -1,8 +1,8 @@
 """How functions travel: by reference (the answer remembered per function), or by value once.
 
-Owns two caches that keep the sender and the receiver of a call from doing the same work for
-every call of the same function. Imports cloudpickle and the standard library only;
-``serialization`` (the cluster pickler) uses it.
+Owns the caches that keep the sender and the receiver of a call from doing the same work for
+every call of the same function, and the way an ``lru_cache`` of ``__main__`` travels. Imports
+cloudpickle and the standard library only; ``serialization`` (the cluster pickler) uses it.
 
 * **By reference.** cloudpickle's test of whether a function is importable by name costs a
   search of its module; the answer is kept per function (``by_reference``).
@@ -18,8 +18,8 @@ every call of the same function. Imports cloudpickle and the standard library on
 
     sender:   fn ──state_of──► unchanged since pickled? ──► the same bytes (no walk)
                                 └─ changed, or new ──► pickle fn alone again, keep the bytes
-    receiver: built_function(bytes, globals defined) ──► the function built from these bytes
-                                                        (built on first sight)
+    receiver: built_function(bytes) ──► the function built from these bytes (on first sight),
+              then its globals, unpickled as its state, defined in the receiver's __main__
 
 Each message stays whole on its own: nothing depends on what a destination received before,
 so a message that fails to unpickle fails alone, and any path (executor, ``remotecall``) may
