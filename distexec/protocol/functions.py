@@ -81,6 +81,9 @@ _IMMUTABLE = frozenset({type(None), bool, int, float, complex, str, bytes, range
                         type(Ellipsis), type(NotImplemented)})
 _STABLE_ITEMS_MAX = 64
 _CACHE_MAX = 256
+#: A function whose pickle is larger (a big constant in its closure, say) is not kept, on
+#: either side: it would be sent whole anyway, and 256 of them could hold gigabytes.
+_KEPT_BYTES_MAX = 64 * 1024
 
 
 def _stable(value: Any, depth: int = 2) -> bool:
@@ -155,6 +158,8 @@ class _Pickled:
         if kept is not None and _same(kept[0], state):
             return kept[1]
         pickled = pickle_alone(fn)
+        if len(pickled) > _KEPT_BYTES_MAX:
+            return pickled
         if len(self.by_function) >= _CACHE_MAX:
             self.by_function.clear()
         # (Keeping fn and its state alive keeps every id compared in _same from being reused.)
@@ -168,6 +173,8 @@ _built: dict[bytes, types.FunctionType] = {}
 
 def built_function(pickled: bytes) -> types.FunctionType:
     """The receiver's: the function these bytes make, built once."""
+    if len(pickled) > _KEPT_BYTES_MAX:
+        return pickle.loads(pickled)
     fn = _built.get(pickled)
     if fn is None:
         fn = pickle.loads(pickled)

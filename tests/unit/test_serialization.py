@@ -355,3 +355,15 @@ def test_a_recursive_function_of_main_travels(in_main):
     payload, _ = dumps((main["fact"], (5,), {}), 2)
     fn, args, _ = loads(payload)
     assert fn(*args) == 120
+
+
+def test_a_function_of_main_with_a_large_closure_is_not_kept(in_main):
+    """Sent whole each time anyway; kept, 256 of them could hold gigabytes on both sides."""
+    from distexec.protocol import functions
+
+    main = in_main("def reader(blob):\n    return lambda: len(blob)\n")
+    read = main["reader"](b"x" * (1 << 20))
+    first = loads(dumps((read, (), {}), 2)[0])[0]
+    again = loads(dumps((read, (), {}), 2)[0])[0]
+    assert first() == again() == 1 << 20 and first is not again
+    assert read not in functions.pickled_functions.by_function
