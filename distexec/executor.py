@@ -691,6 +691,8 @@ class DistributedExecutor(cf.Executor):
         terminated (their running tasks fail), and nothing more awaited: the running tasks of
         a ``pool=`` it did not launch finish, their results unread."""
         with self._lock:
+            if self._interrupted:
+                return
             self._interrupted = True
             self._idle.notify_all()
         self.terminate_workers()
