@@ -280,6 +280,11 @@ class DistributedExecutor(cf.Executor):
     def _max_workers(self) -> int:
         return max(1, len(self._targets()))
 
+    def __reduce__(self):
+        # (It would fail anyway, at the cluster's cookie, with words about a cookie.)
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object: an executor serves the "
+                        "process that made it; a task that needs one makes its own")
+
     def workers(self) -> list[int]:
         """The worker pids this executor sends tasks to."""
         return self._targets()

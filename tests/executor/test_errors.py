@@ -166,3 +166,11 @@ def test_an_unpicklable_result_is_caught_by_except_type_error_as_under_process_p
                              "(lock) could not be sent")
     assert caught.endswith("cannot pickle '_thread.lock' object")
     assert next_task == "next task: 3"
+
+
+def test_an_executor_passed_to_its_own_task_fails_saying_so(executor):
+    """``ProcessPoolExecutor`` fails with pickle's TypeError about a lock inside it; distexec's
+    TypeError names the executor, and the executor goes on."""
+    with pytest.raises(TypeError, match="^cannot pickle 'DistributedExecutor' object"):
+        executor.submit(abs, executor).result(timeout=30)
+    assert executor.submit(abs, -3).result(timeout=30) == 3
