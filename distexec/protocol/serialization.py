@@ -490,8 +490,12 @@ def is_plain_call(obj: Any) -> bool:
     The common executor task (``submit(module.fn, 3)``); pickling it is most of what the
     master does per task, and the master shares the CPUs with the workers.
     """
-    fn = _function_of_plain_call(obj)
-    if type(fn) is types.BuiltinFunctionType:  # a module's (math.sqrt), not a bound method
+    return _named(_function_of_plain_call(obj))
+
+
+def _named(fn: Any) -> bool:
+    """A module's builtin (math.sqrt, not a bound method) or a function importable by name."""
+    if type(fn) is types.BuiltinFunctionType:
         return isinstance(fn.__self__, types.ModuleType)
     return type(fn) is types.FunctionType and functions.by_reference(fn)
 
@@ -529,13 +533,10 @@ def _plain_pickle(obj: Any, sent: SentGlobals | None,
     if is_plain(obj):
         return pickle.dumps(obj, protocol=5)
     fn = _function_of_plain_call(obj)
-    if type(fn) is types.BuiltinFunctionType:  # a module's (math.sqrt), not a bound method
-        return pickle.dumps(obj, protocol=5) if isinstance(fn.__self__, types.ModuleType) else None
-    if type(fn) is not types.FunctionType:
-        return None
     main = sys.modules.get("__main__")
-    if main is None or fn.__globals__ is not main.__dict__ or fn.__module__ != "__main__":
-        return pickle.dumps(obj, protocol=5) if functions.by_reference(fn) else None
+    if (type(fn) is not types.FunctionType or main is None
+            or fn.__globals__ is not main.__dict__ or fn.__module__ != "__main__"):
+        return pickle.dumps(obj, protocol=5) if _named(fn) else None
     # (cloudpickle never names a function of __main__: it travels by value)
     reduced = _reused_function_reduce(fn, main.__dict__, sent, shipped)
     if reduced is None or (len(reduced) > 2 and not all(
